@@ -1,0 +1,38 @@
+"""Errors a user of lora_ckpt can cause.
+
+Every error raised for bad input is a :class:`LoRAError`. Where tfimm's LoRA
+module raised ``ValueError`` for the same mistake, the subclass is also a
+``ValueError`` so code written against tfimm keeps catching it.
+"""
+
+
+class LoRAError(Exception):
+    """Base class of every error that lora_ckpt raises for bad input."""
+
+
+class KerasVersionError(LoRAError, ImportError):
+    """TensorFlow runs with Keras 3, or tf_keras is missing."""
+
+
+class LoRAConfigError(LoRAError, ValueError):
+    """A LoRA hyper-parameter (rank, alpha, dropout, bias mode, ...) is invalid."""
+
+
+class UnsupportedLayerError(LoRAError, ValueError):
+    """A layer cannot be converted to a LoRA layer."""
+
+
+class UnknownModelError(LoRAError, ValueError):
+    """A model name is not known to tfimm."""
+
+
+class UnregisteredArchitectureError(LoRAError, ValueError):
+    """A model class has no registered LoRA variant (or is not a LoRA variant)."""
+
+
+class MergeStateError(LoRAError, RuntimeError):
+    """Merge or unmerge was called in the wrong state (e.g. merging twice)."""
+
+
+class LayerNotFoundError(LoRAError, ValueError):
+    """A layer name or pattern given by the user matches no layer of the model."""

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""The project's entry script: `python3 run.py demo` and `python3 run.py test`.
+
+Each command creates (or reuses) the virtual environment `.venv` beside this
+file, installs what lora_ckpt needs into it, and runs in it. It needs nothing
+but Python 3.10+ with the venv module and pip.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+STAMP = VENV / ".lora_ckpt-install-stamp"
+# tfimm's metadata says Python < 3.11, but it is pure Python and works on 3.11
+# with TF 2.21 + tf_keras: it is installed on its own, ignoring that bound.
+TFIMM = "tfimm==0.2.14"
+
+COMMANDS = {
+    "test": [str(PYTHON), "-m", "pytest", "-q", "tests"],
+    "demo": [str(PYTHON), str(ROOT / "examples" / "quickstart.py")],
+}
+
+
+def _install_fingerprint() -> str:
+    digest = hashlib.sha256(TFIMM.encode())
+    for name in ("setup.cfg", "setup.py"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", *args], check=True)
+
+
+def ensure_environment() -> None:
+    """Creates .venv and installs the project into it, unless already done."""
+    if not PYTHON.exists():
+        print(f"Creating virtual environment in {VENV} ...", flush=True)
+        venv.create(VENV, with_pip=True)
+    fingerprint = _install_fingerprint()
+    if STAMP.exists() and STAMP.read_text() == fingerprint:
+        return
+    print("Installing lora_ckpt and its dependencies (first run takes a few minutes) ...", flush=True)
+    _pip("--ignore-requires-python", "--no-deps", TFIMM)
+    _pip("-e", f"{ROOT}[test]")
+    STAMP.write_text(fingerprint)
+
+
+def main(argv) -> int:
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(f"usage: python3 run.py {{{'|'.join(COMMANDS)}}} [args...]", file=sys.stderr)
+        return 2
+    ensure_environment()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    return subprocess.run(COMMANDS[argv[1]] + argv[2:], cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
