@@ -9,9 +9,10 @@ import lora_ckpt  # noqa: E402  (imports TensorFlow with Keras 2)
 from lora_ckpt._tf import tf  # noqa: E402
 
 # A ConvNeXt small enough to build in well under a second: two stages of one
-# block each, 32x32 inputs, 5 classes.
+# block each, 32x32 inputs, 5 classes. Layer scale starts at 1 as in a trained
+# model: tfimm's 1e-6 makes each block the identity and starves LoRA of gradient.
 TINY_CONVNEXT = dict(
-    embed_dim=(8, 16), nb_blocks=(1, 1), input_size=(32, 32), nb_classes=5
+    embed_dim=(8, 16), nb_blocks=(1, 1), input_size=(32, 32), nb_classes=5, init_scale=1.0
 )
 
 
