@@ -6,6 +6,13 @@ types and architectures, and saving/loading adapters on their own.
 """
 from . import _tf  # noqa: F401  (first: TensorFlow must come up with Keras 2)
 from .errors import (
+    AdapterError,
+    AdapterExistsError,
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    AdapterVersionError,
+    BaseModelMismatchError,
+    CorruptAdapterError,
     KerasVersionError,
     LayerNotFoundError,
     LoRAConfigError,
@@ -41,9 +48,40 @@ from .models import (
     unmerge_lora_weights,
 )
 from .architectures import LoRAConvNeXt, LoRAConvNeXtConfig
+from .state import (
+    AdapterCheckpoint,
+    AdapterCheckpointManager,
+    AdapterState,
+    LoadReport,
+    inspect_adapter,
+    list_adapters,
+    load_base_weights,
+    load_lora_state,
+    read_lora_state,
+    restore_training_checkpoint,
+    save_lora_state,
+)
 from .version import __version__
 
 __all__ = [
+    "AdapterCheckpoint",
+    "AdapterCheckpointManager",
+    "AdapterError",
+    "AdapterExistsError",
+    "AdapterMismatchError",
+    "AdapterNotFoundError",
+    "AdapterState",
+    "AdapterVersionError",
+    "BaseModelMismatchError",
+    "CorruptAdapterError",
+    "LoadReport",
+    "inspect_adapter",
+    "list_adapters",
+    "load_base_weights",
+    "load_lora_state",
+    "read_lora_state",
+    "restore_training_checkpoint",
+    "save_lora_state",
     "KerasVersionError",
     "LORA_WEIGHT_NAMES",
     "LayerNotFoundError",

@@ -36,3 +36,31 @@ class MergeStateError(LoRAError, RuntimeError):
 
 class LayerNotFoundError(LoRAError, ValueError):
     """A layer name or pattern given by the user matches no layer of the model."""
+
+
+class AdapterError(LoRAError):
+    """Base class of errors about a saved adapter."""
+
+
+class AdapterNotFoundError(AdapterError, FileNotFoundError):
+    """The adapter directory does not exist or holds no committed adapter."""
+
+
+class AdapterExistsError(AdapterError, FileExistsError):
+    """A save would replace an existing adapter and overwrite was not asked for."""
+
+
+class CorruptAdapterError(AdapterError):
+    """An adapter's files are unreadable, truncated or do not match its config."""
+
+
+class AdapterVersionError(AdapterError):
+    """The adapter was written in a format version this library cannot read."""
+
+
+class AdapterMismatchError(AdapterError):
+    """The adapter does not fit the model (architecture, layer, shape, rank...)."""
+
+
+class BaseModelMismatchError(AdapterMismatchError):
+    """The model's base weights are not those the adapter was trained on."""

@@ -1,0 +1,107 @@
+"""Loading a regular model's weights file straight into a LoRA model.
+
+tfimm's LoRA README had to build the regular model, load its weights and
+transfer them. Here the LoRA model reads the base weights file itself: a
+Keras HDF5 file (read with h5py) or a TensorFlow checkpoint, both as written
+by ``regular_model.save_weights(path)``. LoRA variables are left untouched.
+"""
+import collections
+from typing import Dict
+
+import h5py
+import numpy as np
+
+from .._tf import tf
+from ..errors import AdapterMismatchError, AdapterNotFoundError
+from ..layers import LORA_WEIGHT_NAMES
+from ..traversal import named_variables, variable_short_name
+
+_H5_SUFFIXES = (".h5", ".hdf5")
+
+
+def _without_root(variable_name: str) -> str:
+    # Keras HDF5 files key weights by variable name, which starts with the
+    # model's name; that name differs between instances ("convnext_tiny_1").
+    return variable_name.split("/", 1)[-1].split(":", 1)[0]
+
+
+def _base_variables(model) -> Dict[str, tf.Variable]:
+    return {
+        key: var for key, var in named_variables(model).items()
+        if variable_short_name(var) not in LORA_WEIGHT_NAMES
+    }
+
+
+def _read_h5(path: str) -> Dict[str, np.ndarray]:
+    weights = {}
+    with h5py.File(path, "r") as handle:
+        root = handle["model_weights"] if "model_weights" in handle else handle
+        for layer_name in root.attrs.get("layer_names", []):
+            group = root[layer_name.decode() if isinstance(layer_name, bytes) else layer_name]
+            for name in group.attrs.get("weight_names", []):
+                name = name.decode() if isinstance(name, bytes) else name
+                weights[_without_root(name)] = np.asarray(group[name])
+    return weights
+
+
+def _load_h5(model, path: str) -> None:
+    stored = _read_h5(path)
+    assignments = []
+    for key, var in _base_variables(model).items():
+        name = _without_root(var.name)
+        if name not in stored:
+            raise AdapterMismatchError(
+                f"{path} has no weight {name} for variable {key}: it is not a weights "
+                "file of this architecture and configuration."
+            )
+        if stored[name].shape != tuple(var.shape):
+            raise AdapterMismatchError(
+                f"{path}: weight {name} has shape {stored[name].shape}, the model "
+                f"needs {tuple(var.shape)}."
+            )
+        assignments.append((var, stored[name]))
+    for var, value in assignments:
+        var.assign(value)
+
+
+def _load_tf_checkpoint(model, path: str) -> None:
+    base = _base_variables(model)
+    stored = [
+        (tuple(shape))
+        for name, shape in tf.train.list_variables(path)
+        if name.endswith("/.ATTRIBUTES/VARIABLE_VALUE") and ".OPTIMIZER_SLOT" not in name
+        and not name.startswith("optimizer/")
+    ]
+    expected = collections.Counter(tuple(v.shape) for v in base.values())
+    if collections.Counter(stored) != expected:
+        raise AdapterMismatchError(
+            f"The checkpoint {path} holds {len(stored)} weights whose shapes do not "
+            f"match the {len(base)} base weights of this model: it is not a weights "
+            "file of this architecture and configuration."
+        )
+    status = model.load_weights(path)
+    status.expect_partial()  # the LoRA variables are not in a regular checkpoint
+
+
+def load_base_weights(model: tf.keras.Model, path: str) -> None:
+    """Loads a regular model's saved weights into a LoRA model's base variables.
+
+    Args:
+        model: A built LoRA model (e.g. from :func:`lora_ckpt.create_model`).
+        path: A ``.h5``/``.hdf5`` file or a TensorFlow checkpoint prefix, as
+            written by ``save_weights`` of the regular model.
+
+    Raises:
+        AdapterNotFoundError: If the file does not exist.
+        AdapterMismatchError: If it does not hold the base weights of this
+            architecture and configuration (checked before any assignment).
+    """
+    path = str(path)
+    if path.endswith(_H5_SUFFIXES):
+        if not tf.io.gfile.exists(path):
+            raise AdapterNotFoundError(f"Base weights file {path} does not exist.")
+        _load_h5(model, path)
+    else:
+        if not tf.io.gfile.exists(path + ".index"):
+            raise AdapterNotFoundError(f"No TensorFlow checkpoint at {path} ({path}.index is missing).")
+        _load_tf_checkpoint(model, path)

@@ -1,0 +1,75 @@
+"""Summaries of adapters on disk, for listings and the CLI."""
+from typing import List
+
+import numpy as np
+
+from .._tf import tf
+from ..errors import AdapterError
+from .format import CONFIG_FILE
+from .load import read_config
+
+
+def inspect_adapter(path: str) -> dict:
+    """Summarises an adapter from its config, without reading its tensors.
+
+    Args:
+        path: The adapter directory.
+
+    Returns:
+        A dict with ``path``, ``format_version``, ``library_version``,
+        ``created``, ``architecture``, ``base_fingerprint``, ``ranks`` (layer
+        path -> rank), ``saved``, ``variables`` (key -> shape, dtype, kind),
+        ``num_parameters``, ``size_bytes`` and ``metadata``.
+
+    Raises:
+        AdapterNotFoundError, CorruptAdapterError, AdapterVersionError: As
+            :func:`read_config`.
+    """
+    path = str(path).rstrip("/")
+    config = read_config(path)
+    return {
+        "path": path,
+        "format_version": config["format_version"],
+        "library_version": config["library_version"],
+        "created": config["created"],
+        "architecture": config["base_model"]["lora_architecture"],
+        "base_architecture": config["base_model"]["architecture"],
+        "base_fingerprint": config["base_model"]["fingerprint"],
+        "ranks": {name: layer["rank"] for name, layer in config["layers"].items()},
+        "saved": config["saved"],
+        "variables": config["variables"],
+        "num_parameters": int(sum(np.prod(v["shape"]) for v in config["variables"].values())),
+        "size_bytes": sum(f["size"] for f in config["checkpoint"]["files"].values())
+        + tf.io.gfile.stat(f"{path}/{CONFIG_FILE}").length,
+        "metadata": config["metadata"],
+    }
+
+
+def list_adapters(directory: str) -> List[dict]:
+    """Summarises every committed adapter directly inside ``directory``.
+
+    Directories that are not adapters (or whose save never committed) are
+    left out; a corrupted config is listed with an ``error`` entry instead of
+    failing the whole listing.
+
+    Args:
+        directory: A store of adapters, one subdirectory each.
+
+    Returns:
+        One :func:`inspect_adapter` summary per adapter (with ``name``),
+        sorted by name.
+    """
+    directory = str(directory).rstrip("/")
+    if not tf.io.gfile.isdir(directory):
+        return []
+    summaries = []
+    for name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(directory)):
+        path = f"{directory}/{name}"
+        if not tf.io.gfile.exists(f"{path}/{CONFIG_FILE}"):
+            continue
+        try:
+            summary = inspect_adapter(path)
+        except AdapterError as exc:
+            summary = {"path": path, "error": str(exc)}
+        summaries.append(dict(summary, name=name))
+    return summaries

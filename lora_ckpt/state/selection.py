@@ -1,0 +1,190 @@
+"""Which variables of a model make up its adapter state.
+
+An adapter holds what LoRA training changes: every LoRA ``A``/``B``, the
+biases the bias mode trains, and every variable (trainable or not, such as
+BatchNorm moving statistics) of the extra layers named by the caller. The
+rest of the model is the *base*: it is identified by a fingerprint, never
+saved.
+"""
+import fnmatch
+import hashlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+
+from .._tf import tf
+from ..errors import LayerNotFoundError, MergeStateError
+from ..models import lora_layers, lora_trainable_weights
+from ..traversal import named_layers, named_variables
+
+KIND_LORA = "lora"
+KIND_BIAS = "bias"
+KIND_EXTRA = "extra"
+
+
+@dataclass
+class StateSelection:
+    """The adapter variables of a model, keyed by their stable paths.
+
+    Attributes:
+        variables: ``key -> variable`` for every variable in the adapter.
+        kinds: ``key -> "lora" | "bias" | "extra"``.
+        layers: ``layer path -> {"type", "rank", "alpha", "scaling"}`` for
+            every LoRA layer.
+        bias: The bias mode that chose the biases.
+        extra_layers: Paths of the extra layers saved in full.
+        model_variables: ``key -> variable`` for the whole model.
+    """
+
+    variables: Dict[str, tf.Variable]
+    kinds: Dict[str, str]
+    layers: Dict[str, dict]
+    bias: str
+    extra_layers: List[str]
+    model_variables: Dict[str, tf.Variable] = field(repr=False)
+
+    def lora_keys(self) -> List[str]:
+        """Keys of the LoRA A/B variables: what every adapter of this model holds."""
+        return [k for k, kind in self.kinds.items() if kind == KIND_LORA]
+
+
+def default_bias_mode(model) -> str:
+    """The model's own ``lora_train_bias``, or ``"none"`` for generic models."""
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "lora_train_bias", "none")
+
+
+def default_extra_layers(model) -> List[str]:
+    """The layers a registered architecture trains in full (its classifier)."""
+    trainable_layers = getattr(model, "lora_trainable_layers", None)
+    return list(trainable_layers()) if callable(trainable_layers) else []
+
+
+def resolve_layer_patterns(model, patterns: Iterable[str]) -> List[str]:
+    """Expands layer paths, names or glob patterns to layer paths.
+
+    Args:
+        model: The model whose layers are matched.
+        patterns: Exact paths (``"head/fc"``), layer names, or ``fnmatch``
+            patterns (``"*bn*"``) matched against paths.
+
+    Returns:
+        Matching layer paths, each once, in model order.
+
+    Raises:
+        LayerNotFoundError: If a pattern matches no layer.
+    """
+    layers = list(named_layers(model))
+    paths: List[str] = []
+    for pattern in patterns:
+        matched = [
+            path for path, layer in layers
+            if path == pattern or layer.name == pattern or fnmatch.fnmatchcase(path, pattern)
+        ]
+        if not matched:
+            raise LayerNotFoundError(
+                f"Layer pattern {pattern!r} matches no layer of model '{model.name}'. "
+                f"Layer paths include: {[p for p, _ in layers][:20]}"
+            )
+        paths.extend(p for p in matched if p not in paths)
+    return paths
+
+
+def select_state(
+    model: tf.keras.Model,
+    include_bias: Optional[str] = None,
+    extra_layers: Optional[Iterable[str]] = None,
+) -> StateSelection:
+    """Selects the adapter variables of a model.
+
+    Args:
+        model: A built model with LoRA layers, not merged.
+        include_bias: ``"none"``, ``"lora_only"`` or ``"all"``; defaults to
+            the model's ``lora_train_bias``.
+        extra_layers: Layers saved in full (paths, names or glob patterns);
+            defaults to the layers the architecture trains in full.
+
+    Returns:
+        The selection.
+
+    Raises:
+        LayerNotFoundError: If the model has no LoRA layer or a pattern
+            matches no layer.
+        MergeStateError: If a LoRA layer is merged (its kernel then holds the
+            update, so the base cannot be identified).
+        LoRAConfigError: For an unknown bias mode.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise LayerNotFoundError(
+            f"Model '{model.name}' has no LoRA layers: there is no adapter state to "
+            "save or load. Convert it with convert_to_lora_model first."
+        )
+    merged = [path for path, layer in layers if layer.merged]
+    if merged:
+        raise MergeStateError(
+            f"LoRA layer '{merged[0]}' is merged; call unmerge_lora_weights(model) "
+            "before saving or loading adapter state."
+        )
+    bias = default_bias_mode(model) if include_bias is None else include_bias
+    extra = resolve_layer_patterns(
+        model, default_extra_layers(model) if extra_layers is None else extra_layers
+    )
+    all_vars = named_variables(model)
+    key_of = {id(v): k for k, v in all_vars.items()}
+
+    kinds: Dict[str, str] = {}
+    for _, layer in layers:
+        for var in (layer.kernel_lora_a, layer.kernel_lora_b):
+            kinds[key_of[id(var)]] = KIND_LORA
+    for prefix in extra:
+        for key in all_vars:
+            if key.startswith(prefix + "/"):
+                kinds.setdefault(key, KIND_EXTRA)
+    for var in lora_trainable_weights(model, bias):
+        kinds.setdefault(key_of[id(var)], KIND_BIAS)
+
+    ordered = {k: all_vars[k] for k in all_vars if k in kinds}
+    layer_info = {
+        path: {
+            "type": type(layer).__name__,
+            "rank": int(layer.lora_rank),
+            "alpha": float(layer.lora_alpha),
+            "scaling": float(layer.scaling),
+        }
+        for path, layer in layers
+    }
+    return StateSelection(
+        variables=ordered,
+        kinds={k: kinds[k] for k in ordered},
+        layers=layer_info,
+        bias=bias,
+        extra_layers=extra,
+        model_variables=all_vars,
+    )
+
+
+def base_fingerprint(model_variables: Dict[str, tf.Variable], exclude: Iterable[str]) -> str:
+    """A digest of the base weights: every variable not in ``exclude``.
+
+    Two models share a fingerprint exactly when their base variables have
+    the same keys, shapes, dtypes and values.
+
+    Args:
+        model_variables: ``key -> variable`` of the whole model.
+        exclude: Keys left out (the adapter's own variables, which a load
+            overwrites).
+
+    Returns:
+        ``"blake2b:<hex>"``.
+    """
+    excluded = set(exclude)
+    digest = hashlib.blake2b(digest_size=20)
+    for key in sorted(model_variables):
+        if key in excluded:
+            continue
+        value = np.ascontiguousarray(model_variables[key].numpy())
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.data)
+    return "blake2b:" + digest.hexdigest()
