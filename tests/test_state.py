@@ -250,6 +250,12 @@ def _break_flipped_byte(path):
         handle.write(bytes([byte[0] ^ 0xFF]))
 
 
+def _break_truncated_index(path):
+    index = os.path.join(path, "adapter.index")
+    with open(index, "r+b") as handle:
+        handle.truncate(os.path.getsize(index) - 7)
+
+
 def _break_json(path):
     with open(os.path.join(path, "adapter_config.json"), "a") as handle:
         handle.write("{not json")
@@ -269,6 +275,7 @@ BROKEN_FILES = [
     ("missing index", _break_missing_index, CorruptAdapterError, "missing its checkpoint file adapter.index"),
     ("missing data", _break_missing_data, CorruptAdapterError, "missing its checkpoint file adapter.data"),
     ("truncated data", _break_truncated_data, CorruptAdapterError, "truncated"),
+    ("truncated index", _break_truncated_index, CorruptAdapterError, "truncated"),
     ("corrupted data", _break_flipped_byte, CorruptAdapterError, "SHA-256"),
     ("corrupted json", _break_json, CorruptAdapterError, "not valid JSON"),
     ("missing field", lambda p: _edit_config(p, lambda c: c.pop("variables")), CorruptAdapterError,
@@ -309,6 +316,17 @@ def test_mismatched_model_is_refused_and_unchanged(trained_adapter, name, target
     with pytest.raises(error, match=match):
         load_lora_state(target, path)
     assert_unchanged(target, before)
+
+
+def test_adapter_of_another_architecture(trained_adapter, tmp_path):
+    model, convnext_adapter = trained_adapter
+    functional = _functional(2)
+    save_lora_state(functional, str(tmp_path / "functional"))
+    for target, path in ((model, str(tmp_path / "functional")), (functional, convnext_adapter)):
+        before = all_values(target)
+        with pytest.raises(AdapterMismatchError, match="was trained on a"):
+            load_lora_state(target, path)
+        assert_unchanged(target, before)
 
 
 def test_base_fingerprint_mismatch(trained_adapter, base_files, images):

@@ -1,0 +1,23 @@
+"""Each benchmark runs; size figures (not timings) are checked where cheap."""
+import importlib.util
+import json
+import os
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+
+
+def load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adapter_size_benchmark_convnext_tiny_rank4(tmp_path):
+    out = tmp_path / "adapter_size.json"
+    result = load_benchmark("adapter_size").main(["--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    # LoRA A/B of convnext_tiny at rank 4: 10 * d * r per block, by hand.
+    assert result["trainable_params"] == sum(n * 10 * d * 4 for n, d in zip((3, 3, 9, 3), (96, 192, 384, 768)))
+    assert result["adapter_vs_h5"] < 0.015
+    assert result["adapter_vs_tf_checkpoint"] < 0.015
