@@ -10,7 +10,7 @@ into the kernel inside ``call``: gradients reach ``kernel_lora_a`` and
 Merging folds ``scaling * A @ B`` into the kernel for inference; it is computed
 from a pristine copy of the base kernel, so unmerging restores it bit for bit.
 """
-from typing import List, Optional
+from typing import List
 
 from ._tf import tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
@@ -66,8 +66,8 @@ class LoRALayerMixin:
     """What every LoRA layer shares: weights, scaling, merge state, config.
 
     A subclass calls :meth:`_init_lora` in ``__init__`` and
-    :meth:`_build_lora` in ``build`` and implements ``call`` with
-    :meth:`lora_branch`.
+    :meth:`_build_lora` in ``build`` and implements :meth:`base_op`; the
+    forward pass ``base_op(x, W) + scaling * base_op(x, A) @ B`` is here.
     """
 
     is_lora_layer: bool = True
@@ -174,14 +174,34 @@ class LoRALayerMixin:
             weights.append(self.bias)
         return weights
 
-    def _lora_config(self) -> dict:
-        return {
-            "lora_rank": self.lora_rank,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": self.lora_dropout,
-            "lora_initializer": tf.keras.initializers.serialize(self.lora_initializer),
-            "lora_regularizer": tf.keras.regularizers.serialize(self.lora_regularizer),
-        }
+    def base_op(self, x, kernel):
+        """The base layer's linear map (matmul or convolution) with ``kernel``."""
+        raise NotImplementedError
+
+    def call(self, inputs, training=None):
+        x = tf.cast(inputs, self.compute_dtype)
+        outputs = self.base_op(x, self.kernel)
+        if self.lora_branch_active():
+            z = self.base_op(self._dropout_lora_input(x, training), self.kernel_lora_a)
+            outputs += self.scaling * matmul_last_axis(z, self.kernel_lora_b)
+        if self.use_bias:
+            outputs = tf.nn.bias_add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout,
+                "lora_initializer": tf.keras.initializers.serialize(self.lora_initializer),
+                "lora_regularizer": tf.keras.regularizers.serialize(self.lora_regularizer),
+            }
+        )
+        return config
 
 
 class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
@@ -220,22 +240,9 @@ class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
         super().build(input_shape)
         self._build_lora((self.kernel.shape[0], self.lora_rank), self.units)
 
-    def call(self, inputs, training=None):
-        x = tf.cast(inputs, self.compute_dtype)
-        outputs = matmul_last_axis(x, self.kernel)
-        if self.lora_branch_active():
-            z = matmul_last_axis(self._dropout_lora_input(x, training), self.kernel_lora_a)
-            outputs += self.scaling * matmul_last_axis(z, self.kernel_lora_b)
-        if self.use_bias:
-            outputs = tf.nn.bias_add(outputs, self.bias)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._lora_config())
-        return config
+    def base_op(self, x, kernel):
+        """The layer's linear map: ``x @ kernel`` over the last axis."""
+        return matmul_last_axis(x, kernel)
 
 
 class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
@@ -288,24 +295,9 @@ class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
         kh, kw, in_channels, _ = self.kernel.shape
         self._build_lora((kh, kw, in_channels, self.lora_rank), self.filters)
 
-    def call(self, inputs, training=None):
-        x = tf.cast(inputs, self.compute_dtype)
-        outputs = self.convolution_op(x, self.kernel)
-        if self.lora_branch_active():
-            z = self.convolution_op(
-                self._dropout_lora_input(x, training), self.kernel_lora_a
-            )
-            outputs += self.scaling * matmul_last_axis(z, self.kernel_lora_b)
-        if self.use_bias:
-            outputs = tf.nn.bias_add(outputs, self.bias)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._lora_config())
-        return config
+    def base_op(self, x, kernel):
+        """The layer's convolution with its strides, padding and dilation."""
+        return self.convolution_op(x, kernel)
 
 
 _LORA_LAYER_CLASSES = {

@@ -184,7 +184,8 @@ def convert_to_regular_model(model: tf.keras.Model) -> tf.keras.Model:
     base_cfg = {
         k: v for k, v in dataclasses.asdict(model.cfg).items() if not k.startswith("lora_")
     }
-    base_model = _build(base_cls(cfg=_config_with_overrides(base_cls.cfg_class, base_cfg, {}, base_cls.__name__)))
+    base_cfg = _config_with_overrides(base_cls.cfg_class, base_cfg, {}, base_cls.__name__)
+    base_model = _build(base_cls(cfg=base_cfg))
 
     to_merge = [layer for _, layer in lora_layers(model) if not layer.merged]
     try:

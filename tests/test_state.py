@@ -23,7 +23,7 @@ from lora_ckpt._tf import tf
 from lora_ckpt.synthetic import make_task_dataset
 from lora_ckpt.traversal import named_variables
 
-from .conftest import TINY_CONVNEXT, randomize_lora, snapshot
+from .conftest import TINY_CONVNEXT, randomize_lora
 
 # No stochastic depth: its random draws come from TensorFlow's global RNG, which
 # no checkpoint holds, so a resumed run could not repeat them bit for bit.

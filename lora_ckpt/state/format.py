@@ -36,7 +36,12 @@ _SCHEMA = {
     "checkpoint": dict,
     "metadata": dict,
 }
-_BASE_SCHEMA = {"architecture": str, "lora_architecture": str, "config": (dict, type(None)), "fingerprint": str}
+_BASE_SCHEMA = {
+    "architecture": str,
+    "lora_architecture": str,
+    "config": (dict, type(None)),
+    "fingerprint": str,
+}
 _SAVED_SCHEMA = {"lora": bool, "bias": str, "extra_layers": list}
 _LAYER_SCHEMA = {"type": str, "rank": int, "alpha": (int, float), "scaling": (int, float)}
 _VARIABLE_SCHEMA = {"shape": list, "dtype": str, "kind": str}

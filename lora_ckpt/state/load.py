@@ -13,7 +13,7 @@ from ..errors import (
 )
 from .format import CHECKPOINT_ROOT, CONFIG_FILE, checkpoint_key, parse_config
 from .save import file_record, model_identity
-from .selection import KIND_LORA, base_fingerprint, select_state
+from .selection import base_fingerprint, select_state
 
 _gfile = tf.io.gfile
 

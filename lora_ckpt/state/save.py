@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 
 from .._tf import tf
 from ..errors import LoRAConfigError
+from ..registry import is_lora_architecture, lora_base_architecture
 from ..version import __version__
 from .atomic import check_writable, write_directory_atomically
 from .format import (
@@ -38,8 +39,6 @@ def model_identity(model) -> dict:
     without the ``lora_*`` fields (and without ``name``/``url``, which do not
     change the weights); for any other model its class and no config.
     """
-    from ..registry import is_lora_architecture, lora_base_architecture
-
     cls = type(model)
     base_cls = lora_base_architecture(cls) if is_lora_architecture(cls) else cls
     cfg = getattr(model, "cfg", None)
