@@ -45,9 +45,21 @@ from .models import (
     merge_lora_weights,
     merge_weights,
     set_lora_enabled,
+    supported_architectures,
     unmerge_lora_weights,
 )
-from .architectures import LoRAConvNeXt, LoRAConvNeXtConfig
+from .architectures import (
+    LoRAConvNeXt,
+    LoRAConvNeXtConfig,
+    LoRAMLPMixer,
+    LoRAMLPMixerConfig,
+    LoRAResNet,
+    LoRAResNetConfig,
+    LoRASwinTransformer,
+    LoRASwinTransformerConfig,
+    LoRAViT,
+    LoRAViTConfig,
+)
 from .state import (
     AdapterCheckpoint,
     AdapterCheckpointManager,
@@ -89,6 +101,14 @@ __all__ = [
     "LoRAConv2D",
     "LoRAConvNeXt",
     "LoRAConvNeXtConfig",
+    "LoRAMLPMixer",
+    "LoRAMLPMixerConfig",
+    "LoRAResNet",
+    "LoRAResNetConfig",
+    "LoRASwinTransformer",
+    "LoRASwinTransformerConfig",
+    "LoRAViT",
+    "LoRAViTConfig",
     "LoRADense",
     "LoRAError",
     "MergeStateError",
@@ -111,5 +131,6 @@ __all__ = [
     "merge_weights",
     "register_lora_architecture",
     "set_lora_enabled",
+    "supported_architectures",
     "unmerge_lora_weights",
 ]

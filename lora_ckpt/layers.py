@@ -82,6 +82,8 @@ class LoRALayerMixin:
         self.lora_initializer = tf.keras.initializers.get(lora_initializer)
         self.lora_regularizer = tf.keras.regularizers.get(lora_regularizer)
         self.lora_enabled = True
+        # Whether Keras sees the bias as trainable (next to A and B).
+        self.lora_bias_trainable = False
         self.kernel_lora_a = None
         self.kernel_lora_b = None
         self._pristine_kernel = None
@@ -174,6 +176,26 @@ class LoRALayerMixin:
             weights.append(self.bias)
         return weights
 
+    # Keras decides trainability per layer, LoRA per variable: the kernel of a
+    # LoRA layer is frozen, A and B train. Overriding these properties makes
+    # Keras' own `fit`, `summary` and optimizers see exactly that, in any
+    # model (subclassed, functional, Sequential).
+    @property
+    def trainable_weights(self):
+        if not self.trainable or self.kernel_lora_a is None:
+            return super().trainable_weights
+        return self.lora_trainable_weights(self.lora_bias_trainable)
+
+    @property
+    def non_trainable_weights(self):
+        trainable = {id(v) for v in self.trainable_weights}
+        return [v for v in self.weights if id(v) not in trainable]
+
+    @property
+    def weights(self):
+        # Keras' order (kernel, bias, A, B), whatever is trainable.
+        return super().trainable_weights + super().non_trainable_weights
+
     def base_op(self, x, kernel):
         """The base layer's linear map (matmul or convolution) with ``kernel``."""
         raise NotImplementedError
@@ -221,6 +243,8 @@ class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
         LoRAConfigError: For an invalid rank, alpha or dropout.
     """
 
+    base_layer_class = tf.keras.layers.Dense
+
     def __init__(
         self,
         units,
@@ -263,6 +287,8 @@ class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
         LoRAConfigError: For an invalid rank, alpha or dropout.
         UnsupportedLayerError: For grouped convolutions or channels_first.
     """
+
+    base_layer_class = tf.keras.layers.Conv2D
 
     def __init__(
         self,

@@ -18,8 +18,15 @@ from .errors import (
     MergeStateError,
     UnknownModelError,
 )
-from .layers import LORA_WEIGHT_NAMES, is_lora_layer, validate_lora_args
-from .registry import lora_architecture, lora_base_architecture, lora_config
+from .layers import LORA_WEIGHT_NAMES, is_lora_layer, supported_layer_types, validate_lora_args
+from .generic import convert_graph_model, graph_model_to_regular, is_graph_model
+from .registry import (
+    is_lora_architecture,
+    lora_architecture,
+    lora_base_architecture,
+    lora_config,
+    registered_architectures,
+)
 from .traversal import named_layers, named_variables
 
 TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
@@ -140,20 +147,42 @@ def create_model(
 def convert_to_lora_model(model: tf.keras.Model, **kwargs) -> tf.keras.Model:
     """Creates the LoRA version of a model and transfers all its weights.
 
+    A model of a registered architecture (tfimm's ConvNeXt, ViT, ...) becomes
+    its LoRA class; a functional or Sequential Keras model gets LoRA on the
+    layers that ``target_layers`` names (see :func:`lora_ckpt.generic.convert_graph_model`).
+
     Args:
-        model: An instance of a class with a registered LoRA variant.
-        **kwargs: LoRA fields and, optionally, other config overrides such as
+        model: A registered architecture, or a functional/Sequential model.
+        **kwargs: LoRA fields (``lora_rank``, ``lora_alpha``, ...); for a
+            registered architecture also config overrides such as
             ``nb_classes`` (a classifier of another size keeps its fresh
-            initialisation).
+            initialisation); for a functional/Sequential model
+            ``target_layers`` (names or glob patterns, required) and
+            ``lora_trainable_layers``.
 
     Returns:
         The built LoRA model; its LoRA ``B`` weights are zero, so it computes
         what ``model`` computes.
 
     Raises:
-        UnregisteredArchitectureError: If the class has no LoRA variant.
+        UnregisteredArchitectureError: If the model is neither registered
+            nor functional/Sequential.
+        LayerNotFoundError: If a ``target_layers`` pattern matches nothing.
         LoRAConfigError: For unknown config fields or invalid LoRA values.
     """
+    target_layers = kwargs.pop("target_layers", None)
+    if is_graph_model(model) and not is_lora_architecture(type(model)):
+        if target_layers is None:
+            raise LoRAConfigError(
+                f"Choose the layers of this {type(model).__name__} model that get LoRA "
+                "with target_layers=[names or glob patterns], e.g. target_layers=['*conv*']."
+            )
+        return convert_graph_model(model, target_layers, **kwargs)
+    if target_layers is not None:
+        raise LoRAConfigError(
+            f"{type(model).__name__} is a registered architecture: choose its LoRA layers "
+            "with lora_layer_groups, not target_layers."
+        )
     lora_cls = lora_architecture(type(model))
     kwargs = _normalize_kwargs(kwargs)
     cfg = _config_with_overrides(
@@ -171,7 +200,8 @@ def convert_to_regular_model(model: tf.keras.Model) -> tf.keras.Model:
     are unmerged afterwards, bit for bit).
 
     Args:
-        model: An instance of a registered LoRA architecture.
+        model: An instance of a registered LoRA architecture, or a
+            functional/Sequential model with LoRA layers.
 
     Returns:
         A built regular model computing what ``model`` computes with LoRA
@@ -180,6 +210,8 @@ def convert_to_regular_model(model: tf.keras.Model) -> tf.keras.Model:
     Raises:
         UnregisteredArchitectureError: If the class is not a LoRA variant.
     """
+    if is_graph_model(model) and not is_lora_architecture(type(model)):
+        return graph_model_to_regular(model)
     base_cls = lora_base_architecture(type(model))
     base_cfg = {
         k: v for k, v in dataclasses.asdict(model.cfg).items() if not k.startswith("lora_")
@@ -379,3 +411,30 @@ def lora_non_trainable_weights(
     trainable = lora_trainable_weights(model, train_bias, trainable_layers)
     ids = {id(v) for v in trainable}
     return [v for v in named_variables(model).values() if id(v) not in ids]
+
+
+def supported_architectures() -> dict:
+    """What :func:`convert_to_lora_model` can convert, and which layers get LoRA.
+
+    Returns:
+        ``{base class name: {"base", "lora_class", "layer_groups",
+        "default_groups"}}`` for every registered architecture, plus an entry
+        ``"functional/Sequential"`` for generic Keras models.
+    """
+    result = {}
+    for base_cls, lora_cls in registered_architectures().items():
+        groups = getattr(lora_cls, "LAYER_GROUPS", {})
+        default = getattr(lora_cls.cfg_class(), "lora_layer_groups", ()) if groups else ()
+        result[base_cls.__name__] = {
+            "base": f"{base_cls.__module__}.{base_cls.__qualname__}",
+            "lora_class": f"{lora_cls.__module__}.{lora_cls.__qualname__}",
+            "layer_groups": {name: list(paths) for name, paths in groups.items()},
+            "default_groups": list(default),
+        }
+    result["functional/Sequential"] = {
+        "base": "tf.keras.Model (functional or Sequential)",
+        "lora_class": "the same kind of model, rebuilt",
+        "layer_types": supported_layer_types(),
+        "select_with": "target_layers=[layer names or glob patterns]",
+    }
+    return result

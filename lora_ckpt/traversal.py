@@ -1,10 +1,12 @@
 """The one walk over a model's layer tree that the rest of the package uses.
 
-A layer's *path* joins the names of the layers from the model down to it:
-``stages/0/blocks/1/mlp/fc1`` in a tfimm ConvNeXt, the layer name itself in a
-functional model. Paths leave out the model's own name (which TensorFlow
-makes unique per process, ``conv_ne_xt_3``), so they are the same for every
-instance of an architecture: they key weight selection and saved adapters.
+A layer's *path* is how the model reaches it, as ``tf.train.Checkpoint``
+names it: attribute names (and list indices) in subclassed models,
+``stages/0/blocks/1/mlp/fc1`` or ``fc`` in a tfimm ConvNeXt, and layer names
+inside functional and Sequential models, whose layers have no attributes.
+Paths never contain the model's own name nor names Keras generates per
+process (``sequential_3``), so they are the same for every instance of an
+architecture: they key weight selection and saved adapters.
 """
 from typing import Dict, Iterator, List, Tuple
 
@@ -12,10 +14,25 @@ from ._tf import tf
 from .errors import LoRAError
 
 
-def _children(layer: tf.keras.layers.Layer) -> List[tf.keras.layers.Layer]:
-    # Keras has no public one-level walk: `submodules` is flat. This is the
-    # walk Keras itself uses to collect a layer's weights, in the same order.
-    return list(layer._flatten_layers(recursive=False, include_self=False))
+def _is_graph_network(layer) -> bool:
+    return isinstance(layer, tf.keras.Model) and getattr(layer, "_is_graph_network", False)
+
+
+def _children(layer: tf.keras.layers.Layer) -> List[Tuple[str, tf.keras.layers.Layer]]:
+    """``(name, child layer)`` one level down."""
+    if _is_graph_network(layer):
+        return [(child.name, child) for child in layer.layers]
+    found: List[Tuple[str, tf.keras.layers.Layer]] = []
+
+    def visit(obj, prefix):
+        for name, child in tf.train.TrackableView(obj).children(obj).items():
+            if isinstance(child, tf.keras.layers.Layer):
+                found.append((prefix + name, child))
+            elif isinstance(child, (list, tuple, dict)):  # Keras' tracked containers
+                visit(child, f"{prefix}{name}/")
+
+    visit(layer, "")
+    return found
 
 
 def named_layers(model: tf.keras.layers.Layer) -> Iterator[Tuple[str, tf.keras.layers.Layer]]:
@@ -32,11 +49,11 @@ def named_layers(model: tf.keras.layers.Layer) -> Iterator[Tuple[str, tf.keras.l
     seen = set()
 
     def walk(layer, prefix):
-        for child in _children(layer):
+        for name, child in _children(layer):
             if id(child) in seen:
                 continue
             seen.add(id(child))
-            path = f"{prefix}/{child.name}" if prefix else child.name
+            path = f"{prefix}/{name}" if prefix else name
             yield path, child
             yield from walk(child, path)
 
@@ -70,7 +87,7 @@ def named_variables(model: tf.keras.layers.Layer) -> Dict[str, tf.Variable]:
     seen = set()
     entries = [("", model)] + list(named_layers(model))
     for path, layer in entries:
-        for variable in _own_variables(layer, _children(layer)):
+        for variable in _own_variables(layer, [child for _, child in _children(layer)]):
             if id(variable) in seen:
                 continue
             seen.add(id(variable))

@@ -104,7 +104,7 @@ def test_checkpoint_holds_only_lora_and_asked_variables(base_files, tmp_path):
     save_lora_state(model, str(tmp_path / "a"))
     stored = {name for name, _ in tf.train.list_variables(str(tmp_path / "a" / "adapter"))}
     stored.discard("_CHECKPOINTABLE_OBJECT_GRAPH")
-    expected = {"lora/head/fc/kernel", "lora/head/fc/bias"}
+    expected = {"lora/fc/kernel", "lora/fc/bias"}  # the head is the attribute `fc`
     for path, layer in lora_ckpt.lora_layers(model):
         expected |= {f"lora/{path}/kernel_lora_a", f"lora/{path}/kernel_lora_b", f"lora/{path}/bias"}
     assert stored == {f"{k}/.ATTRIBUTES/VARIABLE_VALUE" for k in expected}
@@ -129,12 +129,12 @@ def test_config_records_identity_and_variables(trained_adapter):
     assert config["base_model"]["architecture"] == "tfimm.architectures.convnext.ConvNeXt"
     assert config["base_model"]["config"]["embed_dim"] == [8, 16]
     assert config["base_model"]["fingerprint"].startswith("blake2b:")
-    assert config["saved"] == {"lora": True, "bias": "none", "extra_layers": ["head/fc"]}
+    assert config["saved"] == {"lora": True, "bias": "none", "extra_layers": ["fc"]}
     layer = config["layers"]["stages/0/blocks/0/mlp/fc1"]
     assert (layer["rank"], layer["alpha"], layer["scaling"]) == (2, 1.0, 0.5)
     var = config["variables"]["stages/0/blocks/0/mlp/fc1/kernel_lora_a"]
     assert var == {"shape": [8, 2], "dtype": "float32", "kind": "lora"}
-    assert config["variables"]["head/fc/kernel"]["kind"] == "extra"
+    assert config["variables"]["fc/kernel"]["kind"] == "extra"
     for name, record in config["checkpoint"]["files"].items():
         assert os.path.getsize(os.path.join(path, name)) == record["size"]
 

@@ -1,9 +1,18 @@
-"""What every registered LoRA architecture shares: its LoRA config fields and
-the ``trainable_weights`` override that makes ``model.fit`` train only LoRA."""
+"""What every registered LoRA architecture shares.
+
+An architecture module subclasses a tfimm model with :class:`LoRAModelMixin`,
+names its *layer groups* (which layers of each block get LoRA, e.g.
+``"attention"``: ``attn.qkv`` and ``attn.proj``) and lists its blocks. The
+mixin converts the chosen groups, validates the LoRA config, and overrides
+``trainable_weights`` so Keras' ``fit`` trains only what LoRA trains.
+"""
 from dataclasses import dataclass
-from typing import List
+from typing import Dict, Iterable, List, Tuple
 
 from .._tf import tf
+from ..errors import LoRAConfigError
+from ..generic import LoRASettings
+from ..layers import convert_to_lora_layer
 from ..models import lora_non_trainable_weights, lora_trainable_weights, validate_lora_config
 from ..traversal import named_layers
 
@@ -18,6 +27,8 @@ class LoRAConfigFields:
         lora_dropout: Dropout on the LoRA branch input during training.
         lora_train_bias: ``"none"``, ``"lora_only"`` or ``"all"``.
         lora_train_classifier: Whether the classifier head is trained in full.
+        lora_layer_groups: Which layer groups of each block get LoRA; each
+            architecture defines its groups and their default.
     """
 
     lora_rank: int = 4
@@ -25,22 +36,54 @@ class LoRAConfigFields:
     lora_dropout: float = 0.0
     lora_train_bias: str = "none"
     lora_train_classifier: bool = True
+    lora_layer_groups: Tuple[str, ...] = ()
 
 
 class LoRAModelMixin:
-    """Mixed into a LoRA architecture (before its base class).
+    """Mixed into a LoRA architecture, before its tfimm base class.
 
-    ``trainable_weights``/``non_trainable_weights`` follow the config, so
-    Keras' ``fit``, ``summary`` and optimizers see only what LoRA trains.
+    Subclasses set :attr:`LAYER_GROUPS` and implement :meth:`lora_blocks`,
+    then call :meth:`apply_lora` at the end of ``__init__``.
     """
 
-    def _lora_kwargs(self) -> dict:
+    #: group name -> attribute paths, inside one block, of the layers to convert.
+    LAYER_GROUPS: Dict[str, Tuple[str, ...]] = {}
+
+    def lora_blocks(self) -> Iterable[tf.keras.layers.Layer]:
+        """The blocks whose group layers get LoRA."""
+        raise NotImplementedError
+
+    def block_layer_paths(self, block, groups: Tuple[str, ...]) -> List[str]:
+        """Attribute paths, inside ``block``, of the layers the groups convert."""
+        return [path for group in groups for path in self.LAYER_GROUPS[group]]
+
+    def apply_lora(self) -> None:
+        """Replaces the layers of the configured groups with LoRA layers.
+
+        Raises:
+            LoRAConfigError: For invalid LoRA values or an unknown group.
+            UnsupportedLayerError: If a group layer cannot be converted.
+        """
         validate_lora_config(self.cfg)
-        return {
+        groups = tuple(self.cfg.lora_layer_groups)
+        unknown = [g for g in groups if g not in self.LAYER_GROUPS]
+        if unknown or not groups:
+            raise LoRAConfigError(
+                f"lora_layer_groups {list(groups)} is invalid for {type(self).__name__}: "
+                f"choose one or more of {sorted(self.LAYER_GROUPS)}."
+            )
+        kwargs = {
             "lora_rank": self.cfg.lora_rank,
             "lora_alpha": self.cfg.lora_alpha,
             "lora_dropout": self.cfg.lora_dropout,
         }
+        for block in self.lora_blocks():
+            for attr_path in self.block_layer_paths(block, groups):
+                *parents, attr = attr_path.split(".")
+                owner = block
+                for name in parents:
+                    owner = getattr(owner, name)
+                setattr(owner, attr, convert_to_lora_layer(getattr(owner, attr), **kwargs))
 
     def lora_trainable_layers(self) -> List[str]:
         """Paths of the layers trained in full: the classifier, if asked for."""
@@ -48,9 +91,14 @@ class LoRAModelMixin:
             return []
         classifier = getattr(self.cfg, "classifier", None)
         names = [classifier] if isinstance(classifier, str) else list(classifier or [])
-        existing = {path for path, _ in named_layers(self)}
+        existing = {name for path, layer in named_layers(self) for name in (path, layer.name)}
         # A model built with nb_classes=0 has no classifier layer to train.
         return [name for name in names if name in existing]
+
+    @property
+    def lora_settings(self) -> LoRASettings:
+        """Bias mode and fully trained layers, from the config."""
+        return LoRASettings(self.cfg.lora_train_bias, tuple(self.lora_trainable_layers()))
 
     @property
     def trainable_weights(self) -> List[tf.Variable]:
@@ -63,3 +111,4 @@ class LoRAModelMixin:
         return lora_non_trainable_weights(
             self, self.cfg.lora_train_bias, self.lora_trainable_layers()
         )
+

@@ -1,10 +1,11 @@
-"""LoRA variant of tfimm's ConvNeXt: LoRA on the two layers of every MLP block."""
+"""LoRA variant of tfimm's ConvNeXt: LoRA on the two layers of every MLP block
+(Dense, or 1x1 Conv2D with ``conv_mlp_block``), as in tfimm's LoRA module."""
 from dataclasses import dataclass
+from typing import Tuple
 
 from tfimm.architectures.convnext import ConvNeXt, ConvNeXtConfig
 from tfimm.models import keras_serializable
 
-from ..layers import convert_to_lora_layer
 from ..registry import register_lora_architecture
 from .base import LoRAConfigFields, LoRAModelMixin
 
@@ -15,19 +16,20 @@ __all__ = ["LoRAConvNeXt", "LoRAConvNeXtConfig"]
 class LoRAConvNeXtConfig(ConvNeXtConfig, LoRAConfigFields):
     """``ConvNeXtConfig`` plus the LoRA fields of :class:`LoRAConfigFields`."""
 
+    lora_layer_groups: Tuple[str, ...] = ("mlp",)
+
 
 @keras_serializable
 @register_lora_architecture(base_cls=ConvNeXt)
 class LoRAConvNeXt(LoRAModelMixin, ConvNeXt):
-    """ConvNeXt whose MLP ``fc1``/``fc2`` (Dense, or 1x1 Conv2D with
-    ``conv_mlp_block``) are LoRA layers."""
+    """ConvNeXt with LoRA. Groups: ``mlp`` (``mlp.fc1``, ``mlp.fc2``)."""
 
     cfg_class = LoRAConvNeXtConfig
+    LAYER_GROUPS = {"mlp": ("mlp.fc1", "mlp.fc2")}
 
     def __init__(self, cfg: LoRAConvNeXtConfig, **kwargs):
         super().__init__(cfg, **kwargs)
-        lora_kwargs = self._lora_kwargs()
-        for stage in self.stages:
-            for block in stage.blocks:
-                block.mlp.fc1 = convert_to_lora_layer(block.mlp.fc1, **lora_kwargs)
-                block.mlp.fc2 = convert_to_lora_layer(block.mlp.fc2, **lora_kwargs)
+        self.apply_lora()
+
+    def lora_blocks(self):
+        return [block for stage in self.stages for block in stage.blocks]

@@ -15,6 +15,7 @@ import numpy as np
 
 from .._tf import tf
 from ..errors import LayerNotFoundError, MergeStateError
+from ..generic import lora_settings
 from ..models import lora_layers, lora_trainable_weights
 from ..traversal import named_layers, named_variables
 
@@ -47,18 +48,6 @@ class StateSelection:
     def lora_keys(self) -> List[str]:
         """Keys of the LoRA A/B variables: what every adapter of this model holds."""
         return [k for k, kind in self.kinds.items() if kind == KIND_LORA]
-
-
-def default_bias_mode(model) -> str:
-    """The model's own ``lora_train_bias``, or ``"none"`` for generic models."""
-    cfg = getattr(model, "cfg", None)
-    return getattr(cfg, "lora_train_bias", "none")
-
-
-def default_extra_layers(model) -> List[str]:
-    """The layers a registered architecture trains in full (its classifier)."""
-    trainable_layers = getattr(model, "lora_trainable_layers", None)
-    return list(trainable_layers()) if callable(trainable_layers) else []
 
 
 def resolve_layer_patterns(model, patterns: Iterable[str]) -> List[str]:
@@ -101,9 +90,9 @@ def select_state(
     Args:
         model: A built model with LoRA layers, not merged.
         include_bias: ``"none"``, ``"lora_only"`` or ``"all"``; defaults to
-            the model's ``lora_train_bias``.
+            the model's bias mode (:func:`lora_settings`).
         extra_layers: Layers saved in full (paths, names or glob patterns);
-            defaults to the layers the architecture trains in full.
+            defaults to the layers the model trains in full.
 
     Returns:
         The selection.
@@ -127,9 +116,10 @@ def select_state(
             f"LoRA layer '{merged[0]}' is merged; call unmerge_lora_weights(model) "
             "before saving or loading adapter state."
         )
-    bias = default_bias_mode(model) if include_bias is None else include_bias
+    settings = lora_settings(model)
+    bias = settings.train_bias if include_bias is None else include_bias
     extra = resolve_layer_patterns(
-        model, default_extra_layers(model) if extra_layers is None else extra_layers
+        model, settings.trainable_layers if extra_layers is None else extra_layers
     )
     all_vars = named_variables(model)
     key_of = {id(v): k for k, v in all_vars.items()}
