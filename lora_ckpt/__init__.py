@@ -7,6 +7,11 @@ types and architectures, and saving/loading adapters on their own.
 from . import _tf  # noqa: F401  (first: TensorFlow must come up with Keras 2)
 from .errors import (
     AdapterError,
+    AdapterNotLoadedError,
+    PoolError,
+    PoolFullError,
+    PoolRequestError,
+    PoolStateError,
     AdapterExistsError,
     AdapterMismatchError,
     AdapterNotFoundError,
@@ -73,9 +78,17 @@ from .state import (
     restore_training_checkpoint,
     save_lora_state,
 )
+from .pool import OFF, AdapterPool
 from .version import __version__
 
 __all__ = [
+    "AdapterNotLoadedError",
+    "AdapterPool",
+    "OFF",
+    "PoolError",
+    "PoolFullError",
+    "PoolRequestError",
+    "PoolStateError",
     "AdapterCheckpoint",
     "AdapterCheckpointManager",
     "AdapterError",

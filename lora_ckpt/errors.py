@@ -64,3 +64,26 @@ class AdapterMismatchError(AdapterError):
 
 class BaseModelMismatchError(AdapterMismatchError):
     """The model's base weights are not those the adapter was trained on."""
+
+
+class PoolError(LoRAError):
+    """Base class of errors raised by an AdapterPool."""
+
+
+class AdapterNotLoadedError(PoolError, KeyError):
+    """A request names an adapter that is not resident in the pool."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PoolFullError(PoolError):
+    """Every slot of the pool is in use by running requests; nothing can be evicted."""
+
+
+class PoolRequestError(PoolError, ValueError):
+    """A request is malformed (input shape, adapter list length, ...)."""
+
+
+class PoolStateError(PoolError, RuntimeError):
+    """The request does not fit the pool's state (e.g. another adapter is merged)."""

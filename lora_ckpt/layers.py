@@ -14,6 +14,7 @@ from typing import List
 
 from ._tf import tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
+from .slots import BASE_ONLY, SlotStorage, current_routing
 
 LORA_WEIGHT_NAMES = ["kernel_lora_a", "kernel_lora_b"]
 """
@@ -86,7 +87,9 @@ class LoRALayerMixin:
         self.lora_bias_trainable = False
         self.kernel_lora_a = None
         self.kernel_lora_b = None
+        self.slots = None  # SlotStorage, when an AdapterPool serves this layer
         self._pristine_kernel = None
+        self._pristine_bias = None
 
     @property
     def scaling(self) -> float:
@@ -139,13 +142,28 @@ class LoRALayerMixin:
         Raises:
             MergeStateError: If the layer is already merged.
         """
+        self.merge_update(self.lora_delta())
+
+    def merge_update(self, delta: tf.Tensor, bias=None) -> None:
+        """Assigns ``kernel = W0 + delta`` (and ``bias``, if given) from kept copies.
+
+        Args:
+            delta: An update in the shape of the kernel.
+            bias: A bias to use while merged, or ``None`` to keep the base bias.
+
+        Raises:
+            MergeStateError: If the layer is already merged.
+        """
         if self.merged:
             raise MergeStateError(
                 f"Layer '{self.name}' is already merged; call unmerge_weights() "
                 "before merging again."
             )
         pristine = tf.identity(self.kernel)
-        self.kernel.assign(pristine + tf.cast(self.lora_delta(), pristine.dtype))
+        self.kernel.assign(pristine + tf.cast(delta, pristine.dtype))
+        if bias is not None:
+            self._pristine_bias = tf.identity(self.bias)
+            self.bias.assign(bias)
         self._pristine_kernel = pristine
 
     def unmerge_weights(self) -> None:
@@ -159,7 +177,10 @@ class LoRALayerMixin:
                 f"Layer '{self.name}' is not merged; there is nothing to unmerge."
             )
         self.kernel.assign(self._pristine_kernel)
+        if self._pristine_bias is not None:
+            self.bias.assign(self._pristine_bias)
         self._pristine_kernel = None
+        self._pristine_bias = None
 
     def lora_trainable_weights(self, train_bias: bool) -> List[tf.Variable]:
         """The weights LoRA training updates in this layer.
@@ -200,14 +221,39 @@ class LoRALayerMixin:
         """The base layer's linear map (matmul or convolution) with ``kernel``."""
         raise NotImplementedError
 
+    def slot_project(self, x, slot_ids):
+        """Each sample's ``A`` applied to it: ``[batch, ..., max_rank]``."""
+        raise NotImplementedError
+
+    def enable_slots(self, num_slots: int, max_rank: int) -> SlotStorage:
+        """Gives the layer storage for ``num_slots`` resident adapters.
+
+        Args:
+            num_slots: Slots including the "off" slot 0.
+            max_rank: Rank each slot is padded to.
+
+        Returns:
+            The layer's :class:`SlotStorage`.
+        """
+        self.slots = SlotStorage(self, num_slots, max_rank)
+        return self.slots
+
     def call(self, inputs, training=None):
         x = tf.cast(inputs, self.compute_dtype)
         outputs = self.base_op(x, self.kernel)
-        if self.lora_branch_active():
-            z = self.base_op(self._dropout_lora_input(x, training), self.kernel_lora_a)
-            outputs += self.scaling * matmul_last_axis(z, self.kernel_lora_b)
-        if self.use_bias:
-            outputs = tf.nn.bias_add(outputs, self.bias)
+        bias = self.bias if self.use_bias else None
+        routing = current_routing()
+        if routing is None:
+            if self.lora_branch_active():
+                z = self.base_op(self._dropout_lora_input(x, training), self.kernel_lora_a)
+                outputs += self.scaling * matmul_last_axis(z, self.kernel_lora_b)
+        elif routing is not BASE_ONLY and self.slots is not None:
+            outputs += self.slots.branch(self.slot_project(x, routing), routing)
+            if bias is not None:
+                outputs += self.slots.bias_for(routing, outputs)
+                bias = None
+        if bias is not None:
+            outputs = tf.nn.bias_add(outputs, bias)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
@@ -268,6 +314,9 @@ class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
         """The layer's linear map: ``x @ kernel`` over the last axis."""
         return matmul_last_axis(x, kernel)
 
+    def slot_project(self, x, slot_ids):
+        return tf.einsum("b...i,bir->b...r", x, tf.gather(self.slots.a, slot_ids))
+
 
 class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
     """LoRA version of ``tf.keras.layers.Conv2D`` (channels_last, groups=1).
@@ -324,6 +373,20 @@ class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
     def base_op(self, x, kernel):
         """The layer's convolution with its strides, padding and dilation."""
         return self.convolution_op(x, kernel)
+
+    def slot_project(self, x, slot_ids):
+        # One convolution with every slot's A side by side on the output
+        # channels, then each sample keeps its own slot's R channels: cost
+        # grows with capacity * max_rank, never with the batch's mix.
+        slots = self.slots
+        kh, kw, cin = slots.a_shape
+        a_all = tf.reshape(
+            tf.transpose(slots.a, [1, 2, 3, 0, 4]), [kh, kw, cin, slots.num_slots * slots.max_rank]
+        )
+        z = self.base_op(x, a_all)
+        shape = tf.shape(z)
+        z = tf.reshape(z, tf.concat([shape[:3], [slots.num_slots, slots.max_rank]], 0))
+        return tf.gather(z, slot_ids, axis=3, batch_dims=1)
 
 
 _LORA_LAYER_CLASSES = {

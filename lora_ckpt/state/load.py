@@ -156,7 +156,12 @@ def read_lora_state(path: str) -> AdapterState:
     return AdapterState(path=path, config=config, tensors=tensors)
 
 
-def _check_identity(model, config: dict, path: str) -> None:
+def check_identity(model, config: dict, path: str) -> None:
+    """Refuses an adapter config whose architecture or base config differ from the model's.
+
+    Raises:
+        AdapterMismatchError: With the differing fields.
+    """
     ours = model_identity(model)
     theirs = config["base_model"]
     if ours["architecture"] != theirs["architecture"]:
@@ -204,7 +209,7 @@ def plan_load(model, state: AdapterState, strict: bool = True, check_base: bool 
         MergeStateError: If the model is merged.
     """
     config, path = state.config, state.path
-    _check_identity(model, config, path)
+    check_identity(model, config, path)
     selection = select_state(model, include_bias="none", extra_layers=[])
     model_vars = selection.model_variables
     report = LoadReport()

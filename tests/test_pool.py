@@ -1,0 +1,290 @@
+"""AdapterPool: slots, mixed batches, merge, no retracing, threads, errors."""
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import tfimm
+
+import lora_ckpt
+from lora_ckpt import AdapterPool
+from lora_ckpt._tf import tf
+
+from .conftest import TINY_CONVNEXT
+
+CONVNEXT = dict(TINY_CONVNEXT, drop_path_rate=0.0)
+MAX_RANK = 4
+
+
+def convnext(rank, base_file):
+    model = lora_ckpt.create_model(
+        "convnext_tiny", lora_rank=rank, lora_train_bias="lora_only", lora_train_classifier=False, **CONVNEXT
+    )
+    lora_ckpt.load_base_weights(model, base_file)
+    return model
+
+
+def conv_net(rank):
+    """A functional model with Conv2D LoRA (3x3 stride 2, 1x1) and Dense LoRA.
+    Base layers use seeded initialisers, so every rank shares one base."""
+    init = lambda i: tf.keras.initializers.GlorotUniform(seed=i)  # noqa: E731
+    inputs = tf.keras.Input((12, 12, 3))
+    h = tf.keras.layers.Conv2D(6, 3, strides=2, padding="same", name="conv_a", kernel_initializer=init(1))(inputs)
+    h = tf.keras.layers.Activation("relu")(h)
+    h = tf.keras.layers.Conv2D(8, 1, name="conv_b", kernel_initializer=init(2))(h)
+    h = tf.keras.layers.GlobalAveragePooling2D()(h)
+    outputs = tf.keras.layers.Dense(3, name="fc", kernel_initializer=init(3))(h)
+    model = tf.keras.Model(inputs, outputs)
+    return lora_ckpt.convert_to_lora_model(model, target_layers=["conv_*", "fc"], lora_rank=rank,
+                                           lora_train_bias="lora_only")
+
+
+def fill_adapter(model, seed):
+    rng = np.random.default_rng(seed)
+    for _, layer in lora_ckpt.lora_layers(model):
+        for var in (layer.kernel_lora_a, layer.kernel_lora_b, layer.bias):
+            var.assign(rng.normal(0, 0.3, var.shape).astype("float32"))
+
+
+@pytest.fixture(scope="module")
+def convnext_adapters(tmp_path_factory):
+    """Adapters of ranks 1..4 (and a second rank 4) on one ConvNeXt base, with
+    the outputs of the models they were saved from as references."""
+    directory = tmp_path_factory.mktemp("pool")
+    tf.keras.utils.set_random_seed(3)
+    tfimm.create_model("convnext_tiny", **CONVNEXT).save_weights(str(directory / "base.h5"))
+    x = np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype("float32")
+    adapters, reference = {}, {}
+    for i, rank in enumerate([1, 2, 3, 4, 4, 2]):
+        model = convnext(rank, str(directory / "base.h5"))
+        fill_adapter(model, seed=i)
+        name = f"task{i}"
+        adapters[name] = lora_ckpt.save_lora_state(model, str(directory / name))
+        reference[name] = model(x).numpy()
+    return {"base": str(directory / "base.h5"), "adapters": adapters, "reference": reference, "x": x}
+
+
+@pytest.fixture
+def pool(convnext_adapters):
+    return AdapterPool(convnext(MAX_RANK, convnext_adapters["base"]), capacity=4, max_rank=MAX_RANK)
+
+
+def test_pool_outputs_match_the_saved_models_for_ranks_1_to_4(pool, convnext_adapters):
+    x = convnext_adapters["x"]
+    for name in ["task0", "task1", "task2", "task3"]:
+        pool.load(name, convnext_adapters["adapters"][name])
+    assert pool.names() == ["task0", "task1", "task2", "task3"]
+    for name in pool.names():
+        np.testing.assert_allclose(pool.predict(x, adapter=name), convnext_adapters["reference"][name],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_off_gives_the_base_model(pool, convnext_adapters):
+    x = convnext_adapters["x"]
+    base = convnext(MAX_RANK, convnext_adapters["base"])
+    lora_ckpt.set_lora_enabled(base, False)
+    pool.load("task0", convnext_adapters["adapters"]["task0"])
+    np.testing.assert_array_equal(pool.predict(x, adapter="off"), base(x).numpy())
+    np.testing.assert_array_equal(pool.predict(x), base(x).numpy())  # "off" is the default
+
+
+def assert_mixed_equals_per_sample(pool, x, names):
+    mixed = pool.predict(x, adapters=names)
+    for i, name in enumerate(names):
+        alone = pool.predict(x[i:i + 1], adapter=name)[0]
+        np.testing.assert_allclose(mixed[i], alone, rtol=1e-5, atol=1e-5, err_msg=name)
+    return mixed
+
+
+def test_mixed_batch_equals_per_sample_dense(pool, convnext_adapters):
+    for name in ["task0", "task1", "task2", "task3"]:
+        pool.load(name, convnext_adapters["adapters"][name])
+    names = ["task3", "off", "task0", "task2", "task1", "task3"]
+    mixed = assert_mixed_equals_per_sample(pool, convnext_adapters["x"], names)
+    for i, name in enumerate(names):
+        if name != "off":
+            np.testing.assert_allclose(mixed[i], convnext_adapters["reference"][name][i], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_equals_per_sample_conv2d(tmp_path):
+    x = np.random.default_rng(1).normal(size=(5, 12, 12, 3)).astype("float32")
+    references = {}
+    for i, rank in enumerate([1, 3, 2]):
+        model = conv_net(rank)
+        fill_adapter(model, seed=10 + i)
+        lora_ckpt.save_lora_state(model, str(tmp_path / f"c{i}"))
+        references[f"c{i}"] = model(x).numpy()
+    pool = AdapterPool(conv_net(3), capacity=3)
+    for name in references:
+        pool.load(name, str(tmp_path / name))
+    for name, expected in references.items():
+        np.testing.assert_allclose(pool.predict(x, adapter=name), expected, rtol=1e-5, atol=1e-5)
+    assert_mixed_equals_per_sample(pool, x, ["c2", "c0", "off", "c1", "c0"])
+
+
+def test_switching_loading_evicting_never_retrace(pool, convnext_adapters):
+    x = convnext_adapters["x"]
+    assert pool.trace_count == 1  # traced once, at construction
+    for name in ["task0", "task1", "task2", "task3", "task4", "task5", "task0"]:  # 7 loads, capacity 4
+        pool.load(name, convnext_adapters["adapters"][name])
+        pool.activate(name)
+        pool.predict(x[:2])
+        pool.predict(x[:3], adapters=[name, "off", name])
+    assert pool.stats["evictions"] == 3
+    assert pool.trace_count == 1
+
+
+def test_merge_unmerge_1000_cycles_restore_base_bitwise(pool, convnext_adapters):
+    x = convnext_adapters["x"]
+    for name in ["task1", "task3", "task4"]:
+        pool.load(name, convnext_adapters["adapters"][name])
+    layers = [layer for _, layer in lora_ckpt.lora_layers(pool.model)]
+    kernels = [layer.kernel.numpy().copy() for layer in layers]
+    biases = [layer.bias.numpy().copy() for layer in layers]
+    unmerged = {name: pool.predict(x, adapter=name) for name in ["task1", "task3", "task4"]}
+    for cycle in range(1000):
+        name = ["task1", "task3", "task4"][cycle % 3]
+        pool.merge(name)
+        if cycle < 3:
+            np.testing.assert_allclose(pool.predict(x, adapter=name), unmerged[name], rtol=1e-5, atol=1e-5)
+        pool.unmerge()
+    for layer, kernel, bias in zip(layers, kernels, biases):
+        np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
+        np.testing.assert_array_equal(layer.bias.numpy(), bias)
+    np.testing.assert_array_equal(pool.predict(x, adapter="task3"), unmerged["task3"])
+
+
+def test_merged_pool_refuses_other_adapters(pool, convnext_adapters):
+    for name in ["task1", "task2"]:
+        pool.load(name, convnext_adapters["adapters"][name])
+    pool.merge("task1")
+    with pytest.raises(lora_ckpt.PoolStateError, match="merged"):
+        pool.predict(convnext_adapters["x"], adapter="task2")
+    with pytest.raises(lora_ckpt.MergeStateError, match="already merged"):
+        pool.merge("task2")
+    pool.unmerge()
+    with pytest.raises(lora_ckpt.MergeStateError, match="nothing to unmerge"):
+        pool.unmerge()
+    pool.predict(convnext_adapters["x"], adapter="task2")
+
+
+def test_concurrent_requests_while_loading(convnext_adapters):
+    """8 threads x 200 requests over 6 adapters, capacity 3, while a loader
+    thread keeps loading: every answer equals the single-threaded one."""
+    adapters = convnext_adapters["adapters"]
+    x = convnext_adapters["x"][:1]
+    pool = AdapterPool(convnext(MAX_RANK, convnext_adapters["base"]), capacity=3, max_rank=MAX_RANK)
+    expected = {}
+    for name, path in adapters.items():  # single-threaded reference, through the pool itself
+        pool.load(name, path)
+        expected[name] = pool.predict(x, adapter=name)
+    names = sorted(adapters)
+    errors, done = [], threading.Event()
+    deadline = time.monotonic() + 50
+
+    def client(seed):
+        rng = random.Random(seed)
+        for _ in range(200):
+            name = rng.choice(names)
+            while True:
+                try:
+                    out = pool.predict(x, adapter=name)
+                    break
+                except lora_ckpt.AdapterNotLoadedError:
+                    try:
+                        pool.load(name, adapters[name])
+                    except lora_ckpt.PoolFullError:
+                        time.sleep(0.001)
+                if time.monotonic() > deadline:
+                    errors.append("timeout")
+                    return
+            if not np.array_equal(out, expected[name]):
+                errors.append(name)
+
+    def loader():
+        rng = random.Random(99)
+        while not done.is_set():
+            name = rng.choice(names)
+            try:
+                pool.load(name, adapters[name])
+            except lora_ckpt.PoolFullError:
+                pass
+
+    loader_thread = threading.Thread(target=loader)
+    loader_thread.start()
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    done.set()
+    loader_thread.join()
+    assert errors == []
+    assert pool.stats["requests"] >= 8 * 200 + len(adapters)
+    assert pool.stats["evictions"] > 0
+    assert pool.trace_count == 1
+
+
+def test_bad_requests_raise_and_the_pool_keeps_serving(pool, convnext_adapters, tmp_path):
+    x = convnext_adapters["x"]
+    pool.load("task1", convnext_adapters["adapters"]["task1"])
+    expected = pool.predict(x, adapter="task1")
+
+    with pytest.raises(lora_ckpt.AdapterNotLoadedError, match="'nope' is not loaded.*task1"):
+        pool.predict(x, adapter="nope")
+    with pytest.raises(lora_ckpt.PoolRequestError, match="one adapter name per sample"):
+        pool.predict(x, adapters=["task1", "off"])
+    with pytest.raises(lora_ckpt.PoolRequestError, match="Expected a batch of shape"):
+        pool.predict(x[:, :16])
+
+    small = AdapterPool(convnext(2, convnext_adapters["base"]), capacity=2, max_rank=2)
+    with pytest.raises(lora_ckpt.AdapterMismatchError, match="max_rank=2"):
+        small.load("big", convnext_adapters["adapters"]["task3"])  # rank 4
+
+    other = lora_ckpt.create_model("convnext_tiny", lora_rank=2, lora_train_bias="lora_only",
+                                   lora_train_classifier=False, **CONVNEXT)  # fresh base, not the file
+    fill_adapter(other, seed=5)
+    lora_ckpt.save_lora_state(other, str(tmp_path / "other_base"))
+    with pytest.raises(lora_ckpt.BaseModelMismatchError, match="other base weights"):
+        pool.load("other", str(tmp_path / "other_base"))
+    with pytest.raises(lora_ckpt.AdapterMismatchError, match="was trained on a"):
+        model = conv_net(2)
+        lora_ckpt.save_lora_state(model, str(tmp_path / "conv"))
+        pool.load("conv", str(tmp_path / "conv"))
+    with pytest.raises(lora_ckpt.AdapterNotFoundError):
+        pool.load("missing", str(tmp_path / "does_not_exist"))
+    with pytest.raises(lora_ckpt.LoRAConfigError, match="other than 'off'"):
+        pool.load("off", convnext_adapters["adapters"]["task1"])
+
+    full = AdapterPool(convnext(MAX_RANK, convnext_adapters["base"]), capacity=2, max_rank=MAX_RANK)
+    full.load("task0", convnext_adapters["adapters"]["task0"])
+    full.load("task1", convnext_adapters["adapters"]["task1"])
+    with full.using(["task0", "task1"]):  # both slots busy with running requests
+        with pytest.raises(lora_ckpt.PoolFullError, match="nothing can be evicted"):
+            full.load("task2", convnext_adapters["adapters"]["task2"])
+    full.load("task2", convnext_adapters["adapters"]["task2"])  # now one can be evicted
+
+    for error in (lora_ckpt.AdapterNotLoadedError, lora_ckpt.PoolRequestError, lora_ckpt.PoolFullError):
+        assert issubclass(error, lora_ckpt.LoRAError)
+    np.testing.assert_array_equal(pool.predict(x, adapter="task1"), expected)  # still serving
+    assert pool.names() == ["task1"]
+
+
+def test_adapter_with_full_layers_is_refused(pool, convnext_adapters, tmp_path):
+    model = convnext(2, convnext_adapters["base"])
+    lora_ckpt.save_lora_state(model, str(tmp_path / "with_head"), extra_layers=["fc"])
+    with pytest.raises(lora_ckpt.AdapterMismatchError, match="cannot serve per request"):
+        pool.load("with_head", str(tmp_path / "with_head"))
+
+
+def test_unload_and_reload(pool, convnext_adapters):
+    pool.load("task1", convnext_adapters["adapters"]["task1"])
+    pool.activate("task1")
+    pool.unload("task1")
+    assert pool.names() == [] and pool.active == "off"
+    with pytest.raises(lora_ckpt.AdapterNotLoadedError):
+        pool.predict(convnext_adapters["x"], adapter="task1")
+    pool.load("task1", convnext_adapters["adapters"]["task2"])  # a name can be reused
+    np.testing.assert_allclose(pool.predict(convnext_adapters["x"], adapter="task1"),
+                               convnext_adapters["reference"]["task2"], rtol=1e-5, atol=1e-5)
