@@ -12,9 +12,15 @@ from a pristine copy of the base kernel, so unmerging restores it bit for bit.
 """
 from typing import List
 
+import numpy as np
+
 from ._tf import tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
 from .slots import BASE_ONLY, SlotStorage, current_routing
+
+# Samples a single-adapter request is assumed to have when Dense layers choose
+# between an updated kernel and the LoRA branch (see _prefers_kernel_path).
+TYPICAL_BATCH = 8
 
 LORA_WEIGHT_NAMES = ["kernel_lora_a", "kernel_lora_b"]
 """
@@ -221,9 +227,23 @@ class LoRALayerMixin:
         """The base layer's linear map (matmul or convolution) with ``kernel``."""
         raise NotImplementedError
 
-    def slot_project(self, x, slot_ids):
-        """Each sample's ``A`` applied to it: ``[batch, ..., max_rank]``."""
-        raise NotImplementedError
+    def slot_forward_uniform(self, x, slot):
+        """The pre-activation output (bias excluded) when every sample uses ``slot``."""
+        return self.base_op(x, self.kernel + self.slots.delta(slot))
+
+    def slot_forward_mixed(self, x, slot_ids):
+        """The pre-activation output (bias excluded), each sample with its own slot.
+
+        Every slot's ``A`` runs side by side in one matmul/convolution, each
+        sample keeps only its own slot's ``R`` channels, and one matmul with
+        every slot's ``B`` stacked gives the update: large, efficient
+        operations whose cost grows with ``capacity * max_rank``, never with
+        how the batch is mixed.
+        """
+        slots = self.slots
+        z = self.base_op(x, slots.a_all())
+        z = z * slots.slot_mask(slot_ids, z)
+        return self.base_op(x, self.kernel) + matmul_last_axis(z, slots.b_all_scaled())
 
     def enable_slots(self, num_slots: int, max_rank: int) -> SlotStorage:
         """Gives the layer storage for ``num_slots`` resident adapters.
@@ -238,22 +258,28 @@ class LoRALayerMixin:
         self.slots = SlotStorage(self, num_slots, max_rank)
         return self.slots
 
+    def _slot_forward(self, x, slot_ids):
+        # A batch on one adapter (the usual request) takes the cheaper
+        # single-adapter path; both branches are in the graph, one runs.
+        uniform = tf.reduce_all(tf.equal(slot_ids, slot_ids[0]))
+        return tf.cond(
+            uniform,
+            lambda: self.slot_forward_uniform(x, slot_ids[0]) + self.slots.bias_of(slot_ids[0]),
+            lambda: self.slot_forward_mixed(x, slot_ids) + self.slots.bias_for(slot_ids, x),
+        )
+
     def call(self, inputs, training=None):
         x = tf.cast(inputs, self.compute_dtype)
-        outputs = self.base_op(x, self.kernel)
-        bias = self.bias if self.use_bias else None
         routing = current_routing()
-        if routing is None:
-            if self.lora_branch_active():
+        if routing is not None and routing is not BASE_ONLY and self.slots is not None:
+            outputs = self._slot_forward(x, routing)
+        else:
+            outputs = self.base_op(x, self.kernel)
+            if routing is None and self.lora_branch_active():
                 z = self.base_op(self._dropout_lora_input(x, training), self.kernel_lora_a)
-                outputs += self.scaling * matmul_last_axis(z, self.kernel_lora_b)
-        elif routing is not BASE_ONLY and self.slots is not None:
-            outputs += self.slots.branch(self.slot_project(x, routing), routing)
-            if bias is not None:
-                outputs += self.slots.bias_for(routing, outputs)
-                bias = None
-        if bias is not None:
-            outputs = tf.nn.bias_add(outputs, bias)
+                outputs += matmul_last_axis(z, self.scaling * self.kernel_lora_b)
+            if self.use_bias:
+                outputs = tf.nn.bias_add(outputs, self.bias)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
@@ -314,8 +340,30 @@ class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
         """The layer's linear map: ``x @ kernel`` over the last axis."""
         return matmul_last_axis(x, kernel)
 
-    def slot_project(self, x, slot_ids):
-        return tf.einsum("b...i,bir->b...r", x, tf.gather(self.slots.a, slot_ids))
+    def _prefers_kernel_path(self, x, samples_per_kernel: int) -> bool:
+        # Memory traffic decides on a CPU: the LoRA branch reads the input
+        # and writes and adds an output-sized tensor per sample, an updated
+        # kernel costs in*out once per kernel. Rows per sample (h*w, tokens)
+        # are static.
+        rows = int(np.prod(x.shape[1:-1])) if x.shape.rank > 2 else 1
+        fan_in, fan_out = self.kernel.shape
+        return rows * (fan_in + 2 * fan_out) * samples_per_kernel >= 2 * fan_in * fan_out
+
+    def slot_forward_mixed(self, x, slot_ids):
+        if not self._prefers_kernel_path(x, 1):
+            return super().slot_forward_mixed(x, slot_ids)
+        # Early, wide layers: one updated kernel per sample, one batched matmul.
+        kernels = self.kernel[None] + self.slots.deltas(slot_ids)  # [batch, in, out]
+        rows = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
+        y = tf.matmul(rows, kernels)
+        return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], 0))
+
+    def slot_forward_uniform(self, x, slot):
+        if self._prefers_kernel_path(x, TYPICAL_BATCH):
+            return super().slot_forward_uniform(x, slot)
+        slots = self.slots
+        z = matmul_last_axis(x, slots.a[slot])
+        return matmul_last_axis(x, self.kernel) + matmul_last_axis(z, slots.scale[slot] * slots.b[slot])
 
 
 class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
@@ -373,20 +421,6 @@ class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
     def base_op(self, x, kernel):
         """The layer's convolution with its strides, padding and dilation."""
         return self.convolution_op(x, kernel)
-
-    def slot_project(self, x, slot_ids):
-        # One convolution with every slot's A side by side on the output
-        # channels, then each sample keeps its own slot's R channels: cost
-        # grows with capacity * max_rank, never with the batch's mix.
-        slots = self.slots
-        kh, kw, cin = slots.a_shape
-        a_all = tf.reshape(
-            tf.transpose(slots.a, [1, 2, 3, 0, 4]), [kh, kw, cin, slots.num_slots * slots.max_rank]
-        )
-        z = self.base_op(x, a_all)
-        shape = tf.shape(z)
-        z = tf.reshape(z, tf.concat([shape[:3], [slots.num_slots, slots.max_rank]], 0))
-        return tf.gather(z, slot_ids, axis=3, batch_dims=1)
 
 
 _LORA_LAYER_CLASSES = {

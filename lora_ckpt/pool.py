@@ -83,10 +83,10 @@ class _ReadWriteLock:
 
 @dataclass
 class _LayerUpdate:
-    a: np.ndarray
-    b: np.ndarray
-    scale: float
-    bias: Optional[np.ndarray]
+    a: np.ndarray  # padded to max_rank
+    b: np.ndarray  # padded to max_rank
+    scale: np.ndarray
+    bias: np.ndarray  # the base bias where the adapter has none; 0 without bias
 
 
 class AdapterPool:
@@ -125,6 +125,10 @@ class AdapterPool:
         self._layers = dict(layers)
         for layer in self._layers.values():
             layer.enable_slots(capacity + 1, max_rank)
+        self._base_biases = {
+            path: layer.bias.numpy() if layer.use_bias else np.zeros((), layer.kernel.dtype.as_numpy_dtype)
+            for path, layer in self._layers.items()
+        }
 
         self._lock = threading.Lock()
         self._rw = _ReadWriteLock()
@@ -148,6 +152,7 @@ class AdapterPool:
         spec = tf.TensorSpec([None, *input_shape], self.dtype)
         self._forward = tf.function(self._serve, input_signature=[spec, tf.TensorSpec([None], tf.int32)])
         self._forward_base = tf.function(self._serve_base, input_signature=[spec])
+        self._write = tf.function(self._write_slot)
         self._forward(tf.zeros([1, *input_shape], self.dtype), tf.zeros([1], tf.int32))  # trace now
 
     # ---- compiled forward passes -------------------------------------------
@@ -160,6 +165,11 @@ class AdapterPool:
     def _serve_base(self, x):
         with lora_routing(BASE_ONLY):
             return self.model(x, training=False)
+
+    def _write_slot(self, slot, updates):
+        # One graph for all the layers' slot writes: a load is one call.
+        for path, update in updates.items():
+            self._layers[path].slots.assign(slot, update["a"], update["b"], update["scale"], update["bias"])
 
     # ---- adapters ------------------------------------------------------------
 
@@ -248,9 +258,12 @@ class AdapterPool:
                     f"layer {layer_path}; this model needs A[{slots.a_shape}, r], B[r, {slots.out_dim}]."
                 )
             dtype = layer.kernel.dtype.as_numpy_dtype
+            bias = state.tensors.get(f"{layer_path}/bias")
+            if bias is None:
+                bias = self._base_biases[layer_path]
             updates[layer_path] = _LayerUpdate(
-                a.astype(dtype), b.astype(dtype), float(layers_cfg[layer_path]["scaling"]),
-                state.tensors.get(f"{layer_path}/bias"),
+                *slots.padded(a.astype(dtype), b.astype(dtype)),
+                np.asarray(layers_cfg[layer_path]["scaling"], dtype), bias.astype(dtype),
             )
         if self.check_base:
             lora_keys = {f"{p}/{n}" for p in self._layers for n in ("kernel_lora_a", "kernel_lora_b")}
@@ -315,8 +328,7 @@ class AdapterPool:
         with self._lock:
             slot = self._take_slot()
         try:
-            for layer_path, update in updates.items():
-                self._layers[layer_path].slots.write(slot, update.a, update.b, update.scale, update.bias)
+            self._write(tf.constant(slot, tf.int32), {path: vars(u) for path, u in updates.items()})
         except BaseException:
             with self._lock:
                 self._free.append(slot)

@@ -82,34 +82,34 @@ class SlotStorage:
             if layer.use_bias else None
         )
 
-    def write(self, slot: int, a: np.ndarray, b: np.ndarray, scale: float,
-              bias: Optional[np.ndarray] = None) -> None:
-        """Writes one adapter into ``slot``, zero-padding its rank to ``max_rank``.
+    def padded(self, a: np.ndarray, b: np.ndarray):
+        """An adapter's ``A[..., r]`` and ``B[r, out]`` zero-padded to ``max_rank``.
 
-        Args:
-            slot: The slot index (not 0, which stays "off").
-            a: ``A`` of shape ``[*a_shape, r]`` with ``r <= max_rank``.
-            b: ``B`` of shape ``[r, out]``.
-            scale: The adapter's ``alpha / rank`` for this layer.
-            bias: The adapter's bias, or ``None`` for the base bias.
+        The padding is exact: padded columns of ``A`` and rows of ``B`` are
+        zero, so they add exact zeros to the update.
         """
         rank = a.shape[-1]
-        a_padded = np.zeros([*self.a_shape, self.max_rank], a.dtype)
+        a_padded = np.zeros([*self.a_shape, self.max_rank], self.a.dtype.as_numpy_dtype)
         a_padded[..., :rank] = a
-        b_padded = np.zeros([self.max_rank, self.out_dim], b.dtype)
+        b_padded = np.zeros([self.max_rank, self.out_dim], self.b.dtype.as_numpy_dtype)
         b_padded[:rank] = b
+        return a_padded, b_padded
+
+    def assign(self, slot, a_padded, b_padded, scale, bias) -> None:
+        """Writes one adapter into ``slot`` (graph-friendly; see :meth:`padded`).
+
+        Args:
+            slot: The slot index (never 0, which stays "off").
+            a_padded, b_padded: From :meth:`padded`.
+            scale: The adapter's ``alpha / rank`` for this layer.
+            bias: The adapter's bias (the base bias if it has none); ignored
+                for a layer without bias.
+        """
         self.a[slot].assign(a_padded)
         self.b[slot].assign(b_padded)
         self.scale[slot].assign(scale)
         if self.bias is not None:
-            self.bias[slot].assign(self.base_bias if bias is None else bias)
-
-    def clear(self, slot: int) -> None:
-        """Makes ``slot`` compute the base layer again."""
-        self.scale[slot].assign(0.0)
-        self.b[slot].assign(tf.zeros_like(self.b[slot]))
-        if self.bias is not None:
-            self.bias[slot].assign(self.base_bias)
+            self.bias[slot].assign(bias)
 
     def delta(self, slot: int) -> tf.Tensor:
         """``scale * A @ B`` of one slot, in the shape of the kernel."""
@@ -117,11 +117,33 @@ class SlotStorage:
         delta = tf.tensordot(a, self.b[slot], [[a.shape.rank - 1], [0]])
         return self.scale[slot] * delta
 
-    def branch(self, z: tf.Tensor, slot_ids: tf.Tensor) -> tf.Tensor:
-        """``scale[i] * z[i] @ B[i]`` per sample, from the projections ``z[batch, ..., R]``."""
-        y = tf.einsum("b...r,bro->b...o", z, tf.gather(self.b, slot_ids))
-        return y * _broadcast_per_sample(tf.gather(self.scale, slot_ids), y)
+    def a_all(self) -> tf.Tensor:
+        """Every slot's ``A`` side by side: ``[*a_shape, num_slots * max_rank]``."""
+        ndim = len(self.a_shape) + 2
+        a = tf.transpose(self.a, list(range(1, ndim - 1)) + [0, ndim - 1])
+        return tf.reshape(a, [*self.a_shape, self.num_slots * self.max_rank])
+
+    def b_all_scaled(self) -> tf.Tensor:
+        """Every slot's ``scale * B`` stacked: ``[num_slots * max_rank, out]``."""
+        b = self.b * self.scale[:, None, None]
+        return tf.reshape(b, [self.num_slots * self.max_rank, self.out_dim])
+
+    def deltas(self, slot_ids: tf.Tensor) -> tf.Tensor:
+        """Each sample's ``scale * A @ B``: ``[batch, in, out]`` (Dense slots)."""
+        b = tf.gather(self.b, slot_ids) * tf.gather(self.scale, slot_ids)[:, None, None]
+        return tf.matmul(tf.gather(self.a, slot_ids), b)
+
+    def slot_mask(self, slot_ids: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+        """1 on each sample's own ``max_rank`` channels of ``a_all``'s output, else 0."""
+        one_hot = tf.one_hot(slot_ids, self.num_slots, dtype=self.a.dtype)
+        return _broadcast_per_sample(tf.repeat(one_hot, self.max_rank, axis=1), like)
+
+    def bias_of(self, slot) -> tf.Tensor:
+        """One slot's bias (``0`` for a layer without bias)."""
+        return self.bias[slot] if self.bias is not None else tf.constant(0, self.a.dtype)
 
     def bias_for(self, slot_ids: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-        """Each sample's bias, shaped to add to ``like``."""
+        """Each sample's bias, shaped to add to an output like ``like``."""
+        if self.bias is None:
+            return tf.constant(0, self.a.dtype)
         return _broadcast_per_sample(tf.gather(self.bias, slot_ids), like)

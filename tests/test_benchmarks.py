@@ -21,3 +21,14 @@ def test_adapter_size_benchmark_convnext_tiny_rank4(tmp_path):
     assert result["trainable_params"] == sum(n * 10 * d * 4 for n, d in zip((3, 3, 9, 3), (96, 192, 384, 768)))
     assert result["adapter_vs_h5"] < 0.015
     assert result["adapter_vs_tf_checkpoint"] < 0.015
+
+
+def test_pool_benchmark_runs_on_a_tiny_setting(tmp_path):
+    out = tmp_path / "pool.json"
+    result = load_benchmark("pool_bench").main(["--tiny", "--ranks", "2,4", "--repeat", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert set(result["ranks"]) == {"2", "4"}
+    first = result["ranks"]["2"]
+    for key in ("switch_s", "pool_load_vs_numpy", "unmerged_vs_base", "merged_vs_base",
+                "mixed_throughput_vs_single_adapter", "mixed_speedup_vs_one_by_one"):
+        assert first[key] > 0, key
