@@ -423,7 +423,7 @@ def supported_architectures() -> dict:
     """
     result = {}
     for base_cls, lora_cls in registered_architectures().items():
-        groups = getattr(lora_cls, "LAYER_GROUPS", {})
+        groups = lora_cls.layer_groups() if hasattr(lora_cls, "layer_groups") else {}
         default = getattr(lora_cls.cfg_class(), "lora_layer_groups", ()) if groups else ()
         result[base_cls.__name__] = {
             "base": f"{base_cls.__module__}.{base_cls.__qualname__}",

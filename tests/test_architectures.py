@@ -275,3 +275,14 @@ def test_generic_conversion_errors(mobilenet):
     regular, _ = regular_model("vit")
     with pytest.raises(lora_ckpt.LoRAConfigError, match="lora_layer_groups"):
         lora_ckpt.convert_to_lora_model(regular, target_layers=["*qkv*"])
+
+
+def test_head_group_gives_the_classifier_lora_instead_of_full_training():
+    name, config = SMALL["convnext"]
+    model = lora_ckpt.create_model(name, lora_rank=2, lora_layer_groups=("mlp", "head"),
+                                   lora_train_bias="lora_only", **config)
+    assert isinstance(model.fc, lora_ckpt.LoRADense)
+    trained = {id(v) for v in model.trainable_weights}
+    assert id(model.fc.kernel) not in trained  # not trained in full
+    assert {id(model.fc.kernel_lora_a), id(model.fc.kernel_lora_b), id(model.fc.bias)} <= trained
+    assert "head" in lora_ckpt.supported_architectures()["ConvNeXt"]["layer_groups"]

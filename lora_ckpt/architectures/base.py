@@ -27,8 +27,10 @@ class LoRAConfigFields:
         lora_dropout: Dropout on the LoRA branch input during training.
         lora_train_bias: ``"none"``, ``"lora_only"`` or ``"all"``.
         lora_train_classifier: Whether the classifier head is trained in full.
-        lora_layer_groups: Which layer groups of each block get LoRA; each
-            architecture defines its groups and their default.
+        lora_layer_groups: Which layer groups get LoRA; each architecture
+            defines its groups and their default. The ``head`` group gives the
+            classifier LoRA instead of training it in full (what an
+            AdapterPool can serve per request).
     """
 
     lora_rank: int = 4
@@ -48,6 +50,13 @@ class LoRAModelMixin:
 
     #: group name -> attribute paths, inside one block, of the layers to convert.
     LAYER_GROUPS: Dict[str, Tuple[str, ...]] = {}
+    #: group name -> attribute paths, from the model, of layers outside the blocks.
+    MODEL_LAYER_GROUPS: Dict[str, Tuple[str, ...]] = {}
+
+    @classmethod
+    def layer_groups(cls) -> Dict[str, Tuple[str, ...]]:
+        """Every layer group the architecture offers, block and model level."""
+        return {**cls.LAYER_GROUPS, **cls.MODEL_LAYER_GROUPS}
 
     def lora_blocks(self) -> Iterable[tf.keras.layers.Layer]:
         """The blocks whose group layers get LoRA."""
@@ -66,28 +75,30 @@ class LoRAModelMixin:
         """
         validate_lora_config(self.cfg)
         groups = tuple(self.cfg.lora_layer_groups)
-        unknown = [g for g in groups if g not in self.LAYER_GROUPS]
+        unknown = [g for g in groups if g not in self.layer_groups()]
         if unknown or not groups:
             raise LoRAConfigError(
                 f"lora_layer_groups {list(groups)} is invalid for {type(self).__name__}: "
-                f"choose one or more of {sorted(self.LAYER_GROUPS)}."
+                f"choose one or more of {sorted(self.layer_groups())}."
             )
         kwargs = {
             "lora_rank": self.cfg.lora_rank,
             "lora_alpha": self.cfg.lora_alpha,
             "lora_dropout": self.cfg.lora_dropout,
         }
-        for block in self.lora_blocks():
-            for attr_path in self.block_layer_paths(block, groups):
-                *parents, attr = attr_path.split(".")
-                owner = block
-                for name in parents:
-                    owner = getattr(owner, name)
-                setattr(owner, attr, convert_to_lora_layer(getattr(owner, attr), **kwargs))
+        block_groups = tuple(g for g in groups if g in self.LAYER_GROUPS)
+        targets = [(block, path) for block in self.lora_blocks() for path in self.block_layer_paths(block, block_groups)]
+        targets += [(self, path) for g in groups if g in self.MODEL_LAYER_GROUPS for path in self.MODEL_LAYER_GROUPS[g]]
+        for owner, attr_path in targets:
+            *parents, attr = attr_path.split(".")
+            for name in parents:
+                owner = getattr(owner, name)
+            setattr(owner, attr, convert_to_lora_layer(getattr(owner, attr), **kwargs))
 
     def lora_trainable_layers(self) -> List[str]:
-        """Paths of the layers trained in full: the classifier, if asked for."""
-        if not self.cfg.lora_train_classifier:
+        """Paths of the layers trained in full: the classifier, if asked for
+        (and not given LoRA through the ``head`` layer group)."""
+        if not self.cfg.lora_train_classifier or "head" in self.cfg.lora_layer_groups:
             return []
         classifier = getattr(self.cfg, "classifier", None)
         names = [classifier] if isinstance(classifier, str) else list(classifier or [])

@@ -26,6 +26,7 @@ class LoRAConvNeXt(LoRAModelMixin, ConvNeXt):
 
     cfg_class = LoRAConvNeXtConfig
     LAYER_GROUPS = {"mlp": ("mlp.fc1", "mlp.fc2")}
+    MODEL_LAYER_GROUPS = {"head": ("fc",)}
 
     def __init__(self, cfg: LoRAConvNeXtConfig, **kwargs):
         super().__init__(cfg, **kwargs)

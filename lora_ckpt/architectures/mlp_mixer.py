@@ -30,6 +30,7 @@ class LoRAMLPMixer(LoRAModelMixin, MLPMixer):
         "token_mixing": ("mlp_tokens.fc1", "mlp_tokens.fc2"),
         "channel_mixing": ("mlp_channels.fc1", "mlp_channels.fc2"),
     }
+    MODEL_LAYER_GROUPS = {"head": ("head",)}
 
     def __init__(self, cfg: LoRAMLPMixerConfig, **kwargs):
         if cfg.block_layer != "mixer_block" or cfg.mlp_layer != "mlp":

@@ -38,6 +38,7 @@ class LoRAResNet(LoRAModelMixin, ResNet):
 
     cfg_class = LoRAResNetConfig
     LAYER_GROUPS = {"conv1": ("conv1",), "conv2": ("conv2",), "conv3": ("conv3",)}
+    MODEL_LAYER_GROUPS = {"head": ("head.fc",)}
 
     def __init__(self, cfg: LoRAResNetConfig, **kwargs):
         if cfg.cardinality != 1 and "conv2" in cfg.lora_layer_groups:

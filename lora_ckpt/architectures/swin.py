@@ -26,6 +26,7 @@ class LoRASwinTransformer(LoRAModelMixin, SwinTransformer):
 
     cfg_class = LoRASwinTransformerConfig
     LAYER_GROUPS = {"attention": ("attn.qkv", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2")}
+    MODEL_LAYER_GROUPS = {"head": ("head",)}
 
     def __init__(self, cfg: LoRASwinTransformerConfig, **kwargs):
         super().__init__(cfg, **kwargs)

@@ -26,6 +26,7 @@ class LoRAViT(LoRAModelMixin, ViT):
 
     cfg_class = LoRAViTConfig
     LAYER_GROUPS = {"attention": ("attn.qkv", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2")}
+    MODEL_LAYER_GROUPS = {"head": ("head",)}
 
     def __init__(self, cfg: LoRAViTConfig, **kwargs):
         super().__init__(cfg, **kwargs)
