@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """The project's entry script: `python3 run.py demo` and `python3 run.py test`.
 
+Extra arguments go to the command: `python3 run.py test -k pool`,
+`python3 run.py demo --store /tmp/store`.
+
 Each command creates (or reuses) the virtual environment `.venv` beside this
 file, installs what lora_ckpt needs into it, and runs in it. It needs nothing
 but Python 3.10+ with the venv module and pip.
@@ -22,7 +25,7 @@ TFIMM = "tfimm==0.2.14"
 
 COMMANDS = {
     "test": [str(PYTHON), "-m", "pytest", "-q", "tests"],
-    "demo": [str(PYTHON), str(ROOT / "examples" / "quickstart.py")],
+    "demo": [str(PYTHON), "-m", "lora_ckpt.cli", "demo"],
 }
 
 

@@ -6,7 +6,8 @@ adapters on one shared base:
 
 - ``"quadrant"``: which quadrant holds a bright square (4 classes);
 - ``"color"``: which colour channel dominates a blob (3 classes);
-- ``"stripes"``: horizontal, vertical or no stripes (3 classes).
+- ``"stripes"``: horizontal, vertical or no stripes (3 classes);
+- ``"size"``: whether a bright disc is small, medium or large (3 classes).
 """
 from typing import Tuple
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .errors import LoRAConfigError
 
-TASKS = {"quadrant": 4, "color": 3, "stripes": 3}
+TASKS = {"quadrant": 4, "color": 3, "stripes": 3, "size": 3}
 
 
 def _quadrant(rng, labels, size):
@@ -50,7 +51,17 @@ def _stripes(rng, labels, size):
     return images
 
 
-_MAKERS = {"quadrant": _quadrant, "color": _color, "stripes": _stripes}
+def _size(rng, labels, size):
+    images = rng.normal(0.0, 0.3, (len(labels), size, size, 3))
+    yy, xx = np.mgrid[:size, :size]
+    radii = np.array([0.1, 0.2, 0.33]) * size
+    for image, label in zip(images, labels):
+        cy, cx = rng.uniform(size * 0.35, size * 0.65, 2)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radii[label] ** 2] += 1.5
+    return images
+
+
+_MAKERS = {"quadrant": _quadrant, "color": _color, "stripes": _stripes, "size": _size}
 
 
 def make_task_dataset(

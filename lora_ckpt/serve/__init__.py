@@ -1,0 +1,2 @@
+"""The HTTP inference service on top of an AdapterPool (Starlette + uvicorn)."""
+from .app import create_app  # noqa: F401

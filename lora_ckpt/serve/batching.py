@@ -1,0 +1,89 @@
+"""Dynamic batching: concurrent requests, whatever their adapters, run as one
+mixed batch through the pool."""
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass
+from typing import List
+
+import numpy as np
+
+from ..pool import AdapterPool
+
+
+@dataclass
+class _Request:
+    image: np.ndarray
+    adapter: str
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class MicroBatcher:
+    """Collects requests for up to ``max_wait`` seconds (or ``max_batch``
+    requests) and answers them with one ``pool.predict(..., adapters=...)``.
+
+    Args:
+        pool: The pool that runs the batches.
+        max_batch: The largest batch.
+        max_wait: How long the first request of a batch waits for company.
+        on_batch: Called with the batch size after each batch (metrics).
+    """
+
+    def __init__(self, pool: AdapterPool, max_batch: int = 8, max_wait: float = 0.005, on_batch=None):
+        self.pool = pool
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.on_batch = on_batch
+        self._queue: "queue.Queue[_Request]" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="lora-ckpt-batcher", daemon=True)
+        self._thread.start()
+
+    async def predict(self, image: np.ndarray, adapter: str) -> np.ndarray:
+        """The pool's output for one image with one adapter."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Request(image, adapter, future, loop))
+        return await future
+
+    def _take_batch(self) -> List[_Request]:
+        batch = [self._queue.get()]
+        try:
+            while len(batch) < self.max_batch:
+                batch.append(self._queue.get(timeout=self.max_wait))
+        except queue.Empty:
+            pass
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            try:
+                outputs = self.pool.predict(
+                    np.stack([r.image for r in batch]), adapters=[r.adapter for r in batch]
+                )
+                results = [(r, outputs[i], None) for i, r in enumerate(batch)]
+            except Exception as exc:  # one bad request must not fail the others
+                results = self._one_by_one(batch) if len(batch) > 1 else [(batch[0], None, exc)]
+            for request, output, error in results:
+                request.loop.call_soon_threadsafe(_settle, request.future, output, error)
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
+
+    def _one_by_one(self, batch):
+        results = []
+        for request in batch:
+            try:
+                results.append((request, self.pool.predict(request.image[None], adapter=request.adapter)[0], None))
+            except Exception as exc:
+                results.append((request, None, exc))
+        return results
+
+
+def _settle(future: asyncio.Future, output, error) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(output)
