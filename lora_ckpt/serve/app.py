@@ -286,8 +286,11 @@ def create_app(store: str, model_name: Optional[str] = None, base_weights: Optio
             status = "ok"
             return JSONResponse({"adapter": name, "logits": logits.tolist(), "class": int(np.argmax(logits))})
         finally:
-            state.metrics.requests.labels(adapter=name, status=status).inc()
-            state.metrics.latency.labels(adapter=name).observe(time.perf_counter() - started)
+            # Label only known adapters: names from requests must not grow the series.
+            known = name == OFF or (state.pool is not None and name in state.pool.names())
+            label = name if known else "_unknown"
+            state.metrics.requests.labels(adapter=label, status=status).inc()
+            state.metrics.latency.labels(adapter=label).observe(time.perf_counter() - started)
             state.refresh_gauges()
 
     async def metrics(request):
