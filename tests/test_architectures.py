@@ -91,7 +91,7 @@ def test_layer_groups_choose_the_layers():
     assert paths(attention) == ["blocks/0/attn/qkv", "blocks/0/attn/proj", "blocks/1/attn/qkv", "blocks/1/attn/proj"]
     assert paths(mlp) == ["blocks/0/mlp/fc1", "blocks/0/mlp/fc2", "blocks/1/mlp/fc1", "blocks/1/mlp/fc2"]
     assert sorted(paths(both)) == sorted(paths(attention) + paths(mlp))
-    with pytest.raises(lora_ckpt.LoRAConfigError, match=r"choose one or more of \['attention', 'mlp'\]"):
+    with pytest.raises(lora_ckpt.LoRAConfigError, match=r"choose one or more of \['attention', 'head', 'mlp'\]"):
         lora_ckpt.create_model(name, lora_layer_groups=("ffn",), **config)
 
     resnet, config = SMALL["resnet_bottleneck"]
