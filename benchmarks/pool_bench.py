@@ -63,7 +63,7 @@ def make_adapters(name, config, rank, base_file, directory, count):
         for _, layer in lora_ckpt.lora_layers(model):
             for var in (layer.kernel_lora_a, layer.kernel_lora_b):
                 var.assign(rng.normal(0, 0.02, var.shape).astype("float32"))
-        paths.append(save_lora_state(model, os.path.join(directory, f"r{rank}_{i}")))
+        paths.append(save_lora_state(model, os.path.join(directory, f"r{rank}_{i}"), overwrite=True))
     return paths
 
 

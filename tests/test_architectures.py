@@ -286,3 +286,18 @@ def test_head_group_gives_the_classifier_lora_instead_of_full_training():
     assert id(model.fc.kernel) not in trained  # not trained in full
     assert {id(model.fc.kernel_lora_a), id(model.fc.kernel_lora_b), id(model.fc.bias)} <= trained
     assert "head" in lora_ckpt.supported_architectures()["ConvNeXt"]["layer_groups"]
+
+
+@pytest.mark.parametrize("key", SMALL)
+def test_base_weights_file_loads_into_the_lora_model(key, tmp_path):
+    regular, config = regular_model(key)
+    rng = np.random.default_rng(0)
+    for var in regular.weights:  # not what a fresh model starts with
+        var.assign(var + rng.normal(0, 0.01, var.shape).astype(var.dtype.as_numpy_dtype))
+    regular.save_weights(str(tmp_path / "base.h5"))
+    regular.save_weights(str(tmp_path / "ckpt" / "base"))
+    x = inputs_for(config)
+    for path in (str(tmp_path / "base.h5"), str(tmp_path / "ckpt" / "base")):
+        lora = lora_ckpt.create_model(SMALL[key][0], lora_rank=2, **config)
+        lora_ckpt.load_base_weights(lora, path)
+        np.testing.assert_array_equal(lora(x).numpy(), regular(x).numpy(), err_msg=path)

@@ -36,8 +36,11 @@ def _read_h5(path: str) -> Dict[str, np.ndarray]:
     weights = {}
     with h5py.File(path, "r") as handle:
         root = handle["model_weights"] if "model_weights" in handle else handle
-        for layer_name in root.attrs.get("layer_names", []):
-            group = root[layer_name.decode() if isinstance(layer_name, bytes) else layer_name]
+        groups = [n.decode() if isinstance(n, bytes) else n for n in root.attrs.get("layer_names", [])]
+        if "top_level_model_weights" in root:  # variables of the model itself (ViT's cls_token)
+            groups.append("top_level_model_weights")
+        for layer_name in groups:
+            group = root[layer_name]
             for name in group.attrs.get("weight_names", []):
                 name = name.decode() if isinstance(name, bytes) else name
                 weights[_without_root(name)] = np.asarray(group[name])
