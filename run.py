@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The project's entry script: `python3 run.py demo` and `python3 run.py test`.
+"""The project's entry script: `python3 run.py demo`, `python3 run.py test`
+(and `python3 run.py bench` for the benchmarks).
 
 Extra arguments go to the command: `python3 run.py test -k pool`,
 `python3 run.py demo --store /tmp/store`.
@@ -26,11 +27,14 @@ TFIMM = "tfimm==0.2.14"
 COMMANDS = {
     "test": [str(PYTHON), "-m", "pytest", "-q", "tests"],
     "demo": [str(PYTHON), "-m", "lora_ckpt.cli", "demo"],
+    "bench": [str(PYTHON), str(ROOT / "benchmarks" / "run.py")],
 }
+# Optional dependencies each command needs (setup.cfg extras).
+EXTRAS = {"test": "test", "demo": "test", "bench": "test,bench"}
 
 
-def _install_fingerprint() -> str:
-    digest = hashlib.sha256(TFIMM.encode())
+def _install_fingerprint(extras: str) -> str:
+    digest = hashlib.sha256((TFIMM + extras).encode())
     for name in ("setup.cfg", "setup.py"):
         digest.update((ROOT / name).read_bytes())
     return digest.hexdigest()
@@ -40,17 +44,17 @@ def _pip(*args: str) -> None:
     subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", *args], check=True)
 
 
-def ensure_environment() -> None:
-    """Creates .venv and installs the project into it, unless already done."""
+def ensure_environment(extras: str) -> None:
+    """Creates .venv and installs the project (with ``extras``) into it, unless already done."""
     if not PYTHON.exists():
         print(f"Creating virtual environment in {VENV} ...", flush=True)
         venv.create(VENV, with_pip=True)
-    fingerprint = _install_fingerprint()
-    if STAMP.exists() and STAMP.read_text() == fingerprint:
+    fingerprint = _install_fingerprint(extras)
+    if STAMP.exists() and STAMP.read_text() in (fingerprint, _install_fingerprint("test,bench")):
         return
     print("Installing lora_ckpt and its dependencies (first run takes a few minutes) ...", flush=True)
     _pip("--ignore-requires-python", "--no-deps", TFIMM)
-    _pip("-e", f"{ROOT}[test]")
+    _pip("-e", f"{ROOT}[{extras}]")
     STAMP.write_text(fingerprint)
 
 
@@ -58,7 +62,7 @@ def main(argv) -> int:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         print(f"usage: python3 run.py {{{'|'.join(COMMANDS)}}} [args...]", file=sys.stderr)
         return 2
-    ensure_environment()
+    ensure_environment(EXTRAS[argv[1]])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     return subprocess.run(COMMANDS[argv[1]] + argv[2:], cwd=ROOT, env=env).returncode
 

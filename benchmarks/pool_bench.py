@@ -165,7 +165,6 @@ def run(name, config, ranks, batch, repeat, capacity):
                     "base_batch_speedup_per_sample": timed["base_one_by_one"] / timed["base"],
                 })
             results["ranks"][str(rank)] = entry
-            del pool, model
     return results
 
 

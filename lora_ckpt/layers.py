@@ -12,8 +12,6 @@ from a pristine copy of the base kernel, so unmerging restores it bit for bit.
 """
 from typing import List
 
-import numpy as np
-
 from ._tf import tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
 from .slots import BASE_ONLY, SlotStorage, current_routing
@@ -345,7 +343,8 @@ class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
         # and writes and adds an output-sized tensor per sample, an updated
         # kernel costs in*out once per kernel. Rows per sample (h*w, tokens)
         # are static.
-        rows = int(np.prod(x.shape[1:-1])) if x.shape.rank > 2 else 1
+        # Unknown dims (attention reshapes) count as one row: the branch path.
+        rows = x.shape[1:-1].num_elements() or 1 if x.shape.rank > 2 else 1
         fan_in, fan_out = self.kernel.shape
         return rows * (fan_in + 2 * fan_out) * samples_per_kernel >= 2 * fan_in * fan_out
 

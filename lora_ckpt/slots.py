@@ -17,7 +17,7 @@ up in ``model.weights``, parameter counts or checkpoints.
 """
 import contextlib
 import contextvars
-from typing import Optional
+
 
 import numpy as np
 

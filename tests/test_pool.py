@@ -288,3 +288,28 @@ def test_unload_and_reload(pool, convnext_adapters):
     pool.load("task1", convnext_adapters["adapters"]["task2"])  # a name can be reused
     np.testing.assert_allclose(pool.predict(convnext_adapters["x"], adapter="task1"),
                                convnext_adapters["reference"]["task2"], rtol=1e-5, atol=1e-5)
+
+
+def test_vit_pool_with_attention_lora(tmp_path):
+    config = dict(input_size=(32, 32), patch_size=8, embed_dim=16, nb_blocks=2, nb_heads=2, nb_classes=4)
+    tf.keras.utils.set_random_seed(0)
+    tfimm.create_model("vit_tiny_patch16_224", **config).save_weights(str(tmp_path / "base.h5"))
+
+    def vit(rank):
+        model = lora_ckpt.create_model("vit_tiny_patch16_224", lora_rank=rank, lora_layer_groups=("attention", "head"),
+                                       lora_train_bias="lora_only", **config)
+        lora_ckpt.load_base_weights(model, str(tmp_path / "base.h5"))
+        return model
+
+    x = np.random.default_rng(2).normal(size=(4, 32, 32, 3)).astype("float32")
+    references = {}
+    for i, rank in enumerate([2, 4]):
+        model = vit(rank)
+        fill_adapter(model, seed=20 + i)
+        lora_ckpt.save_lora_state(model, str(tmp_path / f"v{i}"))
+        references[f"v{i}"] = model(x).numpy()
+    pool = AdapterPool(vit(4), capacity=2)
+    for name in references:
+        pool.load(name, str(tmp_path / name))
+        np.testing.assert_allclose(pool.predict(x, adapter=name), references[name], rtol=1e-5, atol=1e-5)
+    assert_mixed_equals_per_sample(pool, x, ["v1", "off", "v0", "v1"])
