@@ -162,36 +162,57 @@ def forward(name, config, rank, tmp, repeat) -> dict:
     return result
 
 
-def memory(name, config, rank, tmp, counts) -> dict:
-    """5. Resident memory of K adapters in a pool, against K full fine-tuned copies."""
+def _probe(args) -> None:
+    """Runs in a fresh process: resident memory added by one thing (see memory())."""
     import tfimm
 
+    kind, name, config, rank, k, max_rank, base_file, adapter = args
+    config = json.loads(config)
+    config = {key: tuple(v) if isinstance(v, list) else v for key, v in config.items()}
+    model = lora_ckpt.create_model(name, lora_rank=int(rank), lora_train_classifier=False, **config)
+    load_base_weights(model, base_file)
+    model(model.dummy_inputs)
+    gc.collect()
+    before = rss_bytes()
+    keep = []
+    if kind == "pool":
+        pool = AdapterPool(model, capacity=int(k), max_rank=int(max_rank))
+        for i in range(int(k)):
+            pool.load(f"a{i}", adapter)
+        pool.predict(np.asarray(model.dummy_inputs), adapter="a0")
+        keep.append(pool)
+    else:  # one more fine-tuned model, as a serving process would hold it
+        copy = tfimm.create_model(name, **config)
+        copy.load_weights(base_file)
+        copy(copy.dummy_inputs)
+        keep.append(copy)
+    gc.collect()
+    print(json.dumps({"rss_added_bytes": rss_bytes() - before}))
+
+
+def _run_probe(*args) -> int:
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", *map(str, args)],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_added_bytes"]
+
+
+def memory(name, config, rank, tmp, counts) -> dict:
+    """5. Resident memory K adapters add to a serving process, against K full
+    fine-tuned copies; each figure measured in a fresh process."""
     base_file = os.path.join(tmp, f"{name}_base.h5")
-    full_bytes = sum(v.numpy().nbytes for v in tfimm.create_model(name, **config).weights)
     adapter = make_adapters(name, config, rank, base_file, tmp, count=1)[0]
-    result = {"full_model_bytes": full_bytes, "k": {}}
+    cfg = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()})
+    full_copy = _run_probe("full", name, cfg, rank, 0, rank, base_file, adapter)
+    result = {"full_copy_rss_bytes": full_copy, "k": {}}
     for k in counts:
         for max_rank in sorted({rank, 4 * rank}):
-            model = lora_ckpt.create_model(name, lora_rank=rank, lora_train_classifier=False, **config)
-            load_base_weights(model, base_file)
-            gc.collect()
-            before = rss_bytes()
-            pool = AdapterPool(model, capacity=k, max_rank=max_rank)
-            for i in range(k):
-                pool.load(f"a{i}", adapter)
-            gc.collect()
-            added = rss_bytes() - before
-            slot_bytes = sum(
-                layer.slots.a.numpy().nbytes + layer.slots.b.numpy().nbytes
-                + (layer.slots.bias.numpy().nbytes if layer.slots.bias is not None else 0)
-                for _, layer in lora_ckpt.lora_layers(model))
+            added = _run_probe("pool", name, cfg, rank, k, max_rank, base_file, adapter)
             result["k"][f"{k}_maxrank{max_rank}"] = {
-                "k": k, "max_rank": max_rank, "rss_added_bytes": added, "slot_storage_bytes": slot_bytes,
-                "full_copies_bytes": k * full_bytes, "slots_vs_full_copies": slot_bytes / (k * full_bytes),
-                "rss_vs_full_copies": added / (k * full_bytes),
+                "k": k, "max_rank": max_rank, "rss_added_bytes": added,
+                "full_copies_bytes": k * full_copy, "vs_full_copies": added / (k * full_copy),
             }
-            del pool, model
-            gc.collect()
     return result
 
 
@@ -222,11 +243,13 @@ def write_table(results: dict, path: str) -> str:
             f" {b['mixed_vs_one_by_one_speedup']:.2f}x faster than one by one with swaps | |")
     lines.append(f"| merge / unmerge (rank {rank}) | {f['merge_s'] * 1e3:.1f} / {f['unmerge_s'] * 1e3:.1f} ms; "
                  f"max abs error after 1000 cycles: {f['max_abs_error_after_1000_cycles']} | 0 |")
-    for key, m in main["memory"]["k"].items():
+    copy = main["memory"]["full_copy_rss_bytes"]
+    lines.append(f"| one more full fine-tuned copy in a process | {copy / 2**20:.1f} MiB resident | |")
+    for m in main["memory"]["k"].values():
         lines.append(
-            f"| {m['k']} resident rank-{rank} adapters, max_rank {m['max_rank']} | slots {m['slot_storage_bytes']:,} B "
-            f"= {100 * m['slots_vs_full_copies']:.2f}% of {m['k']} full copies; process grew "
-            f"{m['rss_added_bytes'] / 2**20:.1f} MiB = {100 * m['rss_vs_full_copies']:.2f}% | < 10% |")
+            f"| {m['k']} resident rank-{rank} adapters, pool max_rank {m['max_rank']} | process grew "
+            f"{m['rss_added_bytes'] / 2**20:.1f} MiB = {100 * m['vs_full_copies']:.2f}% of {m['k']} full copies"
+            f" | < 10% (64) |")
     text = "\n".join(lines) + "\n"
     with open(path, "w") as handle:
         handle.write(text)
@@ -264,7 +287,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="small configs, a smoke run")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--probe", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe:
+        _probe(args.probe)
+        return {}
     started = time.perf_counter()
     if args.tiny:
         models = {"convnext_tiny": TINY, "vit_tiny_patch16_224": TINY_VIT}

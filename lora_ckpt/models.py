@@ -70,10 +70,11 @@ def validate_lora_config(cfg) -> None:
             invalid.
     """
     validate_lora_args(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    _check_train_bias(cfg.lora_train_bias)
+    check_train_bias(cfg.lora_train_bias)
 
 
-def _check_train_bias(train_bias: str) -> None:
+def check_train_bias(train_bias: str) -> None:
+    """Raises LoRAConfigError unless ``train_bias`` is "none", "lora_only" or "all"."""
     if train_bias not in TRAIN_BIAS_OPTIONS:
         raise LoRAConfigError(
             f"Unknown value for train_bias: {train_bias!r}; expected one of "
@@ -337,6 +338,13 @@ def bias_variables(layer: tf.keras.layers.Layer) -> List[tf.Variable]:
     return []
 
 
+def trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> List[tf.Variable]:
+    """The biases of ``layer`` that bias mode ``train_bias`` trains."""
+    if train_bias == "all" or (train_bias == "lora_only" and is_lora_layer(layer)):
+        return bias_variables(layer)
+    return []
+
+
 def lora_trainable_weights(
     model: tf.keras.layers.Layer,
     train_bias: str = "none",
@@ -360,7 +368,7 @@ def lora_trainable_weights(
         LoRAConfigError: For an unknown ``train_bias``.
         LayerNotFoundError: If a name in ``trainable_layers`` matches no layer.
     """
-    _check_train_bias(train_bias)
+    check_train_bias(train_bias)
     wanted = list(trainable_layers or [])
     found = set()
     selected, ids = [], set()
@@ -373,9 +381,8 @@ def lora_trainable_weights(
 
     for path, layer in named_layers(model):
         if is_lora_layer(layer):
-            add(layer.lora_trainable_weights(train_bias in ("all", "lora_only")))
-        elif train_bias == "all":
-            add(bias_variables(layer))
+            add([layer.kernel_lora_a, layer.kernel_lora_b])
+        add(trained_biases(layer, train_bias))
         for name in (path, layer.name):
             if name in wanted:
                 found.add(name)

@@ -18,21 +18,39 @@ def _is_graph_network(layer) -> bool:
     return isinstance(layer, tf.keras.Model) and getattr(layer, "_is_graph_network", False)
 
 
-def _children(layer: tf.keras.layers.Layer) -> List[Tuple[str, tf.keras.layers.Layer]]:
-    """``(name, child layer)`` one level down."""
-    if _is_graph_network(layer):
-        return [(child.name, child) for child in layer.layers]
-    found: List[Tuple[str, tf.keras.layers.Layer]] = []
+def _direct(layer) -> Tuple[List[Tuple[str, tf.keras.layers.Layer]], List[tf.Variable]]:
+    """The child layers (with their path components) and the own variables of a layer."""
+    layers: List[Tuple[str, tf.keras.layers.Layer]] = []
+    variables: List[tf.Variable] = []
 
     def visit(obj, prefix):
         for name, child in tf.train.TrackableView(obj).children(obj).items():
-            if isinstance(child, tf.keras.layers.Layer):
-                found.append((prefix + name, child))
+            if isinstance(child, tf.Variable):
+                variables.append(child)
+            elif isinstance(child, tf.keras.layers.Layer):
+                layers.append((prefix + name, child))
             elif isinstance(child, (list, tuple, dict)):  # Keras' tracked containers
                 visit(child, f"{prefix}{name}/")
 
     visit(layer, "")
-    return found
+    if _is_graph_network(layer):
+        layers = [(child.name, child) for child in layer.layers]
+    return layers, variables
+
+
+def _walk(model) -> Iterator[Tuple[str, tf.keras.layers.Layer, List[tf.Variable]]]:
+    """``(path, layer, own variables)`` for the model ("") and every layer below, depth first."""
+    seen = {id(model)}
+
+    def walk(layer, path):
+        children, variables = _direct(layer)
+        yield path, layer, variables
+        for name, child in children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                yield from walk(child, f"{path}/{name}" if path else name)
+
+    yield from walk(model, "")
 
 
 def named_layers(model: tf.keras.layers.Layer) -> Iterator[Tuple[str, tf.keras.layers.Layer]]:
@@ -46,28 +64,14 @@ def named_layers(model: tf.keras.layers.Layer) -> Iterator[Tuple[str, tf.keras.l
     Yields:
         Pairs of the layer's path and the layer.
     """
-    seen = set()
-
-    def walk(layer, prefix):
-        for name, child in _children(layer):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = f"{prefix}/{name}" if prefix else name
-            yield path, child
-            yield from walk(child, path)
-
-    yield from walk(model, "")
+    for path, layer, _ in _walk(model):
+        if layer is not model:
+            yield path, layer
 
 
 def variable_short_name(variable: tf.Variable) -> str:
     """The name a variable was created with: ``kernel`` for ``.../fc1/kernel:0``."""
     return variable.name.rsplit("/", 1)[-1].split(":", 1)[0]
-
-
-def _own_variables(layer, child_layers) -> List[tf.Variable]:
-    below = {id(v) for child in child_layers for v in child.weights}
-    return [v for v in layer.weights if id(v) not in below]
 
 
 def named_variables(model: tf.keras.layers.Layer) -> Dict[str, tf.Variable]:
@@ -85,9 +89,8 @@ def named_variables(model: tf.keras.layers.Layer) -> Dict[str, tf.Variable]:
     """
     result: Dict[str, tf.Variable] = {}
     seen = set()
-    entries = [("", model)] + list(named_layers(model))
-    for path, layer in entries:
-        for variable in _own_variables(layer, [child for _, child in _children(layer)]):
+    for path, _, variables in _walk(model):
+        for variable in variables:
             if id(variable) in seen:
                 continue
             seen.add(id(variable))
