@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora_ckpt  # noqa: E402
 from lora_ckpt import AdapterPool, load_base_weights, load_lora_state, save_lora_state  # noqa: E402
 from lora_ckpt._tf import tf  # noqa: E402
+from adapter_size import directory_size, prefix_size  # noqa: E402
 from pool_bench import interleaved_medians, make_adapters, median_time  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -38,15 +39,6 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def directory_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-def prefix_bytes(prefix: str) -> int:
-    folder, stem = os.path.split(prefix)
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.startswith(stem + "."))
-
-
 def storage(name, config, ranks, tmp) -> dict:
     """1. Bytes on disk: adapter vs the full model's weights (HDF5 and TF checkpoint)."""
     import tfimm
@@ -55,12 +47,12 @@ def storage(name, config, ranks, tmp) -> dict:
     regular.save_weights(os.path.join(tmp, f"{name}_full.h5"))
     regular.save_weights(os.path.join(tmp, f"{name}_ckpt", "model"))
     full_h5 = os.path.getsize(os.path.join(tmp, f"{name}_full.h5"))
-    full_ckpt = prefix_bytes(os.path.join(tmp, f"{name}_ckpt", "model"))
+    full_ckpt = prefix_size(os.path.join(tmp, f"{name}_ckpt", "model"))
     rows = {}
     for rank in ranks:
         model = lora_ckpt.create_model(name, lora_rank=rank, lora_train_classifier=False, **config)
         path = save_lora_state(model, os.path.join(tmp, f"{name}_size_r{rank}"))
-        size = directory_bytes(path)
+        size = directory_size(path)
         rows[str(rank)] = {"adapter_bytes": size, "vs_h5": size / full_h5, "vs_tf_checkpoint": size / full_ckpt}
     return {"full_h5_bytes": full_h5, "full_tf_checkpoint_bytes": full_ckpt, "ranks": rows}
 

@@ -32,3 +32,14 @@ def test_pool_benchmark_runs_on_a_tiny_setting(tmp_path):
     for key in ("switch_s", "pool_load_vs_numpy", "unmerged_vs_base", "merged_vs_base",
                 "mixed_throughput_vs_single_adapter", "mixed_speedup_vs_one_by_one"):
         assert first[key] > 0, key
+
+
+def test_full_benchmark_runs_on_a_tiny_setting(tmp_path):
+    result = load_benchmark("run").main(["--tiny", "--repeat", "2", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "run.json").read_text())["models"].keys() == result["models"].keys()
+    table = (tmp_path / "table.md").read_text()
+    for figure in ("(a) tfimm way", "(c) `load_lora_state`", "(e) switch", "merge / unmerge", "resident rank-4"):
+        assert figure in table
+    main = result["models"]["convnext_tiny"]
+    assert main["forward"]["max_abs_error_after_1000_cycles"] == 0.0
+    assert set(main["storage"]["ranks"]) == {"2", "4"}

@@ -107,20 +107,26 @@ def test_mixed_batch_equals_per_sample_dense(pool, convnext_adapters):
             np.testing.assert_allclose(mixed[i], convnext_adapters["reference"][name][i], rtol=1e-5, atol=1e-5)
 
 
+def check_pool_of(build, ranks, x, directory, mix):
+    """Saves one adapter per rank from models ``build(rank)``, serves them all
+    from one pool built with the largest rank, and checks single-adapter
+    outputs against the saved models and a mixed batch against per-sample runs."""
+    references = {}
+    for i, rank in enumerate(ranks):
+        model = build(rank)
+        fill_adapter(model, seed=10 + i)
+        lora_ckpt.save_lora_state(model, str(directory / f"a{i}"))
+        references[f"a{i}"] = model(x).numpy()
+    pool = AdapterPool(build(max(ranks)), capacity=len(ranks))
+    for name, expected in references.items():
+        pool.load(name, str(directory / name))
+        np.testing.assert_allclose(pool.predict(x, adapter=name), expected, rtol=1e-5, atol=1e-5)
+    assert_mixed_equals_per_sample(pool, x, mix)
+
+
 def test_mixed_batch_equals_per_sample_conv2d(tmp_path):
     x = np.random.default_rng(1).normal(size=(5, 12, 12, 3)).astype("float32")
-    references = {}
-    for i, rank in enumerate([1, 3, 2]):
-        model = conv_net(rank)
-        fill_adapter(model, seed=10 + i)
-        lora_ckpt.save_lora_state(model, str(tmp_path / f"c{i}"))
-        references[f"c{i}"] = model(x).numpy()
-    pool = AdapterPool(conv_net(3), capacity=3)
-    for name in references:
-        pool.load(name, str(tmp_path / name))
-    for name, expected in references.items():
-        np.testing.assert_allclose(pool.predict(x, adapter=name), expected, rtol=1e-5, atol=1e-5)
-    assert_mixed_equals_per_sample(pool, x, ["c2", "c0", "off", "c1", "c0"])
+    check_pool_of(conv_net, [1, 3, 2], x, tmp_path, ["a2", "a0", "off", "a1", "a0"])
 
 
 def test_switching_loading_evicting_never_retrace(pool, convnext_adapters):
@@ -302,14 +308,4 @@ def test_vit_pool_with_attention_lora(tmp_path):
         return model
 
     x = np.random.default_rng(2).normal(size=(4, 32, 32, 3)).astype("float32")
-    references = {}
-    for i, rank in enumerate([2, 4]):
-        model = vit(rank)
-        fill_adapter(model, seed=20 + i)
-        lora_ckpt.save_lora_state(model, str(tmp_path / f"v{i}"))
-        references[f"v{i}"] = model(x).numpy()
-    pool = AdapterPool(vit(4), capacity=2)
-    for name in references:
-        pool.load(name, str(tmp_path / name))
-        np.testing.assert_allclose(pool.predict(x, adapter=name), references[name], rtol=1e-5, atol=1e-5)
-    assert_mixed_equals_per_sample(pool, x, ["v1", "off", "v0", "v1"])
+    check_pool_of(vit, [2, 4], x, tmp_path, ["a1", "off", "a0", "a1"])
