@@ -141,6 +141,7 @@ class AdapterPool:
         self._tick = itertools.count(1)
         self._active = OFF
         self._merged: Optional[str] = None
+        self._merged_slot = 0
         self._fingerprints: Dict[frozenset, str] = {}
         self.stats = {"loads": 0, "evictions": 0, "requests": 0, "samples": 0}
         self.trace_count = 0
