@@ -36,13 +36,15 @@ def median_time(fn, repeat: int, warmup: int = 1, setup=None) -> float:
 
 
 def interleaved_medians(fns: dict, rounds: int) -> dict:
-    """Median time of each function, run in turn round after round, so every
-    figure sees the same machine conditions (these machines are noisy)."""
+    """Median time of each function, run in turn round after round (in
+    reverse order every other round, so running first or second favours none),
+    so every figure sees the same machine conditions (these machines are noisy)."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_index in range(rounds):
+        for name, fn in order if round_index % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

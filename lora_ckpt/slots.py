@@ -114,8 +114,8 @@ class SlotStorage:
     def delta(self, slot: int) -> tf.Tensor:
         """``scale * A @ B`` of one slot, in the shape of the kernel."""
         a = self.a[slot]
-        delta = tf.tensordot(a, self.b[slot], [[a.shape.rank - 1], [0]])
-        return self.scale[slot] * delta
+        # Scaling B (R x out) costs less than scaling the kernel-sized delta.
+        return tf.tensordot(a, self.scale[slot] * self.b[slot], [[a.shape.rank - 1], [0]])
 
     def a_all(self) -> tf.Tensor:
         """Every slot's ``A`` side by side: ``[*a_shape, num_slots * max_rank]``."""
