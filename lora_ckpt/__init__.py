@@ -2,7 +2,10 @@
 
 The tfimm LoRA API (``create_model``, ``convert_to_lora_model``, ...) plus
 what tfimm never did: merge/unmerge that restores kernels exactly, more layer
-types and architectures, and saving/loading adapters on their own.
+types and architectures, adapters saved and loaded on their own
+(``save_lora_state``/``load_lora_state``), and an ``AdapterPool`` that serves
+many adapters on one base model. ``lora-ckpt`` (lora_ckpt.cli) is the command,
+lora_ckpt.serve the HTTP service.
 """
 from . import _tf  # noqa: F401  (first: TensorFlow must come up with Keras 2)
 from .errors import (
