@@ -256,15 +256,12 @@ class LoRALayerMixin:
         self.slots = SlotStorage(self, num_slots, max_rank)
         return self.slots
 
-    def _slot_forward(self, x, slot_ids):
-        # A batch on one adapter (the usual request) takes the cheaper
-        # single-adapter path; both branches are in the graph, one runs.
-        uniform = tf.reduce_all(tf.equal(slot_ids, slot_ids[0]))
-        return tf.cond(
-            uniform,
-            lambda: self.slot_forward_uniform(x, slot_ids[0]) + self.slots.bias_of(slot_ids[0]),
-            lambda: self.slot_forward_mixed(x, slot_ids) + self.slots.bias_for(slot_ids, x),
-        )
+    def _slot_forward(self, x, routing):
+        # A scalar slot routes the whole batch to one adapter (the usual
+        # request): the cheaper single-adapter path. A vector routes each sample.
+        if routing.shape.rank == 0:
+            return self.slot_forward_uniform(x, routing) + self.slots.bias_of(routing)
+        return self.slot_forward_mixed(x, routing) + self.slots.bias_for(routing, x)
 
     def call(self, inputs, training=None):
         x = tf.cast(inputs, self.compute_dtype)

@@ -151,15 +151,18 @@ class AdapterPool:
         self.input_shape = input_shape
         self.dtype = model.dtype or "float32"
         spec = tf.TensorSpec([None, *input_shape], self.dtype)
-        self._forward = tf.function(self._serve, input_signature=[spec, tf.TensorSpec([None], tf.int32)])
+        # One graph per kind of request, each traced once, here.
+        self._forward_one = tf.function(self._serve, input_signature=[spec, tf.TensorSpec([], tf.int32)])
+        self._forward_mixed = tf.function(self._serve, input_signature=[spec, tf.TensorSpec([None], tf.int32)])
         self._forward_base = tf.function(self._serve_base, input_signature=[spec])
         self._write = tf.function(self._write_slot)
-        self._forward(tf.zeros([1, *input_shape], self.dtype), tf.zeros([1], tf.int32))  # trace now
+        self._forward_one(tf.zeros([1, *input_shape], self.dtype), tf.constant(0))
+        self._forward_mixed(tf.zeros([1, *input_shape], self.dtype), tf.zeros([1], tf.int32))
 
     # ---- compiled forward passes -------------------------------------------
 
     def _serve(self, x, slot_ids):
-        self.trace_count += 1  # runs only while tracing
+        self.trace_count += 1  # runs only while tracing: 2 after construction
         with lora_routing(slot_ids):
             return self.model(x, training=False)
 
@@ -407,6 +410,8 @@ class AdapterPool:
             raise PoolRequestError(
                 f"Expected a batch of shape [n, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}."
             )
+        if len(x) == 0:
+            raise PoolRequestError("The batch is empty; send at least one sample.")
         if adapters is not None and adapter is not None:
             raise PoolRequestError("Pass either adapter (one for the batch) or adapters (one per sample).")
         if adapters is None:
@@ -427,8 +432,10 @@ class AdapterPool:
                         f"{sorted(set(names) - {merged})} must wait for pool.unmerge()."
                     )
                 outputs = self._forward_base(x)
+            elif len(set(names)) == 1:
+                outputs = self._forward_one(x, slot_ids[0])
             else:
-                outputs = self._forward(x, slot_ids)
+                outputs = self._forward_mixed(x, slot_ids)
         with self._lock:
             self.stats["requests"] += 1
             self.stats["samples"] += len(x)

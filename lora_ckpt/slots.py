@@ -3,11 +3,14 @@
 A layer with slots holds ``K`` adapters side by side: ``A[K, ..., R]``,
 ``B[K, R, out]``, a scaling and a bias per slot, smaller ranks zero-padded to
 ``R`` (the padding contributes exact zeros). Slot 0 is "off": zero update,
-base bias. A forward pass routes each sample to its slot through a slot-id
-tensor that the caller puts in context while the model's graph is traced::
+base bias. A forward pass routes samples to slots through a slot-id tensor
+that the caller puts in context while the model's graph is traced::
 
     with lora_routing(slot_ids):      # a tensor, e.g. a tf.function input
         y = model(x)
+
+A scalar id sends the whole batch to one slot; a vector ``[batch]`` gives
+each sample its own.
 
 so the compiled function takes the ids as an input and nothing retraces when
 adapters are loaded or switched. ``lora_routing(BASE_ONLY)`` skips every LoRA
@@ -34,8 +37,8 @@ def lora_routing(slot_ids):
     """Routes the LoRA layers called inside to per-sample slots.
 
     Args:
-        slot_ids: An int32 tensor ``[batch]`` of slot indices, or
-            :data:`BASE_ONLY`.
+        slot_ids: An int32 tensor: a scalar slot for the whole batch, or
+            ``[batch]`` slot indices; or :data:`BASE_ONLY`.
     """
     token = _ROUTING.set(slot_ids)
     try:
