@@ -142,6 +142,26 @@ def test_image_uploads(server, reference_pool):
         np.testing.assert_allclose(response.json()["logits"], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_jpeg_upload_decodes_like_tensorflow(server, reference_pool):
+    image = task_images("size", 1)[0]
+    pixels = np.clip(np.round((image + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    jpeg = tf.io.encode_jpeg(pixels, quality=95).numpy()
+    decoded = tf.cast(tf.io.decode_jpeg(jpeg, channels=3), tf.float32).numpy() / 127.5 - 1.0
+    expected = reference_pool.predict(decoded[None], adapter="size")[0]
+    response = httpx.post(server.url + "/predict/size", files={"image": ("x.jpg", jpeg, "image/jpeg")}, timeout=30)
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_list_cli(store):
+    listed = cli("list", store["path"], "--json")
+    assert listed.returncode == 0
+    names = [entry["name"] for entry in json.loads(listed.stdout)]
+    assert names == sorted(TASKS)
+    human = cli("list", store["path"])
+    assert all(task in human.stdout for task in TASKS)
+
+
 def test_concurrent_clients_are_batched_and_correct(server, reference_pool):
     images = {task: task_images(task, 5, seed=11) for task in TASKS}
     expected = {task: reference_pool.predict(images[task], adapter=task) for task in TASKS}
