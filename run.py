@@ -9,6 +9,7 @@ Each command creates (or reuses) the virtual environment `.venv` beside this
 file, installs what lora_ckpt needs into it, and runs in it. It needs nothing
 but Python 3.10+ with the venv module and pip.
 """
+
 import hashlib
 import os
 import subprocess
@@ -52,7 +53,9 @@ def ensure_environment(extras: str) -> None:
     fingerprint = _install_fingerprint(extras)
     if STAMP.exists() and STAMP.read_text() in (fingerprint, _install_fingerprint("test,bench")):
         return
-    print("Installing lora_ckpt and its dependencies (first run takes a few minutes) ...", flush=True)
+    print(
+        "Installing lora_ckpt and its dependencies (first run takes a few minutes) ...", flush=True
+    )
     _pip("--ignore-requires-python", "--no-deps", TFIMM)
     _pip("-e", f"{ROOT}[{extras}]")
     STAMP.write_text(fingerprint)

@@ -6,6 +6,7 @@
 Each time is the median of several runs after a warm-up. Prints the ratios
 and writes benchmarks/results/pool_bench.json.
 """
+
 import argparse
 import json
 import os
@@ -16,7 +17,13 @@ import time
 import numpy as np
 
 import lora_ckpt
-from lora_ckpt import AdapterPool, load_base_weights, load_lora_state, read_lora_state, save_lora_state
+from lora_ckpt import (
+    AdapterPool,
+    load_base_weights,
+    load_lora_state,
+    read_lora_state,
+    save_lora_state,
+)
 from lora_ckpt._tf import tf
 
 TINY = dict(embed_dim=(8, 16), nb_blocks=(1, 1), input_size=(32, 32), nb_classes=5, init_scale=1.0)
@@ -65,7 +72,9 @@ def make_adapters(name, config, rank, base_file, directory, count):
         for _, layer in lora_ckpt.lora_layers(model):
             for var in (layer.kernel_lora_a, layer.kernel_lora_b):
                 var.assign(rng.normal(0, 0.02, var.shape).astype("float32"))
-        paths.append(save_lora_state(model, os.path.join(directory, f"r{rank}_{i}"), overwrite=True))
+        paths.append(
+            save_lora_state(model, os.path.join(directory, f"r{rank}_{i}"), overwrite=True)
+        )
     return paths
 
 
@@ -81,7 +90,7 @@ def grouped_numpy_baseline(pool, path, npz_path, repeat):
 
     @tf.function
     def assign_all(values):
-        for i, ((var, _), value) in enumerate(zip(targets, values)):
+        for i, ((var, _), value) in enumerate(zip(targets, values, strict=True)):
             if i % 2 == 0:
                 var[1, ..., : value.shape[-1]].assign(value)
             else:
@@ -103,7 +112,11 @@ def run(name, config, ranks, batch, repeat, capacity):
         regular = tfimm.create_model(name, **config)
         base_file = os.path.join(tmp, "base.h5")
         regular.save_weights(base_file)
-        x = np.random.default_rng(0).normal(size=(batch, *regular.dummy_inputs.shape[1:])).astype("float32")
+        x = (
+            np.random.default_rng(0)
+            .normal(size=(batch, *regular.dummy_inputs.shape[1:]))
+            .astype("float32")
+        )
         base_forward = tf.function(lambda t: regular(t, training=False))
 
         for rank in ranks:
@@ -118,8 +131,11 @@ def run(name, config, ranks, batch, repeat, capacity):
             switch = median_time(lambda: pool.activate(names[next(cycle) % capacity]), repeat * 20)
             disk = median_time(lambda: load_lora_state(model, adapters[0]), repeat)
             # A cold load into a free slot (the previous "cold" unloaded, untimed).
-            cold = median_time(lambda: pool.load("cold", adapters[0]), repeat,
-                               setup=lambda: "cold" in pool.names() and pool.unload("cold"))
+            cold = median_time(
+                lambda: pool.load("cold", adapters[0]),
+                repeat,
+                setup=lambda: "cold" in pool.names() and pool.unload("cold"),
+            )
             floor = grouped_numpy_baseline(pool, adapters[0], os.path.join(tmp, "a.npz"), repeat)
             entry = {
                 "switch_s": switch,
@@ -135,37 +151,45 @@ def run(name, config, ranks, batch, repeat, capacity):
                 def one_by_one():
                     for i in range(batch):
                         pool.activate(mix[i])
-                        pool.predict(x[i:i + 1])
+                        pool.predict(x[i : i + 1])
 
                 def base_one_by_one():
                     for i in range(batch):
-                        base_forward(x[i:i + 1]).numpy()
+                        base_forward(x[i : i + 1]).numpy()
 
-                timed = interleaved_medians({
-                    "base": lambda: base_forward(x).numpy(),
-                    "base_one_by_one": base_one_by_one,
-                    "unmerged": lambda: pool.predict(x, adapter="a0"),
-                    "mixed": lambda: pool.predict(x, adapters=mix),
-                    "one_by_one": one_by_one,
-                }, repeat)
+                timed = interleaved_medians(
+                    {
+                        "base": lambda: base_forward(x).numpy(),
+                        "base_one_by_one": base_one_by_one,
+                        "unmerged": lambda: pool.predict(x, adapter="a0"),
+                        "mixed": lambda: pool.predict(x, adapters=mix),
+                        "one_by_one": one_by_one,
+                    },
+                    repeat,
+                )
                 pool.merge("a0")
-                merged = interleaved_medians({  # a 1% target: twice the rounds
-                    "base": lambda: base_forward(x).numpy(),
-                    "merged": lambda: pool.predict(x, adapter="a0"),
-                }, 2 * repeat)
+                merged = interleaved_medians(
+                    {  # a 1% target: twice the rounds
+                        "base": lambda: base_forward(x).numpy(),
+                        "merged": lambda: pool.predict(x, adapter="a0"),
+                    },
+                    2 * repeat,
+                )
                 pool.unmerge()
-                entry.update({
-                    "base_forward_s": timed["base"],
-                    "unmerged_forward_s": timed["unmerged"],
-                    "merged_forward_s": merged["merged"],
-                    "mixed_batch_s": timed["mixed"],
-                    "one_by_one_with_swaps_s": timed["one_by_one"],
-                    "unmerged_vs_base": timed["unmerged"] / timed["base"],
-                    "merged_vs_base": merged["merged"] / merged["base"],
-                    "mixed_throughput_vs_single_adapter": timed["unmerged"] / timed["mixed"],
-                    "mixed_speedup_vs_one_by_one": timed["one_by_one"] / timed["mixed"],
-                    "base_batch_speedup_per_sample": timed["base_one_by_one"] / timed["base"],
-                })
+                entry.update(
+                    {
+                        "base_forward_s": timed["base"],
+                        "unmerged_forward_s": timed["unmerged"],
+                        "merged_forward_s": merged["merged"],
+                        "mixed_batch_s": timed["mixed"],
+                        "one_by_one_with_swaps_s": timed["one_by_one"],
+                        "unmerged_vs_base": timed["unmerged"] / timed["base"],
+                        "merged_vs_base": merged["merged"] / merged["base"],
+                        "mixed_throughput_vs_single_adapter": timed["unmerged"] / timed["mixed"],
+                        "mixed_speedup_vs_one_by_one": timed["one_by_one"] / timed["mixed"],
+                        "base_batch_speedup_per_sample": timed["base_one_by_one"] / timed["base"],
+                    }
+                )
             results["ranks"][str(rank)] = entry
     return results
 
@@ -177,7 +201,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--tiny", action="store_true", help="a small config, for a smoke run")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "pool_bench.json"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "pool_bench.json")
+    )
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
     results = run(args.model, TINY if args.tiny else {}, ranks, args.batch, args.repeat, capacity=8)
@@ -185,17 +211,25 @@ def main(argv=None) -> dict:
 
     print(f"{args.model}{' (tiny config)' if args.tiny else ''}, batch {args.batch}, capacity 8")
     for rank, r in results["ranks"].items():
-        print(f"rank {rank:>3}: switch {r['switch_s'] * 1e6:8.1f} us | load_lora_state {r['load_lora_state_s'] * 1e3:7.1f} ms"
-              f" ({r['load_vs_switch']:,.0f}x switch) | pool.load {r['pool_load_s'] * 1e3:6.1f} ms"
-              f" = {r['pool_load_vs_numpy']:.2f}x numpy+grouped assign ({r['numpy_grouped_assign_s'] * 1e3:.1f} ms)")
+        print(
+            f"rank {rank:>3}: switch {r['switch_s'] * 1e6:8.1f} us | load_lora_state {r['load_lora_state_s'] * 1e3:7.1f} ms"
+            f" ({r['load_vs_switch']:,.0f}x switch) | pool.load {r['pool_load_s'] * 1e3:6.1f} ms"
+            f" = {r['pool_load_vs_numpy']:.2f}x numpy+grouped assign ({r['numpy_grouped_assign_s'] * 1e3:.1f} ms)"
+        )
     r = results["ranks"][str(ranks[0])]
-    print(f"forward, rank {ranks[0]}: base {r['base_forward_s'] * 1e3:.1f} ms | unmerged {r['unmerged_vs_base']:.3f}x"
-          f" | merged {r['merged_vs_base']:.3f}x base")
-    print(f"mixed batch of {args.batch} over 8 adapters: {r['mixed_throughput_vs_single_adapter']:.2f}x the throughput"
-          f" of one adapter | {r['mixed_speedup_vs_one_by_one']:.2f}x faster than {args.batch} requests one by one"
-          " with a swap before each")
-    print(f"(the base model itself: a batch of {args.batch} is {r['base_batch_speedup_per_sample']:.2f}x faster per"
-          " sample than batch 1 on this machine)")
+    print(
+        f"forward, rank {ranks[0]}: base {r['base_forward_s'] * 1e3:.1f} ms | unmerged {r['unmerged_vs_base']:.3f}x"
+        f" | merged {r['merged_vs_base']:.3f}x base"
+    )
+    print(
+        f"mixed batch of {args.batch} over 8 adapters: {r['mixed_throughput_vs_single_adapter']:.2f}x the throughput"
+        f" of one adapter | {r['mixed_speedup_vs_one_by_one']:.2f}x faster than {args.batch} requests one by one"
+        " with a swap before each"
+    )
+    print(
+        f"(the base model itself: a batch of {args.batch} is {r['base_batch_speedup_per_sample']:.2f}x faster per"
+        " sample than batch 1 on this machine)"
+    )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=2)

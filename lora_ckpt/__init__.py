@@ -7,17 +7,26 @@ types and architectures, adapters saved and loaded on their own
 many adapters on one base model. ``lora-ckpt`` (lora_ckpt.cli) is the command,
 lora_ckpt.serve the HTTP service.
 """
+
 from . import _tf  # noqa: F401  (first: TensorFlow must come up with Keras 2)
+from .architectures import (
+    LoRAConvNeXt,
+    LoRAConvNeXtConfig,
+    LoRAMLPMixer,
+    LoRAMLPMixerConfig,
+    LoRAResNet,
+    LoRAResNetConfig,
+    LoRASwinTransformer,
+    LoRASwinTransformerConfig,
+    LoRAViT,
+    LoRAViTConfig,
+)
 from .errors import (
     AdapterError,
-    AdapterNotLoadedError,
-    PoolError,
-    PoolFullError,
-    PoolRequestError,
-    PoolStateError,
     AdapterExistsError,
     AdapterMismatchError,
     AdapterNotFoundError,
+    AdapterNotLoadedError,
     AdapterVersionError,
     BaseModelMismatchError,
     CorruptAdapterError,
@@ -26,6 +35,10 @@ from .errors import (
     LoRAConfigError,
     LoRAError,
     MergeStateError,
+    PoolError,
+    PoolFullError,
+    PoolRequestError,
+    PoolStateError,
     UnknownModelError,
     UnregisteredArchitectureError,
     UnsupportedLayerError,
@@ -36,12 +49,6 @@ from .layers import (
     LoRADense,
     convert_to_lora_layer,
     is_lora_layer,
-)
-from .registry import (
-    lora_architecture,
-    lora_base_architecture,
-    lora_config,
-    register_lora_architecture,
 )
 from .models import (
     convert_to_lora_model,
@@ -56,17 +63,12 @@ from .models import (
     supported_architectures,
     unmerge_lora_weights,
 )
-from .architectures import (
-    LoRAConvNeXt,
-    LoRAConvNeXtConfig,
-    LoRAMLPMixer,
-    LoRAMLPMixerConfig,
-    LoRAResNet,
-    LoRAResNetConfig,
-    LoRASwinTransformer,
-    LoRASwinTransformerConfig,
-    LoRAViT,
-    LoRAViTConfig,
+from .pool import OFF, AdapterPool
+from .registry import (
+    lora_architecture,
+    lora_base_architecture,
+    lora_config,
+    register_lora_architecture,
 )
 from .state import (
     AdapterCheckpoint,
@@ -81,7 +83,6 @@ from .state import (
     restore_training_checkpoint,
     save_lora_state,
 )
-from .pool import OFF, AdapterPool
 from .version import __version__
 
 __all__ = [

@@ -5,6 +5,7 @@ tfimm and this package are written against ``tf.keras`` as Keras 2 (the
 ``TF_USE_LEGACY_KERAS=1`` is set *before* TensorFlow is first imported, so
 every module of the package imports ``tf`` from here.
 """
+
 import os
 import sys
 
@@ -13,7 +14,7 @@ from .errors import KerasVersionError
 if "tensorflow" not in sys.modules:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 
 def _check_keras_2() -> None:

@@ -1,4 +1,5 @@
 """The ``lora-ckpt`` command: demo, serve, inspect, list, export."""
+
 import argparse
 import json
 import os
@@ -19,8 +20,15 @@ def _serve(args) -> int:
 
     from .serve import create_app
 
-    app = create_app(args.store, model_name=args.model, base_weights=args.base_weights, capacity=args.capacity,
-                     max_rank=args.max_rank, max_body_bytes=args.max_body_bytes, startup_delay=args.startup_delay)
+    app = create_app(
+        args.store,
+        model_name=args.model,
+        base_weights=args.base_weights,
+        capacity=args.capacity,
+        max_rank=args.max_rank,
+        max_body_bytes=args.max_body_bytes,
+        startup_delay=args.startup_delay,
+    )
     print(f"Serving {os.path.abspath(args.store)} on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -44,10 +52,14 @@ def _inspect(args) -> int:
     print(f"adapter       {info['path']}")
     print(f"architecture  {info['architecture']} (base {info['base_architecture']})")
     print(f"base          {info['base_fingerprint']}")
-    print(f"format        version {info['format_version']}, written by lora_ckpt {info['library_version']} "
-          f"on {info['created']}")
-    print(f"saved         LoRA A/B, biases: {info['saved']['bias']}, "
-          f"extra layers: {info['saved']['extra_layers'] or 'none'}")
+    print(
+        f"format        version {info['format_version']}, written by lora_ckpt {info['library_version']} "
+        f"on {info['created']}"
+    )
+    print(
+        f"saved         LoRA A/B, biases: {info['saved']['bias']}, "
+        f"extra layers: {info['saved']['extra_layers'] or 'none'}"
+    )
     print(f"size          {_human_size(info['size_bytes'])}, {info['num_parameters']:,} parameters")
     ranks = sorted(set(info["ranks"].values()))
     print(f"LoRA layers   {len(info['ranks'])}, rank {ranks[0] if len(ranks) == 1 else ranks}")
@@ -62,7 +74,11 @@ def _inspect(args) -> int:
 def _list(args) -> int:
     from .state import list_adapters
 
-    root = os.path.join(args.store, "adapters") if os.path.isdir(os.path.join(args.store, "adapters")) else args.store
+    root = (
+        os.path.join(args.store, "adapters")
+        if os.path.isdir(os.path.join(args.store, "adapters"))
+        else args.store
+    )
     adapters = list_adapters(root)
     if args.json:
         print(json.dumps(adapters, indent=2))
@@ -71,8 +87,10 @@ def _list(args) -> int:
         if "error" in info:
             print(f"{info['name']:<20} ERROR {info['error']}")
         else:
-            print(f"{info['name']:<20} {_human_size(info['size_bytes']):>12}  {info['architecture'].rsplit('.', 1)[-1]}"
-                  f"  {json.dumps(info['metadata'])}")
+            print(
+                f"{info['name']:<20} {_human_size(info['size_bytes']):>12}  {info['architecture'].rsplit('.', 1)[-1]}"
+                f"  {json.dumps(info['metadata'])}"
+            )
     return 0
 
 
@@ -84,25 +102,39 @@ def _export(args) -> int:
     model, _ = build_base_model(args.store, args.model, args.base)
     load_lora_state(model, args.adapter)
     export_merged_savedmodel(model, args.out)
-    print(f"Exported {args.adapter} merged into the base as a SavedModel: {args.out} "
-          "(signature 'serving_default': images -> logits)")
+    print(
+        f"Exported {args.adapter} merged into the base as a SavedModel: {args.out} "
+        "(signature 'serving_default': images -> logits)"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lora-ckpt``."""
-    parser = argparse.ArgumentParser(prog="lora-ckpt", description="LoRA adapters for TensorFlow vision models.")
+    parser = argparse.ArgumentParser(
+        prog="lora-ckpt", description="LoRA adapters for TensorFlow vision models."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train a base and three task adapters, serve them, print a table")
-    demo.add_argument("--store", default=DEFAULT_STORE, help=f"where to write the store (default: {DEFAULT_STORE})")
+    demo = commands.add_parser(
+        "demo", help="train a base and three task adapters, serve them, print a table"
+    )
+    demo.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        help=f"where to write the store (default: {DEFAULT_STORE})",
+    )
     demo.add_argument("--quick", action="store_true", help="a smaller model and data set (seconds)")
     demo.set_defaults(run=_demo)
 
     serve = commands.add_parser("serve", help="the HTTP inference service")
     serve.add_argument("--store", default=DEFAULT_STORE)
-    serve.add_argument("--model", default=None, help="tfimm model name (default: the store's base.json)")
-    serve.add_argument("--base-weights", default=None, help="base weights file (default: STORE/base.h5)")
+    serve.add_argument(
+        "--model", default=None, help="tfimm model name (default: the store's base.json)"
+    )
+    serve.add_argument(
+        "--base-weights", default=None, help="base weights file (default: STORE/base.h5)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--capacity", type=int, default=8, help="adapters resident at once")
@@ -112,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(run=_serve)
 
-    inspect = commands.add_parser("inspect", help="an adapter's config, variables, size and base identity")
+    inspect = commands.add_parser(
+        "inspect", help="an adapter's config, variables, size and base identity"
+    )
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=_inspect)
@@ -125,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="base + adapter merged, as a TensorFlow SavedModel")
     export.add_argument("--store", default=DEFAULT_STORE, help="the store whose base to use")
     export.add_argument("--base", default=None, help="base weights file (default: STORE/base.h5)")
-    export.add_argument("--model", default=None, help="tfimm model name (default: the store's base.json)")
+    export.add_argument(
+        "--model", default=None, help="tfimm model name (default: the store's base.json)"
+    )
     export.add_argument("--adapter", required=True)
     export.add_argument("--out", required=True)
     export.set_defaults(run=_export)

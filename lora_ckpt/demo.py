@@ -8,10 +8,11 @@
 
 Nothing is downloaded: the images are generated (lora_ckpt.synthetic).
 """
+
 import os
 import statistics
 import time
-from typing import Callable, List
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,15 +26,32 @@ from .synthetic import TASKS, make_task_dataset
 MODEL = "convnext_tiny"
 PRETEXT_TASK = "quadrant"
 ADAPTER_TASKS = ("color", "stripes", "size")
-LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_layer_groups": ["mlp", "head"], "lora_train_bias": "lora_only"}
+LORA = {
+    "lora_rank": 4,
+    "lora_alpha": 8.0,
+    "lora_layer_groups": ["mlp", "head"],
+    "lora_train_bias": "lora_only",
+}
 
 
 def _settings(quick: bool) -> dict:
     if quick:
-        return dict(config=dict(embed_dim=[8, 16], nb_blocks=[1, 1]), base_n=512, base_epochs=2,
-                    task_n=384, task_epochs=3, test_n=256)
-    return dict(config=dict(embed_dim=[32, 64, 128], nb_blocks=[1, 1, 2]), base_n=3072, base_epochs=4,
-                task_n=1536, task_epochs=5, test_n=512)
+        return dict(
+            config=dict(embed_dim=[8, 16], nb_blocks=[1, 1]),
+            base_n=512,
+            base_epochs=2,
+            task_n=384,
+            task_epochs=3,
+            test_n=256,
+        )
+    return dict(
+        config=dict(embed_dim=[32, 64, 128], nb_blocks=[1, 1, 2]),
+        base_n=3072,
+        base_epochs=4,
+        task_n=1536,
+        task_epochs=5,
+        test_n=512,
+    )
 
 
 class _Progress(tf.keras.callbacks.Callback):
@@ -43,8 +61,10 @@ class _Progress(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        self.log(f"  {self.what}: epoch {epoch + 1}/{self.params['epochs']}  "
-                 f"loss {logs.get('loss', float('nan')):.3f}  accuracy {logs.get('accuracy', float('nan')):.3f}")
+        self.log(
+            f"  {self.what}: epoch {epoch + 1}/{self.params['epochs']}  "
+            f"loss {logs.get('loss', float('nan')):.3f}  accuracy {logs.get('accuracy', float('nan')):.3f}"
+        )
 
 
 def _compile(model, learning_rate):
@@ -60,7 +80,7 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray, classes: int) -> float:
     return float(np.mean(logits[:, :classes].argmax(-1) == labels))
 
 
-def run_demo(store: str, quick: bool = False, log: Callable[[str], None] = print) -> List[dict]:
+def run_demo(store: str, quick: bool = False, log: Callable[[str], None] = print) -> list[dict]:
     """Runs the demo and writes its store.
 
     Args:
@@ -79,25 +99,50 @@ def run_demo(store: str, quick: bool = False, log: Callable[[str], None] = print
     started = time.perf_counter()
     settings = _settings(quick)
     size = 32
-    config = dict(settings["config"], input_size=[size, size], nb_classes=max(TASKS.values()),
-                  init_scale=1.0, drop_path_rate=0.0)
+    config = dict(
+        settings["config"],
+        input_size=[size, size],
+        nb_classes=max(TASKS.values()),
+        init_scale=1.0,
+        drop_path_rate=0.0,
+    )
     tf.keras.utils.set_random_seed(0)
 
-    log(f"[1/3] Training the base {MODEL} (embed_dim={config['embed_dim']}) on the '{PRETEXT_TASK}' task")
-    base = tfimm.create_model(MODEL, **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    log(
+        f"[1/3] Training the base {MODEL} (embed_dim={config['embed_dim']}) on the '{PRETEXT_TASK}' task"
+    )
+    base = tfimm.create_model(
+        MODEL, **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    )
     x, y = make_task_dataset(PRETEXT_TASK, settings["base_n"], size, seed=1)
-    _compile(base, 3e-3).fit(x, y, batch_size=64, epochs=settings["base_epochs"], verbose=0,
-                             callbacks=[_Progress("base", log)])
+    _compile(base, 3e-3).fit(
+        x,
+        y,
+        batch_size=64,
+        epochs=settings["base_epochs"],
+        verbose=0,
+        callbacks=[_Progress("base", log)],
+    )
     write_base(store, MODEL, config, LORA, base)
 
     log(f"[2/3] Training one LoRA adapter per task: {', '.join(ADAPTER_TASKS)}")
     for i, task in enumerate(ADAPTER_TASKS):
         model, _ = build_base_model(store)
         x, y = make_task_dataset(task, settings["task_n"], size, seed=10 + i)
-        _compile(model, 1e-2).fit(x, y, batch_size=32, epochs=settings["task_epochs"], verbose=0,
-                                  callbacks=[_Progress(task, log)])
-        save_lora_state(model, adapter_path(store, task), overwrite=True,
-                        metadata={"task": task, "classes": TASKS[task]})
+        _compile(model, 1e-2).fit(
+            x,
+            y,
+            batch_size=32,
+            epochs=settings["task_epochs"],
+            verbose=0,
+            callbacks=[_Progress(task, log)],
+        )
+        save_lora_state(
+            model,
+            adapter_path(store, task),
+            overwrite=True,
+            metadata={"task": task, "classes": TASKS[task]},
+        )
 
     log("[3/3] Serving every adapter from one AdapterPool on one base model")
     model, _ = build_base_model(store)
@@ -115,26 +160,34 @@ def run_demo(store: str, quick: bool = False, log: Callable[[str], None] = print
             start = time.perf_counter()
             pool.activate(task)
             switch.append(time.perf_counter() - start)
-        rows.append({
-            "task": task,
-            "classes": TASKS[task],
-            "adapter_accuracy": _accuracy(pool.predict(x), y, TASKS[task]),
-            "base_accuracy": _accuracy(pool.predict(x, adapter="off"), y, TASKS[task]),
-            "adapter_bytes": inspect_adapter(path)["size_bytes"],
-            "base_bytes": base_bytes,
-            "load_ms": load_ms,
-            "switch_us": statistics.median(switch) * 1e6,
-        })
+        rows.append(
+            {
+                "task": task,
+                "classes": TASKS[task],
+                "adapter_accuracy": _accuracy(pool.predict(x), y, TASKS[task]),
+                "base_accuracy": _accuracy(pool.predict(x, adapter="off"), y, TASKS[task]),
+                "adapter_bytes": inspect_adapter(path)["size_bytes"],
+                "base_bytes": base_bytes,
+                "load_ms": load_ms,
+                "switch_us": statistics.median(switch) * 1e6,
+            }
+        )
 
     log("")
-    log(f"{'adapter':<9} {'classes':>7} {'accuracy':>9} {'base only':>9} {'adapter size':>13} "
-        f"{'vs full model':>13} {'load':>9} {'switch':>9}")
+    log(
+        f"{'adapter':<9} {'classes':>7} {'accuracy':>9} {'base only':>9} {'adapter size':>13} "
+        f"{'vs full model':>13} {'load':>9} {'switch':>9}"
+    )
     for row in rows:
-        log(f"{row['task']:<9} {row['classes']:>7} {row['adapter_accuracy']:>9.3f} {row['base_accuracy']:>9.3f} "
+        log(
+            f"{row['task']:<9} {row['classes']:>7} {row['adapter_accuracy']:>9.3f} {row['base_accuracy']:>9.3f} "
             f"{row['adapter_bytes']:>11,} B {100 * row['adapter_bytes'] / row['base_bytes']:>12.1f}% "
-            f"{row['load_ms']:>6.1f} ms {row['switch_us']:>6.1f} us")
+            f"{row['load_ms']:>6.1f} ms {row['switch_us']:>6.1f} us"
+        )
     log("")
-    log(f"Store: {os.path.abspath(store)} (base {base_bytes:,} B + {len(rows)} adapters). "
-        f"Done in {time.perf_counter() - started:.0f} s.")
+    log(
+        f"Store: {os.path.abspath(store)} (base {base_bytes:,} B + {len(rows)} adapters). "
+        f"Done in {time.perf_counter() - started:.0f} s."
+    )
     log(f"Serve it: lora-ckpt serve --store {store}")
     return rows

@@ -1,4 +1,5 @@
 """Export a base model with one adapter merged as a plain TensorFlow SavedModel."""
+
 from ._tf import tf
 from .models import convert_to_regular_model
 

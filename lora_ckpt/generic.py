@@ -6,9 +6,10 @@ frozen unless named in ``lora_trainable_layers``. The model is rebuilt with
 ``tf.keras.models.clone_model`` and keeps all its weights, so Keras' own
 ``fit`` trains exactly the LoRA weights (and the asked biases and layers).
 """
+
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, List, Tuple
 
 from ._tf import tf
 from .errors import LayerNotFoundError, LoRAConfigError, UnregisteredArchitectureError
@@ -29,7 +30,7 @@ class LoRASettings:
     """
 
     train_bias: str = "none"
-    trainable_layers: Tuple[str, ...] = ()
+    trainable_layers: tuple[str, ...] = ()
 
 
 def is_graph_model(model) -> bool:
@@ -38,10 +39,13 @@ def is_graph_model(model) -> bool:
 
 
 def _convertible(layer) -> bool:
-    return type(layer) in (tf.keras.layers.Dense, tf.keras.layers.Conv2D) and getattr(layer, "groups", 1) == 1
+    return (
+        type(layer) in (tf.keras.layers.Dense, tf.keras.layers.Conv2D)
+        and getattr(layer, "groups", 1) == 1
+    )
 
 
-def _match(names: Iterable[str], patterns: Iterable[str]) -> List[str]:
+def _match(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
     return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
@@ -60,7 +64,9 @@ def _require_graph_model(model, what: str):
         )
 
 
-def convert_graph_model(model: tf.keras.Model, target_layers: Iterable[str], **kwargs) -> tf.keras.Model:
+def convert_graph_model(
+    model: tf.keras.Model, target_layers: Iterable[str], **kwargs
+) -> tf.keras.Model:
     """Converts the matching layers of a functional or Sequential model to LoRA.
 
     Args:
@@ -121,7 +127,7 @@ def convert_graph_model(model: tf.keras.Model, target_layers: Iterable[str], **k
         return layer.__class__.from_config(layer.get_config())
 
     converted = tf.keras.models.clone_model(model, clone_function=clone)
-    for src, dst in zip(model.layers, converted.layers):
+    for src, dst in zip(model.layers, converted.layers, strict=True):
         if not is_lora_layer(dst):
             dst.set_weights(src.get_weights())
         if is_lora_layer(dst):
@@ -157,7 +163,7 @@ def graph_model_to_regular(model: tf.keras.Model) -> tf.keras.Model:
         return layer.__class__.from_config(config)
 
     regular = tf.keras.models.clone_model(model, clone_function=clone)
-    for src, dst in zip(model.layers, regular.layers):
+    for src, dst in zip(model.layers, regular.layers, strict=True):
         dst.trainable = True
         if is_lora_layer(src):
             _copy_weights(src, dst)

@@ -10,7 +10,6 @@ into the kernel inside ``call``: gradients reach ``kernel_lora_a`` and
 Merging folds ``scaling * A @ B`` into the kernel for inference; it is computed
 from a pristine copy of the base kernel, so unmerging restores it bit for bit.
 """
-from typing import List
 
 from ._tf import tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
@@ -40,8 +39,7 @@ def validate_lora_args(lora_rank, lora_alpha, lora_dropout=0.0) -> None:
     """
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank <= 0:
         raise LoRAConfigError(
-            f"lora_rank must be a positive integer, got {lora_rank!r}. "
-            "Typical values are 1 to 64."
+            f"lora_rank must be a positive integer, got {lora_rank!r}. Typical values are 1 to 64."
         )
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
         raise LoRAConfigError(f"lora_alpha must be a number, got {lora_alpha!r}.")
@@ -51,9 +49,7 @@ def validate_lora_args(lora_rank, lora_alpha, lora_dropout=0.0) -> None:
             "by lora_alpha / lora_rank."
         )
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-        raise LoRAConfigError(
-            f"lora_dropout must be a rate in [0, 1), got {lora_dropout!r}."
-        )
+        raise LoRAConfigError(f"lora_dropout must be a rate in [0, 1), got {lora_dropout!r}.")
 
 
 def matmul_last_axis(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
@@ -77,9 +73,7 @@ class LoRALayerMixin:
 
     is_lora_layer: bool = True
 
-    def _init_lora(
-        self, lora_rank, lora_alpha, lora_dropout, lora_initializer, lora_regularizer
-    ):
+    def _init_lora(self, lora_rank, lora_alpha, lora_dropout, lora_initializer, lora_regularizer):
         validate_lora_args(lora_rank, lora_alpha, lora_dropout)
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
@@ -186,7 +180,7 @@ class LoRALayerMixin:
         self._pristine_kernel = None
         self._pristine_bias = None
 
-    def lora_trainable_weights(self, train_bias: bool) -> List[tf.Variable]:
+    def lora_trainable_weights(self, train_bias: bool) -> list[tf.Variable]:
         """The weights LoRA training updates in this layer.
 
         Args:
@@ -323,9 +317,7 @@ class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
         **kwargs,
     ):
         super().__init__(units=units, **kwargs)
-        self._init_lora(
-            lora_rank, lora_alpha, lora_dropout, lora_initializer, lora_regularizer
-        )
+        self._init_lora(lora_rank, lora_alpha, lora_dropout, lora_initializer, lora_regularizer)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -359,7 +351,9 @@ class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
             return super().slot_forward_uniform(x, slot)
         slots = self.slots
         z = matmul_last_axis(x, slots.a[slot])
-        return matmul_last_axis(x, self.kernel) + matmul_last_axis(z, slots.scale[slot] * slots.b[slot])
+        return matmul_last_axis(x, self.kernel) + matmul_last_axis(
+            z, slots.scale[slot] * slots.b[slot]
+        )
 
 
 class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
@@ -405,9 +399,7 @@ class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
                 f"LoRAConv2D supports data_format='channels_last' only, got "
                 f"{self.data_format!r} for layer '{self.name}'."
             )
-        self._init_lora(
-            lora_rank, lora_alpha, lora_dropout, lora_initializer, lora_regularizer
-        )
+        self._init_lora(lora_rank, lora_alpha, lora_dropout, lora_initializer, lora_regularizer)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -425,14 +417,12 @@ _LORA_LAYER_CLASSES = {
 }
 
 
-def supported_layer_types() -> List[str]:
+def supported_layer_types() -> list[str]:
     """Names of the Keras layer classes that :func:`convert_to_lora_layer` takes."""
     return [cls.__name__ for cls in _LORA_LAYER_CLASSES]
 
 
-def convert_to_lora_layer(
-    layer: tf.keras.layers.Layer, **kwargs
-) -> tf.keras.layers.Layer:
+def convert_to_lora_layer(layer: tf.keras.layers.Layer, **kwargs) -> tf.keras.layers.Layer:
     """Creates the LoRA counterpart of a ``Dense`` or ``Conv2D`` layer.
 
     The new layer has the same config (and name). If ``layer`` is built, the
@@ -459,9 +449,7 @@ def convert_to_lora_layer(
         )
     unknown = sorted(k for k in kwargs if not k.startswith("lora_"))
     if unknown:
-        raise LoRAConfigError(
-            f"convert_to_lora_layer takes only lora_* arguments, got {unknown}."
-        )
+        raise LoRAConfigError(f"convert_to_lora_layer takes only lora_* arguments, got {unknown}.")
     lora_layer = lora_cls(**layer.get_config(), **kwargs)
     if layer.built:
         kernel_in = layer.kernel.shape[-2]

@@ -3,23 +3,24 @@
 The names and signatures are those of ``tfimm.architectures.lora``, so code
 written against it works after changing the import.
 """
+
 import dataclasses
 import difflib
 import warnings
-from typing import Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
-from ._tf import tf
-import tfimm  # noqa: E402  (after _tf: TensorFlow must come up with Keras 2)
+import tfimm
 from tfimm.models import model_class, model_config, transfer_weights
 
+from ._tf import tf
 from .errors import (
     LayerNotFoundError,
     LoRAConfigError,
     MergeStateError,
     UnknownModelError,
 )
-from .layers import LORA_WEIGHT_NAMES, is_lora_layer, supported_layer_types, validate_lora_args
 from .generic import convert_graph_model, graph_model_to_regular, is_graph_model
+from .layers import LORA_WEIGHT_NAMES, is_lora_layer, supported_layer_types, validate_lora_args
 from .registry import (
     is_lora_architecture,
     lora_architecture,
@@ -40,7 +41,7 @@ def _normalize_kwargs(kwargs: dict) -> dict:
     for old, new in _DEPRECATED_KWARGS.items():
         if old in kwargs:
             warnings.warn(
-                f"`{old}` is tfimm's misspelling; use `{new}`.", DeprecationWarning
+                f"`{old}` is tfimm's misspelling; use `{new}`.", DeprecationWarning, stacklevel=3
             )
             kwargs.setdefault(new, kwargs.pop(old))
     return kwargs
@@ -51,8 +52,7 @@ def _config_with_overrides(cfg_cls, base: dict, overrides: dict, model_desc: str
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise LoRAConfigError(
-            f"Unknown config field(s) {unknown} for {model_desc}. Valid fields: "
-            f"{sorted(fields)}."
+            f"Unknown config field(s) {unknown} for {model_desc}. Valid fields: {sorted(fields)}."
         )
     values = {k: v for k, v in base.items() if k in fields}
     values.update(overrides)
@@ -214,9 +214,7 @@ def convert_to_regular_model(model: tf.keras.Model) -> tf.keras.Model:
     if is_graph_model(model) and not is_lora_architecture(type(model)):
         return graph_model_to_regular(model)
     base_cls = lora_base_architecture(type(model))
-    base_cfg = {
-        k: v for k, v in dataclasses.asdict(model.cfg).items() if not k.startswith("lora_")
-    }
+    base_cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if not k.startswith("lora_")}
     base_cfg = _config_with_overrides(base_cls.cfg_class, base_cfg, {}, base_cls.__name__)
     base_model = _build(base_cls(cfg=base_cfg))
 
@@ -232,7 +230,7 @@ def convert_to_regular_model(model: tf.keras.Model) -> tf.keras.Model:
     return base_model
 
 
-def lora_layers(model: tf.keras.layers.Layer) -> List[Tuple[str, tf.keras.layers.Layer]]:
+def lora_layers(model: tf.keras.layers.Layer) -> list[tuple[str, tf.keras.layers.Layer]]:
     """Returns ``(path, layer)`` for every LoRA layer of a model, in order."""
     return [(path, layer) for path, layer in named_layers(model) if is_lora_layer(layer)]
 
@@ -249,8 +247,7 @@ def _require_lora_layers(model):
     layers = [layer for _, layer in lora_layers(model)]
     if not layers:
         raise LayerNotFoundError(
-            f"Model '{model.name}' has no LoRA layers; convert it first with "
-            "convert_to_lora_model."
+            f"Model '{model.name}' has no LoRA layers; convert it first with convert_to_lora_model."
         )
     return layers
 
@@ -320,7 +317,7 @@ def set_lora_enabled(model: tf.keras.layers.Layer, enabled: bool) -> None:
     _forget_compiled_functions(model)
 
 
-def bias_variables(layer: tf.keras.layers.Layer) -> List[tf.Variable]:
+def bias_variables(layer: tf.keras.layers.Layer) -> list[tf.Variable]:
     """The bias variables of a layer: convolution/dense ``bias``, norm ``beta``."""
     bias_layers = (
         tf.keras.layers.Conv1D,
@@ -338,7 +335,7 @@ def bias_variables(layer: tf.keras.layers.Layer) -> List[tf.Variable]:
     return []
 
 
-def trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> List[tf.Variable]:
+def trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> list[tf.Variable]:
     """The biases of ``layer`` that bias mode ``train_bias`` trains."""
     if train_bias == "all" or (train_bias == "lora_only" and is_lora_layer(layer)):
         return bias_variables(layer)
@@ -348,8 +345,8 @@ def trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> List[tf.Var
 def lora_trainable_weights(
     model: tf.keras.layers.Layer,
     train_bias: str = "none",
-    trainable_layers: Optional[Iterable[str]] = None,
-) -> List[tf.Variable]:
+    trainable_layers: Iterable[str] | None = None,
+) -> list[tf.Variable]:
     """The variables to train for LoRA, in place of ``model.trainable_weights``.
 
     Works for any Keras model: subclassed, functional or Sequential.
@@ -400,8 +397,8 @@ def lora_trainable_weights(
 def lora_non_trainable_weights(
     model: tf.keras.layers.Layer,
     train_bias: str = "none",
-    trainable_layers: Optional[Iterable[str]] = None,
-) -> List[tf.Variable]:
+    trainable_layers: Iterable[str] | None = None,
+) -> list[tf.Variable]:
     """Every variable of the model that :func:`lora_trainable_weights` leaves out.
 
     Args:

@@ -14,11 +14,12 @@ unload or evict. A slot becomes visible to requests only once completely
 written, and a slot in use by a request is never overwritten or evicted;
 ``merge``/``unmerge`` wait for running requests and hold new ones meanwhile.
 """
+
 import contextlib
 import itertools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -106,15 +107,25 @@ class AdapterPool:
         LoRAConfigError: For a capacity or max_rank below 1.
     """
 
-    def __init__(self, model: tf.keras.Model, capacity: int = 8, max_rank: Optional[int] = None,
-                 check_base: bool = True):
+    def __init__(
+        self,
+        model: tf.keras.Model,
+        capacity: int = 8,
+        max_rank: int | None = None,
+        check_base: bool = True,
+    ):
         layers = lora_layers(model)
         if not layers:
             raise LayerNotFoundError(
                 f"Model '{model.name}' has no LoRA layers; an AdapterPool needs a LoRA model."
             )
         max_rank = max_rank or max(layer.lora_rank for _, layer in layers)
-        if not isinstance(capacity, int) or capacity < 1 or not isinstance(max_rank, int) or max_rank < 1:
+        if (
+            not isinstance(capacity, int)
+            or capacity < 1
+            or not isinstance(max_rank, int)
+            or max_rank < 1
+        ):
             raise LoRAConfigError(
                 f"capacity and max_rank must be positive integers, got {capacity!r}, {max_rank!r}."
             )
@@ -126,34 +137,42 @@ class AdapterPool:
         for layer in self._layers.values():
             layer.enable_slots(capacity + 1, max_rank)
         self._base_biases = {
-            path: layer.bias.numpy() if layer.use_bias else np.zeros((), layer.kernel.dtype.as_numpy_dtype)
+            path: layer.bias.numpy()
+            if layer.use_bias
+            else np.zeros((), layer.kernel.dtype.as_numpy_dtype)
             for path, layer in self._layers.items()
         }
 
         self._lock = threading.Lock()
         self._rw = _ReadWriteLock()
-        self._slot_of: Dict[str, int] = {OFF: 0}
-        self._name_of: Dict[int, str] = {0: OFF}
+        self._slot_of: dict[str, int] = {OFF: 0}
+        self._name_of: dict[int, str] = {0: OFF}
         self._refs = [0] * (capacity + 1)
         self._last_used = [0] * (capacity + 1)
         self._free = list(range(capacity, 0, -1))
         self._retired: set = set()
         self._tick = itertools.count(1)
         self._active = OFF
-        self._merged: Optional[str] = None
+        self._merged: str | None = None
         self._merged_slot = 0
-        self._fingerprints: Dict[frozenset, str] = {}
+        self._fingerprints: dict[frozenset, str] = {}
         self.stats = {"loads": 0, "evictions": 0, "requests": 0, "samples": 0}
         self.trace_count = 0
 
         sample = model.dummy_inputs if hasattr(model, "dummy_inputs") else None
-        input_shape = tuple(sample.shape[1:]) if sample is not None else tuple(model.input_shape[1:])
+        input_shape = (
+            tuple(sample.shape[1:]) if sample is not None else tuple(model.input_shape[1:])
+        )
         self.input_shape = input_shape
         self.dtype = model.dtype or "float32"
         spec = tf.TensorSpec([None, *input_shape], self.dtype)
         # One graph per kind of request, each traced once, here.
-        self._forward_one = tf.function(self._serve, input_signature=[spec, tf.TensorSpec([], tf.int32)])
-        self._forward_mixed = tf.function(self._serve, input_signature=[spec, tf.TensorSpec([None], tf.int32)])
+        self._forward_one = tf.function(
+            self._serve, input_signature=[spec, tf.TensorSpec([], tf.int32)]
+        )
+        self._forward_mixed = tf.function(
+            self._serve, input_signature=[spec, tf.TensorSpec([None], tf.int32)]
+        )
         self._forward_base = tf.function(self._serve_base, input_signature=[spec])
         self._write = tf.function(self._write_slot)
         self._forward_one(tf.zeros([1, *input_shape], self.dtype), tf.constant(0))
@@ -173,11 +192,13 @@ class AdapterPool:
     def _write_slot(self, slot, updates):
         # One graph for all the layers' slot writes: a load is one call.
         for path, update in updates.items():
-            self._layers[path].slots.assign(slot, update["a"], update["b"], update["scale"], update["bias"])
+            self._layers[path].slots.assign(
+                slot, update["a"], update["b"], update["scale"], update["bias"]
+            )
 
     # ---- adapters ------------------------------------------------------------
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         """Names of the resident adapters (``"off"`` not included), sorted."""
         with self._lock:
             return sorted(n for n in self._slot_of if n != OFF)
@@ -188,7 +209,7 @@ class AdapterPool:
         return self._active
 
     @property
-    def merged(self) -> Optional[str]:
+    def merged(self) -> str | None:
         """The adapter folded into the base kernels, or ``None``."""
         return self._merged
 
@@ -219,10 +240,12 @@ class AdapterPool:
                         f"Adapter {self._merged!r} is merged; unmerge before loading adapters "
                         "of a new kind, so the base weights can be checked."
                     )
-                self._fingerprints[excluded] = base_fingerprint(named_variables(self.model), excluded)
+                self._fingerprints[excluded] = base_fingerprint(
+                    named_variables(self.model), excluded
+                )
         return self._fingerprints[excluded]
 
-    def _prepare(self, state: AdapterState) -> Dict[str, _LayerUpdate]:
+    def _prepare(self, state: AdapterState) -> dict[str, _LayerUpdate]:
         """Validates an adapter against the pool; returns what to write per layer."""
         config, path = state.config, state.path
         check_identity(self.model, config, path)
@@ -236,8 +259,10 @@ class AdapterPool:
             )
         kinds = {key: record["kind"] for key, record in config["variables"].items()}
         unsupported = [
-            key for key, kind in kinds.items()
-            if kind not in (KIND_LORA, KIND_BIAS) or (kind == KIND_BIAS and key.rsplit("/", 1)[0] not in self._layers)
+            key
+            for key, kind in kinds.items()
+            if kind not in (KIND_LORA, KIND_BIAS)
+            or (kind == KIND_BIAS and key.rsplit("/", 1)[0] not in self._layers)
         ]
         if unsupported:
             raise AdapterMismatchError(
@@ -267,10 +292,13 @@ class AdapterPool:
                 bias = self._base_biases[layer_path]
             updates[layer_path] = _LayerUpdate(
                 *slots.padded(a.astype(dtype), b.astype(dtype)),
-                np.asarray(layers_cfg[layer_path]["scaling"], dtype), bias.astype(dtype),
+                np.asarray(layers_cfg[layer_path]["scaling"], dtype),
+                bias.astype(dtype),
             )
         if self.check_base:
-            lora_keys = {f"{p}/{n}" for p in self._layers for n in ("kernel_lora_a", "kernel_lora_b")}
+            lora_keys = {
+                f"{p}/{n}" for p in self._layers for n in ("kernel_lora_a", "kernel_lora_b")
+            }
             ours = self._fingerprint(frozenset(lora_keys | set(state.tensors)))
             if ours != state.fingerprint:
                 raise BaseModelMismatchError(
@@ -283,7 +311,8 @@ class AdapterPool:
         if self._free:
             return self._free.pop()
         candidates = [
-            slot for slot, name in self._name_of.items()
+            slot
+            for slot, name in self._name_of.items()
             if slot != 0 and self._refs[slot] == 0 and name != self._merged
         ]
         if not candidates:
@@ -327,7 +356,9 @@ class AdapterPool:
             PoolFullError: Every slot is in use by running requests.
         """
         if not isinstance(name, str) or not name or name == OFF:
-            raise LoRAConfigError(f"Adapter name must be a non-empty string other than {OFF!r}, got {name!r}.")
+            raise LoRAConfigError(
+                f"Adapter name must be a non-empty string other than {OFF!r}, got {name!r}."
+            )
         updates = self._prepare(read_lora_state(path))
         with self._lock:
             slot = self._take_slot()
@@ -356,7 +387,9 @@ class AdapterPool:
         """
         with self._lock:
             if name == OFF or name == self._merged:
-                raise PoolStateError(f"Adapter {name!r} cannot be unloaded (it is 'off' or merged).")
+                raise PoolStateError(
+                    f"Adapter {name!r} cannot be unloaded (it is 'off' or merged)."
+                )
             slot = self._slot(name)
             del self._slot_of[name]
             self._retire(slot)
@@ -389,7 +422,9 @@ class AdapterPool:
                         self._retired.discard(slot)
                         self._free.append(slot)
 
-    def predict(self, x, adapter: Optional[str] = None, adapters: Optional[Sequence[str]] = None) -> np.ndarray:
+    def predict(
+        self, x, adapter: str | None = None, adapters: Sequence[str] | None = None
+    ) -> np.ndarray:
         """Runs the model on a batch, each sample with its adapter.
 
         Args:
@@ -413,7 +448,9 @@ class AdapterPool:
         if len(x) == 0:
             raise PoolRequestError("The batch is empty; send at least one sample.")
         if adapters is not None and adapter is not None:
-            raise PoolRequestError("Pass either adapter (one for the batch) or adapters (one per sample).")
+            raise PoolRequestError(
+                "Pass either adapter (one for the batch) or adapters (one per sample)."
+            )
         if adapters is None:
             names = [adapter or self._active] * len(x)
         else:

@@ -4,18 +4,18 @@ This is a model-class registry, not tfimm's model-name registry: keys are
 classes such as ``ConvNeXt``, values their LoRA variants such as
 ``LoRAConvNeXt`` and the LoRA config class. The API is tfimm's.
 """
+
 import warnings
 from functools import partial
-from typing import Dict, List, Optional, Type
 
 from .errors import UnregisteredArchitectureError
 
-_lora_model_class: Dict[type, type] = {}
-_lora_model_base_class: Dict[type, type] = {}  # inverse of _lora_model_class
-_lora_model_config: Dict[type, type] = {}
+_lora_model_class: dict[type, type] = {}
+_lora_model_base_class: dict[type, type] = {}  # inverse of _lora_model_class
+_lora_model_config: dict[type, type] = {}
 
 
-def register_lora_architecture(lora_cls=None, *, base_cls: Optional[type] = None):
+def register_lora_architecture(lora_cls=None, *, base_cls: type | None = None):
     """Registers ``lora_cls`` as the LoRA variant of ``base_cls``.
 
     Use as a decorator on a subclass of the base model::
@@ -55,7 +55,8 @@ def register_lora_architecture(lora_cls=None, *, base_cls: Optional[type] = None
         warnings.warn(
             f"Model class {base_cls.__name__} has already registered a LoRA version "
             f"{_lora_model_class[base_cls].__name__}. Registering "
-            f"{lora_cls.__name__} will overwrite this."
+            f"{lora_cls.__name__} will overwrite this.",
+            stacklevel=2,
         )
 
     _lora_model_class[base_cls] = lora_cls
@@ -64,11 +65,11 @@ def register_lora_architecture(lora_cls=None, *, base_cls: Optional[type] = None
     return lora_cls
 
 
-def _registered_names() -> List[str]:
+def _registered_names() -> list[str]:
     return sorted(cls.__name__ for cls in _lora_model_class)
 
 
-def lora_architecture(model_cls: type) -> Type:
+def lora_architecture(model_cls: type) -> type:
     """Returns the LoRA model class registered for a base model class.
 
     Raises:
@@ -83,7 +84,7 @@ def lora_architecture(model_cls: type) -> Type:
     return _lora_model_class[model_cls]
 
 
-def lora_base_architecture(lora_cls: type) -> Type:
+def lora_base_architecture(lora_cls: type) -> type:
     """Returns the base model class of a registered LoRA model class.
 
     Raises:
@@ -99,7 +100,7 @@ def lora_base_architecture(lora_cls: type) -> Type:
     return _lora_model_base_class[lora_cls]
 
 
-def lora_config(model_cls: type) -> Type:
+def lora_config(model_cls: type) -> type:
     """Returns the LoRA config class registered for a base model class.
 
     Raises:
@@ -114,6 +115,6 @@ def is_lora_architecture(model_cls: type) -> bool:
     return model_cls in _lora_model_base_class
 
 
-def registered_architectures() -> Dict[type, type]:
+def registered_architectures() -> dict[type, type]:
     """A copy of the mapping base model class -> LoRA model class."""
     return dict(_lora_model_class)

@@ -18,9 +18,9 @@ branch (for merged kernels). Outside a routing context layers behave as
 plain LoRA layers. The slot variables are not Keras weights: they never show
 up in ``model.weights``, parameter counts or checkpoints.
 """
+
 import contextlib
 import contextvars
-
 
 import numpy as np
 
@@ -55,7 +55,9 @@ def current_routing():
 def _broadcast_per_sample(values: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
     """Reshapes ``values[batch, ...]`` to broadcast against ``like[batch, ..., n]``."""
     extra = like.shape.rank - values.shape.rank
-    new_shape = tf.concat([tf.shape(values)[:1], tf.ones([extra], tf.int32), tf.shape(values)[1:]], 0)
+    new_shape = tf.concat(
+        [tf.shape(values)[:1], tf.ones([extra], tf.int32), tf.shape(values)[1:]], 0
+    )
     return tf.reshape(values, new_shape)
 
 
@@ -82,7 +84,8 @@ class SlotStorage:
         self.base_bias = layer.bias if layer.use_bias else None
         self.bias = (
             tf.Variable(tf.tile(layer.bias[None], [num_slots, 1]), trainable=False)
-            if layer.use_bias else None
+            if layer.use_bias
+            else None
         )
 
     def padded(self, a: np.ndarray, b: np.ndarray):

@@ -9,10 +9,10 @@
 
 The demo writes a store; ``lora-ckpt serve`` and ``export`` read one.
 """
+
 import json
 import os
 import re
-from typing import List
 
 from ._tf import tf
 from .errors import AdapterNotFoundError, LoRAConfigError
@@ -48,14 +48,16 @@ def adapter_path(store: str, name: str) -> str:
     return os.path.join(store, ADAPTERS, validate_adapter_name(name))
 
 
-def store_adapters(store: str) -> List[str]:
+def store_adapters(store: str) -> list[str]:
     """Names of the committed adapters in ``store``, sorted."""
     root = os.path.join(store, ADAPTERS)
     if not tf.io.gfile.isdir(root):
         return []
     return sorted(
-        name.rstrip("/") for name in tf.io.gfile.listdir(root)
-        if _NAME.match(name.rstrip("/")) and tf.io.gfile.exists(os.path.join(root, name, CONFIG_FILE))
+        name.rstrip("/")
+        for name in tf.io.gfile.listdir(root)
+        if _NAME.match(name.rstrip("/"))
+        and tf.io.gfile.exists(os.path.join(root, name, CONFIG_FILE))
     )
 
 

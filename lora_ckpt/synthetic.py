@@ -9,7 +9,6 @@ adapters on one shared base:
 - ``"stripes"``: horizontal, vertical or no stripes (3 classes);
 - ``"size"``: whether a bright disc is small, medium or large (3 classes).
 """
-from typing import Tuple
 
 import numpy as np
 
@@ -21,7 +20,7 @@ TASKS = {"quadrant": 4, "color": 3, "stripes": 3, "size": 3}
 def _quadrant(rng, labels, size):
     images = rng.normal(0.0, 0.3, (len(labels), size, size, 3))
     half, side = size // 2, max(size // 4, 2)
-    for image, label in zip(images, labels):
+    for image, label in zip(images, labels, strict=True):
         top = (label // 2) * half + rng.integers(0, half - side + 1)
         left = (label % 2) * half + rng.integers(0, half - side + 1)
         image[top : top + side, left : left + side, :] += 2.0
@@ -31,7 +30,7 @@ def _quadrant(rng, labels, size):
 def _color(rng, labels, size):
     images = rng.normal(0.0, 0.3, (len(labels), size, size, 3))
     yy, xx = np.mgrid[:size, :size]
-    for image, label in zip(images, labels):
+    for image, label in zip(images, labels, strict=True):
         cy, cx = rng.uniform(size * 0.3, size * 0.7, 2)
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 6) ** 2))
         image[..., label] += 2.0 * blob
@@ -41,7 +40,7 @@ def _color(rng, labels, size):
 def _stripes(rng, labels, size):
     images = rng.normal(0.0, 0.3, (len(labels), size, size, 3))
     coords = np.arange(size)
-    for image, label in zip(images, labels):
+    for image, label in zip(images, labels, strict=True):
         period = rng.integers(3, 6)
         wave = (np.sin(2 * np.pi * coords / period + rng.uniform(0, 2 * np.pi)) > 0) * 1.5
         if label == 0:
@@ -55,7 +54,7 @@ def _size(rng, labels, size):
     images = rng.normal(0.0, 0.3, (len(labels), size, size, 3))
     yy, xx = np.mgrid[:size, :size]
     radii = np.array([0.1, 0.2, 0.33]) * size
-    for image, label in zip(images, labels):
+    for image, label in zip(images, labels, strict=True):
         cy, cx = rng.uniform(size * 0.35, size * 0.65, 2)
         image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radii[label] ** 2] += 1.5
     return images
@@ -66,7 +65,7 @@ _MAKERS = {"quadrant": _quadrant, "color": _color, "stripes": _stripes, "size": 
 
 def make_task_dataset(
     task: str, n: int, image_size: int = 32, seed: int = 0
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Generates ``n`` labelled images of a synthetic task.
 
     Args:

@@ -8,7 +8,8 @@ Paths never contain the model's own name nor names Keras generates per
 process (``sequential_3``), so they are the same for every instance of an
 architecture: they key weight selection and saved adapters.
 """
-from typing import Dict, Iterator, List, Tuple
+
+from collections.abc import Iterator
 
 from ._tf import tf
 from .errors import LoRAError
@@ -18,10 +19,10 @@ def _is_graph_network(layer) -> bool:
     return isinstance(layer, tf.keras.Model) and getattr(layer, "_is_graph_network", False)
 
 
-def _direct(layer) -> Tuple[List[Tuple[str, tf.keras.layers.Layer]], List[tf.Variable]]:
+def _direct(layer) -> tuple[list[tuple[str, tf.keras.layers.Layer]], list[tf.Variable]]:
     """The child layers (with their path components) and the own variables of a layer."""
-    layers: List[Tuple[str, tf.keras.layers.Layer]] = []
-    variables: List[tf.Variable] = []
+    layers: list[tuple[str, tf.keras.layers.Layer]] = []
+    variables: list[tf.Variable] = []
 
     def visit(obj, prefix):
         for name, child in tf.train.TrackableView(obj).children(obj).items():
@@ -38,7 +39,7 @@ def _direct(layer) -> Tuple[List[Tuple[str, tf.keras.layers.Layer]], List[tf.Var
     return layers, variables
 
 
-def _walk(model) -> Iterator[Tuple[str, tf.keras.layers.Layer, List[tf.Variable]]]:
+def _walk(model) -> Iterator[tuple[str, tf.keras.layers.Layer, list[tf.Variable]]]:
     """``(path, layer, own variables)`` for the model ("") and every layer below, depth first."""
     seen = {id(model)}
 
@@ -53,7 +54,7 @@ def _walk(model) -> Iterator[Tuple[str, tf.keras.layers.Layer, List[tf.Variable]
     yield from walk(model, "")
 
 
-def named_layers(model: tf.keras.layers.Layer) -> Iterator[Tuple[str, tf.keras.layers.Layer]]:
+def named_layers(model: tf.keras.layers.Layer) -> Iterator[tuple[str, tf.keras.layers.Layer]]:
     """Yields ``(path, layer)`` for every layer below ``model``, depth first.
 
     A layer shared between several places is yielded once, at its first path.
@@ -74,7 +75,7 @@ def variable_short_name(variable: tf.Variable) -> str:
     return variable.name.rsplit("/", 1)[-1].split(":", 1)[0]
 
 
-def named_variables(model: tf.keras.layers.Layer) -> Dict[str, tf.Variable]:
+def named_variables(model: tf.keras.layers.Layer) -> dict[str, tf.Variable]:
     """Maps ``layer_path/variable_name`` to each variable of the model.
 
     Args:
@@ -87,7 +88,7 @@ def named_variables(model: tf.keras.layers.Layer) -> Dict[str, tf.Variable]:
         LoRAError: If two variables get the same key (two sibling layers with
             the same name), since keys must identify one variable each.
     """
-    result: Dict[str, tf.Variable] = {}
+    result: dict[str, tf.Variable] = {}
     seen = set()
     for path, _, variables in _walk(model):
         for variable in variables:

@@ -2,11 +2,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-import lora_ckpt  # noqa: E402  (imports TensorFlow with Keras 2)
-from lora_ckpt._tf import tf  # noqa: E402
+import lora_ckpt
+from lora_ckpt._tf import tf
 
 # A ConvNeXt small enough to build in well under a second: two stages of one
 # block each, 32x32 inputs, 5 classes. Layer scale starts at 1 as in a trained

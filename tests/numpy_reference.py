@@ -1,4 +1,5 @@
 """Independent numpy implementations that the LoRA layers are checked against."""
+
 import math
 
 import numpy as np
@@ -29,9 +30,15 @@ def conv2d(x, kernel, strides=(1, 1), padding="valid", dilation=(1, 1), bias=Non
     y = np.zeros((n, out_h, out_w, out_channels), dtype=np.float64)
     for i in range(kh):
         for j in range(kw):
-            rows = slice(i * dilation[0], i * dilation[0] + (out_h - 1) * strides[0] + 1, strides[0])
-            cols = slice(j * dilation[1], j * dilation[1] + (out_w - 1) * strides[1] + 1, strides[1])
-            y += np.tensordot(x[:, rows, cols, :].astype(np.float64), kernel[i, j].astype(np.float64), axes=1)
+            rows = slice(
+                i * dilation[0], i * dilation[0] + (out_h - 1) * strides[0] + 1, strides[0]
+            )
+            cols = slice(
+                j * dilation[1], j * dilation[1] + (out_w - 1) * strides[1] + 1, strides[1]
+            )
+            y += np.tensordot(
+                x[:, rows, cols, :].astype(np.float64), kernel[i, j].astype(np.float64), axes=1
+            )
     return y if bias is None else y + bias
 
 

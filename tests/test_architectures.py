@@ -1,5 +1,6 @@
 """Every supported architecture through one harness, on small configs; real
 parameter counts for the full ViT-Tiny, Swin-Tiny and ResNet-50."""
+
 import numpy as np
 import pytest
 import tfimm
@@ -14,18 +15,51 @@ from .conftest import TINY_CONVNEXT, randomize_lora
 # name, tfimm model, small config (32x32 inputs, 4 classes, no stochastic depth)
 SMALL = {
     "convnext": ("convnext_tiny", dict(TINY_CONVNEXT, nb_classes=4, drop_path_rate=0.0)),
-    "vit": ("vit_tiny_patch16_224", dict(input_size=(32, 32), patch_size=8, embed_dim=16,
-                                         nb_blocks=2, nb_heads=2, nb_classes=4)),
-    "swin": ("swin_tiny_patch4_window7_224", dict(input_size=(56, 56), embed_dim=8, nb_blocks=(2, 2),
-                                                   nb_heads=(2, 2), nb_classes=4, drop_path_rate=0.0)),
+    "vit": (
+        "vit_tiny_patch16_224",
+        dict(
+            input_size=(32, 32), patch_size=8, embed_dim=16, nb_blocks=2, nb_heads=2, nb_classes=4
+        ),
+    ),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        dict(
+            input_size=(56, 56),
+            embed_dim=8,
+            nb_blocks=(2, 2),
+            nb_heads=(2, 2),
+            nb_classes=4,
+            drop_path_rate=0.0,
+        ),
+    ),
     # zero_init_last_bn=False: a zero BatchNorm scale (tfimm's untrained init)
     # would cut every residual branch off from the gradient.
-    "resnet_basic": ("resnet18", dict(input_size=(32, 32), nb_blocks=(1, 1, 1, 1), nb_channels=(8, 8, 16, 16),
-                                      stem_width=8, nb_classes=4, zero_init_last_bn=False)),
-    "resnet_bottleneck": ("resnet50", dict(input_size=(32, 32), nb_blocks=(1, 1, 1, 1), nb_channels=(4, 4, 8, 8),
-                                           stem_width=8, nb_classes=4, zero_init_last_bn=False)),
-    "mixer": ("mixer_s32_224", dict(input_size=(32, 32), patch_size=8, embed_dim=16, nb_blocks=2,
-                                    nb_classes=4)),
+    "resnet_basic": (
+        "resnet18",
+        dict(
+            input_size=(32, 32),
+            nb_blocks=(1, 1, 1, 1),
+            nb_channels=(8, 8, 16, 16),
+            stem_width=8,
+            nb_classes=4,
+            zero_init_last_bn=False,
+        ),
+    ),
+    "resnet_bottleneck": (
+        "resnet50",
+        dict(
+            input_size=(32, 32),
+            nb_blocks=(1, 1, 1, 1),
+            nb_channels=(4, 4, 8, 8),
+            stem_width=8,
+            nb_classes=4,
+            zero_init_last_bn=False,
+        ),
+    ),
+    "mixer": (
+        "mixer_s32_224",
+        dict(input_size=(32, 32), patch_size=8, embed_dim=16, nb_blocks=2, nb_classes=4),
+    ),
 }
 
 
@@ -62,11 +96,13 @@ def test_training_changes_only_lora_then_merge_save_load(key, tmp_path):
     frozen_before = [v.numpy().copy() for v in frozen]
     size = config["input_size"][0]
     x, y = make_task_dataset("quadrant", 32, image_size=size, seed=0)
-    lora.compile(optimizer=tf.keras.optimizers.Adam(1e-2),
-                 loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    lora.compile(
+        optimizer=tf.keras.optimizers.Adam(1e-2),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     lora.fit(x, y, batch_size=16, epochs=2, verbose=0)
 
-    for var, before in zip(frozen, frozen_before):
+    for var, before in zip(frozen, frozen_before, strict=True):
         np.testing.assert_array_equal(var.numpy(), before, err_msg=var.name)
     changed = [v for v in lora.trainable_weights if "kernel_lora_b" in v.name]
     assert changed and all(np.abs(v.numpy()).max() > 0 for v in changed)
@@ -85,18 +121,34 @@ def test_training_changes_only_lora_then_merge_save_load(key, tmp_path):
 def test_layer_groups_choose_the_layers():
     name, config = SMALL["vit"]
     both = lora_ckpt.create_model(name, lora_rank=2, **config)
-    attention = lora_ckpt.create_model(name, lora_rank=2, lora_layer_groups=("attention",), **config)
+    attention = lora_ckpt.create_model(
+        name, lora_rank=2, lora_layer_groups=("attention",), **config
+    )
     mlp = lora_ckpt.create_model(name, lora_rank=2, lora_layer_groups=("mlp",), **config)
     paths = lambda m: [p for p, _ in lora_ckpt.lora_layers(m)]  # noqa: E731
-    assert paths(attention) == ["blocks/0/attn/qkv", "blocks/0/attn/proj", "blocks/1/attn/qkv", "blocks/1/attn/proj"]
-    assert paths(mlp) == ["blocks/0/mlp/fc1", "blocks/0/mlp/fc2", "blocks/1/mlp/fc1", "blocks/1/mlp/fc2"]
+    assert paths(attention) == [
+        "blocks/0/attn/qkv",
+        "blocks/0/attn/proj",
+        "blocks/1/attn/qkv",
+        "blocks/1/attn/proj",
+    ]
+    assert paths(mlp) == [
+        "blocks/0/mlp/fc1",
+        "blocks/0/mlp/fc2",
+        "blocks/1/mlp/fc1",
+        "blocks/1/mlp/fc2",
+    ]
     assert sorted(paths(both)) == sorted(paths(attention) + paths(mlp))
-    with pytest.raises(lora_ckpt.LoRAConfigError, match=r"choose one or more of \['attention', 'head', 'mlp'\]"):
+    with pytest.raises(
+        lora_ckpt.LoRAConfigError, match=r"choose one or more of \['attention', 'head', 'mlp'\]"
+    ):
         lora_ckpt.create_model(name, lora_layer_groups=("ffn",), **config)
 
     resnet, config = SMALL["resnet_bottleneck"]
     only_3x3 = lora_ckpt.create_model(resnet, lora_rank=2, lora_layer_groups=("conv2",), **config)
-    assert [type(layer).__name__ for _, layer in lora_ckpt.lora_layers(only_3x3)] == ["LoRAConv2D"] * 4
+    assert [type(layer).__name__ for _, layer in lora_ckpt.lora_layers(only_3x3)] == [
+        "LoRAConv2D"
+    ] * 4
     assert all(layer.kernel_size == (3, 3) for _, layer in lora_ckpt.lora_layers(only_3x3))
 
 
@@ -107,7 +159,14 @@ def count(variables):
 def test_vit_tiny_rank4_parameter_counts():
     model = lora_ckpt.create_model("vit_tiny_patch16_224", lora_rank=4, lora_train_classifier=False)
     d, hidden, blocks, r, tokens = 192, 768, 12, 4, 14 * 14 + 1
-    block = (2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (2 * d) + (d * hidden + hidden) + (hidden * d + d)
+    block = (
+        (2 * d)
+        + (d * 3 * d + 3 * d)
+        + (d * d + d)
+        + (2 * d)
+        + (d * hidden + hidden)
+        + (hidden * d + d)
+    )
     base = (16 * 16 * 3 * d + d) + d + tokens * d + blocks * block + 2 * d + (d * 1000 + 1000)
     lora = blocks * r * ((d + 3 * d) + (d + d) + (d + hidden) + (hidden + d))  # qkv, proj, fc1, fc2
     assert base == 5_717_416
@@ -116,20 +175,31 @@ def test_vit_tiny_rank4_parameter_counts():
 
 
 def test_swin_tiny_rank4_parameter_counts():
-    model = lora_ckpt.create_model("swin_tiny_patch4_window7_224", lora_rank=4, lora_train_classifier=False)
+    model = lora_ckpt.create_model(
+        "swin_tiny_patch4_window7_224", lora_rank=4, lora_train_classifier=False
+    )
     dims, depths, heads, r, window = (96, 192, 384, 768), (2, 2, 6, 2), (3, 6, 12, 24), 4, 7
 
     def block(d, h):
-        return (2 * d + (d * 3 * d + 3 * d) + (2 * window - 1) ** 2 * h + (d * d + d)
-                + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d))
+        return (
+            2 * d
+            + (d * 3 * d + 3 * d)
+            + (2 * window - 1) ** 2 * h
+            + (d * d + d)
+            + 2 * d
+            + (d * 4 * d + 4 * d)
+            + (4 * d * d + d)
+        )
 
     base = 4 * 4 * 3 * 96 + 96 + 2 * 96  # patch embedding conv and its norm
-    for i, (d, depth, h) in enumerate(zip(dims, depths, heads)):
+    for i, (d, depth, h) in enumerate(zip(dims, depths, heads, strict=True)):
         base += depth * block(d, h)
         if i < 3:
             base += 2 * (4 * d) + 4 * d * 2 * d  # patch merging: norm, reduction
     base += 2 * 768 + 768 * 1000 + 1000  # final norm, head
-    lora = sum(depth * r * (4 * d + 2 * d + 5 * d + 5 * d) for d, depth in zip(dims, depths))
+    lora = sum(
+        depth * r * (4 * d + 2 * d + 5 * d + 5 * d) for d, depth in zip(dims, depths, strict=True)
+    )
     trainable = count(model.trainable_weights)
     assert trainable == lora == 282_624
     # Swin also holds non-trainable buffers (relative position index, masks):
@@ -143,7 +213,7 @@ def test_resnet50_rank4_parameter_counts():
     base = 7 * 7 * 3 * 64 + 4 * 64  # stem conv (no bias) and BatchNorm (4 per channel)
     lora = 0
     c_in = 64
-    for w, depth in zip(widths, depths):
+    for w, depth in zip(widths, depths, strict=True):
         for i in range(depth):
             base += c_in * w + 4 * w + 9 * w * w + 4 * w + w * 4 * w + 4 * 4 * w
             if i == 0:
@@ -163,7 +233,9 @@ def test_resnet_batchnorm_is_frozen_by_default():
     bns = [m for m in model.submodules if isinstance(m, tf.keras.layers.BatchNormalization)]
     assert bns and not any(bn.trainable for bn in bns)
     free = lora_ckpt.create_model(name, lora_rank=2, lora_freeze_batchnorm=False, **config)
-    assert all(m.trainable for m in free.submodules if isinstance(m, tf.keras.layers.BatchNormalization))
+    assert all(
+        m.trainable for m in free.submodules if isinstance(m, tf.keras.layers.BatchNormalization)
+    )
 
 
 def test_supported_architectures_lists_groups():
@@ -201,7 +273,9 @@ def test_mobilenetv2_converts_trains_and_round_trips(mobilenet, tmp_path):
     x, y = make_task_dataset("quadrant", 32, seed=0)
     expected = mobilenet(x).numpy()
     lora = lora_ckpt.convert_to_lora_model(
-        mobilenet, target_layers=["block_*_project", "Conv_1"], lora_rank=4,
+        mobilenet,
+        target_layers=["block_*_project", "Conv_1"],
+        lora_rank=4,
         lora_trainable_layers=["predictions"],
     )
     assert isinstance(lora, tf.keras.Model) and type(lora) is type(mobilenet)
@@ -211,14 +285,24 @@ def test_mobilenetv2_converts_trains_and_round_trips(mobilenet, tmp_path):
 
     names = sorted(v.name.split(":")[0] for v in lora.trainable_weights)
     assert all("kernel_lora_" in n or n.startswith("predictions/") for n in names)
-    lora_count = sum(np.prod(l.kernel_lora_a.shape) + np.prod(l.kernel_lora_b.shape)
-                     for _, l in lora_ckpt.lora_layers(lora))
-    assert count(lora.trainable_weights) == lora_count + 4 * int(lora.get_layer("predictions").kernel.shape[0]) + 4
+    lora_count = sum(
+        np.prod(layer.kernel_lora_a.shape) + np.prod(layer.kernel_lora_b.shape)
+        for _, layer in lora_ckpt.lora_layers(lora)
+    )
+    assert (
+        count(lora.trainable_weights)
+        == lora_count + 4 * int(lora.get_layer("predictions").kernel.shape[0]) + 4
+    )
 
-    frozen_before = {k: v.numpy().copy() for k, v in named_variables(lora).items()
-                     if "lora" not in k and not k.startswith("predictions")}
-    lora.compile(optimizer=tf.keras.optimizers.Adam(1e-2),
-                 loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    frozen_before = {
+        k: v.numpy().copy()
+        for k, v in named_variables(lora).items()
+        if "lora" not in k and not k.startswith("predictions")
+    }
+    lora.compile(
+        optimizer=tf.keras.optimizers.Adam(1e-2),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     lora.fit(x, y, batch_size=16, epochs=2, verbose=0)
     after = named_variables(lora)
     for key, before in frozen_before.items():  # BatchNorm statistics included
@@ -230,7 +314,9 @@ def test_mobilenetv2_converts_trains_and_round_trips(mobilenet, tmp_path):
     saved = lora_ckpt.inspect_adapter(str(tmp_path / "adapter"))
     assert saved["saved"]["extra_layers"] == ["predictions"]
     fresh = lora_ckpt.convert_to_lora_model(
-        mobilenet, target_layers=["block_*_project", "Conv_1"], lora_rank=4,
+        mobilenet,
+        target_layers=["block_*_project", "Conv_1"],
+        lora_rank=4,
         lora_trainable_layers=["predictions"],
     )
     lora_ckpt.load_lora_state(fresh, str(tmp_path / "adapter"))
@@ -243,22 +329,33 @@ def test_mobilenetv2_converts_trains_and_round_trips(mobilenet, tmp_path):
 
 def test_sequential_model_conversion():
     tf.keras.utils.set_random_seed(0)
-    model = tf.keras.Sequential([
-        tf.keras.Input((8, 8, 3)),
-        tf.keras.layers.Conv2D(4, 3, name="conv"),
-        tf.keras.layers.Flatten(),
-        tf.keras.layers.Dense(3, name="fc"),
-    ])
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((8, 8, 3)),
+            tf.keras.layers.Conv2D(4, 3, name="conv"),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(3, name="fc"),
+        ]
+    )
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
-    lora = lora_ckpt.convert_to_lora_model(model, target_layers="*", lora_rank=2, lora_train_bias="lora_only")
+    lora = lora_ckpt.convert_to_lora_model(
+        model, target_layers="*", lora_rank=2, lora_train_bias="lora_only"
+    )
     assert isinstance(lora, tf.keras.Sequential)
-    assert [type(l).__name__ for l in lora.layers] == ["LoRAConv2D", "Flatten", "LoRADense"]
+    assert [type(layer).__name__ for layer in lora.layers] == ["LoRAConv2D", "Flatten", "LoRADense"]
     trained = {id(v) for v in lora.trainable_weights}
     assert sorted(k for k, v in named_variables(lora).items() if id(v) in trained) == [
-        "conv/bias", "conv/kernel_lora_a", "conv/kernel_lora_b", "fc/bias", "fc/kernel_lora_a", "fc/kernel_lora_b"]
+        "conv/bias",
+        "conv/kernel_lora_a",
+        "conv/kernel_lora_b",
+        "fc/bias",
+        "fc/kernel_lora_a",
+        "fc/kernel_lora_b",
+    ]
     randomize_lora(lora)
-    np.testing.assert_allclose(lora_ckpt.convert_to_regular_model(lora)(x).numpy(), lora(x).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        lora_ckpt.convert_to_regular_model(lora)(x).numpy(), lora(x).numpy(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_generic_conversion_errors(mobilenet):
@@ -279,8 +376,9 @@ def test_generic_conversion_errors(mobilenet):
 
 def test_head_group_gives_the_classifier_lora_instead_of_full_training():
     name, config = SMALL["convnext"]
-    model = lora_ckpt.create_model(name, lora_rank=2, lora_layer_groups=("mlp", "head"),
-                                   lora_train_bias="lora_only", **config)
+    model = lora_ckpt.create_model(
+        name, lora_rank=2, lora_layer_groups=("mlp", "head"), lora_train_bias="lora_only", **config
+    )
     assert isinstance(model.fc, lora_ckpt.LoRADense)
     trained = {id(v) for v in model.trainable_weights}
     assert id(model.fc.kernel) not in trained  # not trained in full

@@ -1,4 +1,5 @@
 """A save killed at a random point never leaves an adapter that loads wrong."""
+
 import os
 import random
 import signal
@@ -20,8 +21,11 @@ def kill_during_saves(path: str, seed: int):
     returns the last version whose save had returned."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(
-        [sys.executable, HELPER, path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, env=env,
+        [sys.executable, HELPER, path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     try:
         assert proc.stdout.readline().strip() == "ready"

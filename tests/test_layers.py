@@ -1,4 +1,5 @@
 """LoRA layers against numpy, merge exactness, gradients, config, errors."""
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,21 +33,58 @@ CASES = [
     Case("dense-2d-r2", "dense", (5, 7), {"units": 6, "activation": "relu"}),
     Case("dense-3d-r3", "dense", (2, 5, 7), {"units": 6}, rank=3),
     Case("dense-4d-r2-nobias", "dense", (2, 3, 4, 7), {"units": 6, "use_bias": False}),
-    Case("dense-2d-r4-f64", "dense", (5, 7), {"units": 6}, rank=4, dtype="float64",
-         ref_tol=1e-12, merge_tol=1e-12),
+    Case(
+        "dense-2d-r4-f64",
+        "dense",
+        (5, 7),
+        {"units": 6},
+        rank=4,
+        dtype="float64",
+        ref_tol=1e-12,
+        merge_tol=1e-12,
+    ),
     Case("conv-k1", "conv", (2, 6, 6, 3), {"filters": 4, "kernel_size": 1}),
-    Case("conv-k3-same", "conv", (2, 7, 7, 3), {"filters": 4, "kernel_size": 3, "padding": "same"},
-         rank=3, conv_args={"padding": "same"}),
-    Case("conv-k3-s2-valid", "conv", (2, 9, 9, 3), {"filters": 5, "kernel_size": 3, "strides": 2},
-         conv_args={"strides": (2, 2)}),
-    Case("conv-k5x3-s2-same", "conv", (2, 9, 8, 3),
-         {"filters": 4, "kernel_size": (5, 3), "strides": 2, "padding": "same"},
-         rank=1, conv_args={"strides": (2, 2), "padding": "same"}),
-    Case("conv-k3-d2-same", "conv", (2, 9, 9, 2),
-         {"filters": 4, "kernel_size": 3, "dilation_rate": 2, "padding": "same"},
-         conv_args={"dilation": (2, 2), "padding": "same"}),
-    Case("conv-k4-s4-f64", "conv", (2, 8, 8, 3), {"filters": 4, "kernel_size": 4, "strides": 4},
-         rank=4, dtype="float64", ref_tol=1e-12, merge_tol=1e-12, conv_args={"strides": (4, 4)}),
+    Case(
+        "conv-k3-same",
+        "conv",
+        (2, 7, 7, 3),
+        {"filters": 4, "kernel_size": 3, "padding": "same"},
+        rank=3,
+        conv_args={"padding": "same"},
+    ),
+    Case(
+        "conv-k3-s2-valid",
+        "conv",
+        (2, 9, 9, 3),
+        {"filters": 5, "kernel_size": 3, "strides": 2},
+        conv_args={"strides": (2, 2)},
+    ),
+    Case(
+        "conv-k5x3-s2-same",
+        "conv",
+        (2, 9, 8, 3),
+        {"filters": 4, "kernel_size": (5, 3), "strides": 2, "padding": "same"},
+        rank=1,
+        conv_args={"strides": (2, 2), "padding": "same"},
+    ),
+    Case(
+        "conv-k3-d2-same",
+        "conv",
+        (2, 9, 9, 2),
+        {"filters": 4, "kernel_size": 3, "dilation_rate": 2, "padding": "same"},
+        conv_args={"dilation": (2, 2), "padding": "same"},
+    ),
+    Case(
+        "conv-k4-s4-f64",
+        "conv",
+        (2, 8, 8, 3),
+        {"filters": 4, "kernel_size": 4, "strides": 4},
+        rank=4,
+        dtype="float64",
+        ref_tol=1e-12,
+        merge_tol=1e-12,
+        conv_args={"strides": (4, 4)},
+    ),
 ]
 
 
@@ -64,10 +102,17 @@ def build_layer(case: Case, seed=0):
 
 def reference_output(layer, case, x):
     args = dict(
-        kernel=layer.kernel.numpy(), a=layer.kernel_lora_a.numpy(), b=layer.kernel_lora_b.numpy(),
-        scaling=layer.scaling, bias=layer.bias.numpy() if layer.use_bias else None,
+        kernel=layer.kernel.numpy(),
+        a=layer.kernel_lora_a.numpy(),
+        b=layer.kernel_lora_b.numpy(),
+        scaling=layer.scaling,
+        bias=layer.bias.numpy() if layer.use_bias else None,
     )
-    y = ref.lora_dense(x, **args) if case.kind == "dense" else ref.lora_conv2d(x, **args, **case.conv_args)
+    y = (
+        ref.lora_dense(x, **args)
+        if case.kind == "dense"
+        else ref.lora_conv2d(x, **args, **case.conv_args)
+    )
     return np.maximum(y, 0) if case.layer_args.get("activation") == "relu" else y
 
 
@@ -128,7 +173,7 @@ def test_gradients_reach_lora_weights(case):
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(layer(x) ** 2)
     grads = tape.gradient(loss, [layer.kernel_lora_a, layer.kernel_lora_b])
-    for var, grad in zip([layer.kernel_lora_a, layer.kernel_lora_b], grads):
+    for var, grad in zip([layer.kernel_lora_a, layer.kernel_lora_b], grads, strict=True):
         assert grad is not None, f"no gradient for {var.name}"
         assert np.abs(grad.numpy()).max() > 0
 

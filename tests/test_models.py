@@ -1,4 +1,5 @@
 """Model-level API: factory, parameter counts, training, conversion, merging."""
+
 import inspect
 import re
 
@@ -33,7 +34,9 @@ def test_convnext_tiny_parameter_counts_match_tfimm_readme():
     # By hand: fc1 (d -> 4d) and fc2 (4d -> d) of each block add
     # 2 * (d*r + r*4d) = 10*d*r LoRA weights; blocks (3, 3, 9, 3) of dims
     # (96, 192, 384, 768).
-    lora_params = sum(n * 10 * d * 2 for n, d in zip((3, 3, 9, 3), (96, 192, 384, 768)))
+    lora_params = sum(
+        n * 10 * d * 2 for n, d in zip((3, 3, 9, 3), (96, 192, 384, 768), strict=True)
+    )
     assert lora_params == 132_480
     assert count(model.trainable_weights) == lora_params
 
@@ -43,11 +46,14 @@ R = 2
 LORA = sum(10 * d * R for d in (8, 16))  # fc1 + fc2 A and B: 160 + 320
 LORA_BIASES = sum(4 * d + d for d in (8, 16))  # fc1 bias 4d + fc2 bias d
 ALL_BIASES = (
-    8 + 8  # stem conv bias, stem norm beta
+    8
+    + 8  # stem conv bias, stem norm beta
     + 7 * 8  # block 0: conv_dw bias d, norm beta d, fc1 bias 4d, fc2 bias d
-    + 8 + 16  # downsample norm beta (8 channels in), downsample conv bias
+    + 8
+    + 16  # downsample norm beta (8 channels in), downsample conv bias
     + 7 * 16  # block 1
-    + 16 + 5  # head norm beta, head fc bias
+    + 16
+    + 5  # head norm beta, head fc bias
 )
 HEAD = 16 * 5 + 5
 
@@ -64,8 +70,11 @@ HEAD = 16 * 5 + 5
 )
 def test_train_bias_options_give_hand_computed_counts(train_bias, train_classifier, expected):
     model = lora_ckpt.create_model(
-        "convnext_tiny", lora_rank=R, lora_train_bias=train_bias,
-        lora_train_classifier=train_classifier, **TINY_CONVNEXT,
+        "convnext_tiny",
+        lora_rank=R,
+        lora_train_bias=train_bias,
+        lora_train_classifier=train_classifier,
+        **TINY_CONVNEXT,
     )
     total = count(named_variables(model).values())
     assert count(model.trainable_weights) == expected
@@ -80,12 +89,17 @@ def _frozen_and_trained(model):
     return [v for v in named_variables(model).values() if id(v) not in trained]
 
 
-@pytest.mark.parametrize("train_bias, train_classifier", [("none", True), ("lora_only", False), ("all", True)])
+@pytest.mark.parametrize(
+    "train_bias, train_classifier", [("none", True), ("lora_only", False), ("all", True)]
+)
 def test_fit_trains_only_lora_and_asked_weights(train_bias, train_classifier):
     tf.keras.utils.set_random_seed(0)
     model = lora_ckpt.create_model(
-        "convnext_tiny", lora_rank=2, lora_train_bias=train_bias,
-        lora_train_classifier=train_classifier, **dict(TINY_CONVNEXT, nb_classes=4),
+        "convnext_tiny",
+        lora_rank=2,
+        lora_train_bias=train_bias,
+        lora_train_classifier=train_classifier,
+        **dict(TINY_CONVNEXT, nb_classes=4),
     )
     x, y = make_task_dataset("quadrant", 32, seed=0)
     trained = list(model.trainable_weights)
@@ -97,9 +111,9 @@ def test_fit_trains_only_lora_and_asked_weights(train_bias, train_classifier):
     )
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
-    for var, before in zip(frozen, frozen_before):
+    for var, before in zip(frozen, frozen_before, strict=True):
         np.testing.assert_array_equal(var.numpy(), before, err_msg=var.name)
-    for var, before in zip(trained, trained_before):
+    for var, before in zip(trained, trained_before, strict=True):
         assert not np.array_equal(var.numpy(), before), f"{var.name} did not change"
     names = [v.name for v in trained]
     assert any("head/fc/kernel" in n for n in names) == train_classifier
@@ -109,7 +123,9 @@ def test_fit_trains_only_lora_and_asked_weights(train_bias, train_classifier):
 
 def test_fit_reduces_the_loss():
     tf.keras.utils.set_random_seed(0)
-    model = lora_ckpt.create_model("convnext_tiny", lora_rank=4, **dict(TINY_CONVNEXT, nb_classes=4))
+    model = lora_ckpt.create_model(
+        "convnext_tiny", lora_rank=4, **dict(TINY_CONVNEXT, nb_classes=4)
+    )
     x, y = make_task_dataset("quadrant", 128, seed=0)
     model.compile(
         optimizer=tf.keras.optimizers.Adam(1e-2),
@@ -136,7 +152,7 @@ def test_convert_to_lora_and_back(images):
     assert type(back) is tfimm.architectures.ConvNeXt
     np.testing.assert_allclose(back(images).numpy(), lora_out, rtol=1e-5, atol=1e-5)
     assert not np.allclose(back(images).numpy(), expected, atol=1e-4)
-    for var, before in zip((v for v in lora.weights if "kernel" in v.name), kernels):
+    for var, before in zip((v for v in lora.weights if "kernel" in v.name), kernels, strict=True):
         np.testing.assert_array_equal(var.numpy(), before)  # the LoRA model is untouched
     assert not any(layer.merged for _, layer in lora_ckpt.lora_layers(lora))
 
@@ -163,11 +179,13 @@ def test_merge_unmerge_model(tiny_convnext, images):
     unmerged = tiny_convnext.predict(images, verbose=0)
     lora_ckpt.merge_weights(tiny_convnext)
     # predict() was traced unmerged; merging must not reuse that graph.
-    np.testing.assert_allclose(tiny_convnext.predict(images, verbose=0), unmerged, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        tiny_convnext.predict(images, verbose=0), unmerged, rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(lora_ckpt.MergeStateError, match="already merged"):
         lora_ckpt.merge_lora_weights(tiny_convnext)
     lora_ckpt.unmerge_lora_weights(tiny_convnext)
-    for var, b in zip(kernels, before):
+    for var, b in zip(kernels, before, strict=True):
         np.testing.assert_array_equal(var.numpy(), b)
     with pytest.raises(lora_ckpt.MergeStateError, match="nothing to unmerge"):
         lora_ckpt.unmerge_lora_weights(tiny_convnext)
@@ -182,7 +200,9 @@ def test_disabling_lora_gives_the_base_model(images):
     randomize_lora(lora)
     assert not np.allclose(lora.predict(images, verbose=0), regular(images).numpy(), atol=1e-4)
     lora_ckpt.set_lora_enabled(lora, False)
-    np.testing.assert_array_equal(lora.predict(images, verbose=0), regular.predict(images, verbose=0))
+    np.testing.assert_array_equal(
+        lora.predict(images, verbose=0), regular.predict(images, verbose=0)
+    )
 
 
 def test_tfimm_transfer_weights_interplay(images):
@@ -211,13 +231,28 @@ def test_trainable_weights_of_a_functional_model():
     outputs = tf.keras.layers.Dense(3, name="head")(h)
     model = tf.keras.Model(inputs, outputs)
     names = lambda ws: sorted(v.name.split(":")[0] for v in ws)  # noqa: E731
-    assert names(lora_ckpt.lora_trainable_weights(model)) == ["conv/kernel_lora_a", "conv/kernel_lora_b"]
+    assert names(lora_ckpt.lora_trainable_weights(model)) == [
+        "conv/kernel_lora_a",
+        "conv/kernel_lora_b",
+    ]
     assert names(lora_ckpt.lora_trainable_weights(model, "all", ["head"])) == [
-        "bn/beta", "conv/bias", "conv/kernel_lora_a", "conv/kernel_lora_b", "head/bias", "head/kernel",
+        "bn/beta",
+        "conv/bias",
+        "conv/kernel_lora_a",
+        "conv/kernel_lora_b",
+        "head/bias",
+        "head/kernel",
     ]
     frozen = lora_ckpt.lora_non_trainable_weights(model, "lora_only")
-    assert names(frozen) == ["bn/beta", "bn/gamma", "bn/moving_mean", "bn/moving_variance",
-                             "conv/kernel", "head/bias", "head/kernel"]
+    assert names(frozen) == [
+        "bn/beta",
+        "bn/gamma",
+        "bn/moving_mean",
+        "bn/moving_variance",
+        "conv/kernel",
+        "head/bias",
+        "head/kernel",
+    ]
 
 
 def test_tfimm_api_names_and_signatures():
@@ -225,16 +260,27 @@ def test_tfimm_api_names_and_signatures():
     from tfimm.architectures import lora as tfimm_lora  # only to read its signatures
 
     names = [
-        "create_model", "convert_to_lora_model", "convert_to_regular_model", "merge_lora_weights",
-        "lora_trainable_weights", "lora_non_trainable_weights", "convert_to_lora_layer",
-        "register_lora_architecture", "lora_architecture", "lora_base_architecture", "lora_config",
+        "create_model",
+        "convert_to_lora_model",
+        "convert_to_regular_model",
+        "merge_lora_weights",
+        "lora_trainable_weights",
+        "lora_non_trainable_weights",
+        "convert_to_lora_layer",
+        "register_lora_architecture",
+        "lora_architecture",
+        "lora_base_architecture",
+        "lora_config",
     ]
     for name in names:
         ours = inspect.signature(getattr(lora_ckpt, name)).parameters
         theirs = inspect.signature(getattr(tfimm_lora, name)).parameters
         assert list(ours) == list(theirs), name
         for p in theirs:
-            assert ours[p].kind == theirs[p].kind and ours[p].default == theirs[p].default, (name, p)
+            assert ours[p].kind == theirs[p].kind and ours[p].default == theirs[p].default, (
+                name,
+                p,
+            )
     for cls in ("LoRADense", "LoRAConv2D", "LoRAConvNeXt", "LoRAConvNeXtConfig"):
         assert hasattr(lora_ckpt, cls)
     assert lora_ckpt.LORA_WEIGHT_NAMES == tfimm_lora.LORA_WEIGHT_NAMES

@@ -1,4 +1,5 @@
 """AdapterPool: slots, mixed batches, merge, no retracing, threads, errors."""
+
 import random
 import threading
 import time
@@ -19,7 +20,11 @@ MAX_RANK = 4
 
 def convnext(rank, base_file):
     model = lora_ckpt.create_model(
-        "convnext_tiny", lora_rank=rank, lora_train_bias="lora_only", lora_train_classifier=False, **CONVNEXT
+        "convnext_tiny",
+        lora_rank=rank,
+        lora_train_bias="lora_only",
+        lora_train_classifier=False,
+        **CONVNEXT,
     )
     lora_ckpt.load_base_weights(model, base_file)
     return model
@@ -30,14 +35,17 @@ def conv_net(rank):
     Base layers use seeded initialisers, so every rank shares one base."""
     init = lambda i: tf.keras.initializers.GlorotUniform(seed=i)  # noqa: E731
     inputs = tf.keras.Input((12, 12, 3))
-    h = tf.keras.layers.Conv2D(6, 3, strides=2, padding="same", name="conv_a", kernel_initializer=init(1))(inputs)
+    h = tf.keras.layers.Conv2D(
+        6, 3, strides=2, padding="same", name="conv_a", kernel_initializer=init(1)
+    )(inputs)
     h = tf.keras.layers.Activation("relu")(h)
     h = tf.keras.layers.Conv2D(8, 1, name="conv_b", kernel_initializer=init(2))(h)
     h = tf.keras.layers.GlobalAveragePooling2D()(h)
     outputs = tf.keras.layers.Dense(3, name="fc", kernel_initializer=init(3))(h)
     model = tf.keras.Model(inputs, outputs)
-    return lora_ckpt.convert_to_lora_model(model, target_layers=["conv_*", "fc"], lora_rank=rank,
-                                           lora_train_bias="lora_only")
+    return lora_ckpt.convert_to_lora_model(
+        model, target_layers=["conv_*", "fc"], lora_rank=rank, lora_train_bias="lora_only"
+    )
 
 
 def fill_adapter(model, seed):
@@ -62,7 +70,12 @@ def convnext_adapters(tmp_path_factory):
         name = f"task{i}"
         adapters[name] = lora_ckpt.save_lora_state(model, str(directory / name))
         reference[name] = model(x).numpy()
-    return {"base": str(directory / "base.h5"), "adapters": adapters, "reference": reference, "x": x}
+    return {
+        "base": str(directory / "base.h5"),
+        "adapters": adapters,
+        "reference": reference,
+        "x": x,
+    }
 
 
 @pytest.fixture
@@ -76,8 +89,12 @@ def test_pool_outputs_match_the_saved_models_for_ranks_1_to_4(pool, convnext_ada
         pool.load(name, convnext_adapters["adapters"][name])
     assert pool.names() == ["task0", "task1", "task2", "task3"]
     for name in pool.names():
-        np.testing.assert_allclose(pool.predict(x, adapter=name), convnext_adapters["reference"][name],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            pool.predict(x, adapter=name),
+            convnext_adapters["reference"][name],
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_off_gives_the_base_model(pool, convnext_adapters):
@@ -92,7 +109,7 @@ def test_off_gives_the_base_model(pool, convnext_adapters):
 def assert_mixed_equals_per_sample(pool, x, names):
     mixed = pool.predict(x, adapters=names)
     for i, name in enumerate(names):
-        alone = pool.predict(x[i:i + 1], adapter=name)[0]
+        alone = pool.predict(x[i : i + 1], adapter=name)[0]
         np.testing.assert_allclose(mixed[i], alone, rtol=1e-5, atol=1e-5, err_msg=name)
     return mixed
 
@@ -104,7 +121,9 @@ def test_mixed_batch_equals_per_sample_dense(pool, convnext_adapters):
     mixed = assert_mixed_equals_per_sample(pool, convnext_adapters["x"], names)
     for i, name in enumerate(names):
         if name != "off":
-            np.testing.assert_allclose(mixed[i], convnext_adapters["reference"][name][i], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                mixed[i], convnext_adapters["reference"][name][i], rtol=1e-5, atol=1e-5
+            )
 
 
 def check_pool_of(build, ranks, x, directory, mix):
@@ -132,7 +151,15 @@ def test_mixed_batch_equals_per_sample_conv2d(tmp_path):
 def test_switching_loading_evicting_never_retrace(pool, convnext_adapters):
     x = convnext_adapters["x"]
     assert pool.trace_count == 2  # one graph per kind of request, traced at construction
-    for name in ["task0", "task1", "task2", "task3", "task4", "task5", "task0"]:  # 7 loads, capacity 4
+    for name in [
+        "task0",
+        "task1",
+        "task2",
+        "task3",
+        "task4",
+        "task5",
+        "task0",
+    ]:  # 7 loads, capacity 4
         pool.load(name, convnext_adapters["adapters"][name])
         pool.activate(name)
         pool.predict(x[:2])
@@ -153,9 +180,11 @@ def test_merge_unmerge_1000_cycles_restore_base_bitwise(pool, convnext_adapters)
         name = ["task1", "task3", "task4"][cycle % 3]
         pool.merge(name)
         if cycle < 3:
-            np.testing.assert_allclose(pool.predict(x, adapter=name), unmerged[name], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                pool.predict(x, adapter=name), unmerged[name], rtol=1e-5, atol=1e-5
+            )
         pool.unmerge()
-    for layer, kernel, bias in zip(layers, kernels, biases):
+    for layer, kernel, bias in zip(layers, kernels, biases, strict=True):
         np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
         np.testing.assert_array_equal(layer.bias.numpy(), bias)
     np.testing.assert_array_equal(pool.predict(x, adapter="task3"), unmerged["task3"])
@@ -248,8 +277,13 @@ def test_bad_requests_raise_and_the_pool_keeps_serving(pool, convnext_adapters, 
     with pytest.raises(lora_ckpt.AdapterMismatchError, match="max_rank=2"):
         small.load("big", convnext_adapters["adapters"]["task3"])  # rank 4
 
-    other = lora_ckpt.create_model("convnext_tiny", lora_rank=2, lora_train_bias="lora_only",
-                                   lora_train_classifier=False, **CONVNEXT)  # fresh base, not the file
+    other = lora_ckpt.create_model(
+        "convnext_tiny",
+        lora_rank=2,
+        lora_train_bias="lora_only",
+        lora_train_classifier=False,
+        **CONVNEXT,
+    )  # fresh base, not the file
     fill_adapter(other, seed=5)
     lora_ckpt.save_lora_state(other, str(tmp_path / "other_base"))
     with pytest.raises(lora_ckpt.BaseModelMismatchError, match="other base weights"):
@@ -266,12 +300,19 @@ def test_bad_requests_raise_and_the_pool_keeps_serving(pool, convnext_adapters, 
     full = AdapterPool(convnext(MAX_RANK, convnext_adapters["base"]), capacity=2, max_rank=MAX_RANK)
     full.load("task0", convnext_adapters["adapters"]["task0"])
     full.load("task1", convnext_adapters["adapters"]["task1"])
-    with full.using(["task0", "task1"]):  # both slots busy with running requests
-        with pytest.raises(lora_ckpt.PoolFullError, match="nothing can be evicted"):
-            full.load("task2", convnext_adapters["adapters"]["task2"])
+    # Both slots busy with running requests:
+    with (
+        full.using(["task0", "task1"]),
+        pytest.raises(lora_ckpt.PoolFullError, match="nothing can be evicted"),
+    ):
+        full.load("task2", convnext_adapters["adapters"]["task2"])
     full.load("task2", convnext_adapters["adapters"]["task2"])  # now one can be evicted
 
-    for error in (lora_ckpt.AdapterNotLoadedError, lora_ckpt.PoolRequestError, lora_ckpt.PoolFullError):
+    for error in (
+        lora_ckpt.AdapterNotLoadedError,
+        lora_ckpt.PoolRequestError,
+        lora_ckpt.PoolFullError,
+    ):
         assert issubclass(error, lora_ckpt.LoRAError)
     np.testing.assert_array_equal(pool.predict(x, adapter="task1"), expected)  # still serving
     assert pool.names() == ["task1"]
@@ -292,18 +333,29 @@ def test_unload_and_reload(pool, convnext_adapters):
     with pytest.raises(lora_ckpt.AdapterNotLoadedError):
         pool.predict(convnext_adapters["x"], adapter="task1")
     pool.load("task1", convnext_adapters["adapters"]["task2"])  # a name can be reused
-    np.testing.assert_allclose(pool.predict(convnext_adapters["x"], adapter="task1"),
-                               convnext_adapters["reference"]["task2"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        pool.predict(convnext_adapters["x"], adapter="task1"),
+        convnext_adapters["reference"]["task2"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_vit_pool_with_attention_lora(tmp_path):
-    config = dict(input_size=(32, 32), patch_size=8, embed_dim=16, nb_blocks=2, nb_heads=2, nb_classes=4)
+    config = dict(
+        input_size=(32, 32), patch_size=8, embed_dim=16, nb_blocks=2, nb_heads=2, nb_classes=4
+    )
     tf.keras.utils.set_random_seed(0)
     tfimm.create_model("vit_tiny_patch16_224", **config).save_weights(str(tmp_path / "base.h5"))
 
     def vit(rank):
-        model = lora_ckpt.create_model("vit_tiny_patch16_224", lora_rank=rank, lora_layer_groups=("attention", "head"),
-                                       lora_train_bias="lora_only", **config)
+        model = lora_ckpt.create_model(
+            "vit_tiny_patch16_224",
+            lora_rank=rank,
+            lora_layer_groups=("attention", "head"),
+            lora_train_bias="lora_only",
+            **config,
+        )
         lora_ckpt.load_base_weights(model, str(tmp_path / "base.h5"))
         return model
 

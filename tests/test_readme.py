@@ -1,4 +1,5 @@
 """The README's Python examples run, in order, as a user would paste them."""
+
 import os
 import re
 
@@ -6,7 +7,8 @@ README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
 
 
 def python_blocks():
-    text = open(README).read()
+    with open(README) as handle:
+        text = handle.read()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 

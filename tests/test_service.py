@@ -1,5 +1,6 @@
 """The demo, the CLI and the real HTTP service in subprocesses, driven by a
 real HTTP client; the exported SavedModel in a process without lora_ckpt."""
+
 import base64
 import io
 import json
@@ -25,8 +26,13 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "lora_ckpt.cli", *args], env=ENV, capture_output=True,
-                          text=True, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "lora_ckpt.cli", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +77,25 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lora_ckpt.cli", "serve", "--store", store_path, "--port", str(self.port),
-             "--capacity", "3", "--max-body-bytes", "200000", *extra],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "lora_ckpt.cli",
+                "serve",
+                "--store",
+                store_path,
+                "--port",
+                str(self.port),
+                "--capacity",
+                "3",
+                "--max-body-bytes",
+                "200000",
+                *extra,
+            ],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def wait(self, path="/ready", status=200, timeout=120):
@@ -116,7 +138,7 @@ def test_predictions_equal_the_pool(server, reference_pool):
         for task in TASKS + ["off"]:
             images = task_images(task if task != "off" else "color")
             expected = reference_pool.predict(images, adapter=task)
-            for image, want in zip(images, expected):
+            for image, want in zip(images, expected, strict=True):
                 response = client.post(f"/predict/{task}", json={"tensor": image.tolist()})
                 assert response.status_code == 200, response.text
                 body = response.json()
@@ -135,8 +157,12 @@ def test_image_uploads(server, reference_pool):
     expected_input = tf.cast(tf.io.decode_png(png, channels=3), tf.float32).numpy() / 127.5 - 1.0
     expected = reference_pool.predict(expected_input[None], adapter="color")[0]
     with httpx.Client(base_url=server.url, timeout=30) as client:
-        as_json = client.post("/predict/color", json={"image_base64": base64.b64encode(png).decode()})
-        as_upload = client.post("/predict/color", files={"image": ("x.png", io.BytesIO(png), "image/png")})
+        as_json = client.post(
+            "/predict/color", json={"image_base64": base64.b64encode(png).decode()}
+        )
+        as_upload = client.post(
+            "/predict/color", files={"image": ("x.png", io.BytesIO(png), "image/png")}
+        )
     for response in (as_json, as_upload):
         assert response.status_code == 200, response.text
         np.testing.assert_allclose(response.json()["logits"], expected, rtol=1e-5, atol=1e-5)
@@ -148,7 +174,9 @@ def test_jpeg_upload_decodes_like_tensorflow(server, reference_pool):
     jpeg = tf.io.encode_jpeg(pixels, quality=95).numpy()
     decoded = tf.cast(tf.io.decode_jpeg(jpeg, channels=3), tf.float32).numpy() / 127.5 - 1.0
     expected = reference_pool.predict(decoded[None], adapter="size")[0]
-    response = httpx.post(server.url + "/predict/size", files={"image": ("x.jpg", jpeg, "image/jpeg")}, timeout=30)
+    response = httpx.post(
+        server.url + "/predict/size", files={"image": ("x.jpg", jpeg, "image/jpeg")}, timeout=30
+    )
     assert response.status_code == 200, response.text
     np.testing.assert_allclose(response.json()["logits"], expected, rtol=1e-5, atol=1e-5)
 
@@ -173,9 +201,12 @@ def test_concurrent_clients_are_batched_and_correct(server, reference_pool):
             for _ in range(50):
                 task = TASKS[rng.integers(3)]
                 i = int(rng.integers(5))
-                response = client.post(f"/predict/{task}", json={"tensor": images[task][i].tolist()})
+                response = client.post(
+                    f"/predict/{task}", json={"tensor": images[task][i].tolist()}
+                )
                 if response.status_code != 200 or not np.allclose(
-                        response.json()["logits"], expected[task][i], rtol=1e-5, atol=1e-5):
+                    response.json()["logits"], expected[task][i], rtol=1e-5, atol=1e-5
+                ):
                     failures.append((task, response.status_code, response.text[:200]))
 
     threads = [threading.Thread(target=client_thread, args=(seed,)) for seed in range(4)]
@@ -187,22 +218,40 @@ def test_concurrent_clients_are_batched_and_correct(server, reference_pool):
     metrics = httpx.get(server.url + "/metrics").text
     batches = [line for line in metrics.splitlines() if line.startswith("lora_batch_size_count")]
     samples = [line for line in metrics.splitlines() if line.startswith("lora_batch_size_sum")]
-    assert float(samples[0].split()[-1]) > float(batches[0].split()[-1])  # some batches held >1 request
+    assert float(samples[0].split()[-1]) > float(
+        batches[0].split()[-1]
+    )  # some batches held >1 request
 
 
 def test_bad_input_gets_its_status_and_the_server_keeps_serving(server, reference_pool):
     image = task_images("size", 1)[0]
     with httpx.Client(base_url=server.url, timeout=30) as client:
         cases = [
-            (client.post("/predict/size", content=b"{not json", headers={"content-type": "application/json"}), 400),
+            (
+                client.post(
+                    "/predict/size",
+                    content=b"{not json",
+                    headers={"content-type": "application/json"},
+                ),
+                400,
+            ),
             (client.post("/predict/size", json={"tensor": [[1.0, 2.0]]}), 400),
             (client.post("/predict/size", json={"pixels": []}), 400),
             (client.post("/predict/size", json={"image_base64": "%%%"}), 400),
-            (client.post("/predict/size", json={"image_base64": base64.b64encode(b"not an image").decode()}), 400),
+            (
+                client.post(
+                    "/predict/size",
+                    json={"image_base64": base64.b64encode(b"not an image").decode()},
+                ),
+                400,
+            ),
             (client.post("/predict/.hidden", json={"tensor": image.tolist()}), 400),
             (client.post("/predict/bad%20name", json={"tensor": image.tolist()}), 400),
             (client.post("/adapters/a..b"), 400),
-            (client.post("/predict/..%2F..%2Fetc", json={"tensor": image.tolist()}), 404),  # never a path
+            (
+                client.post("/predict/..%2F..%2Fetc", json={"tensor": image.tolist()}),
+                404,
+            ),  # never a path
             (client.post("/predict/no_such_task", json={"tensor": image.tolist()}), 404),
             (client.post("/adapters/no_such_task"), 404),
             (client.delete("/adapters/no_such_task"), 404),
@@ -213,16 +262,25 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(server, referenc
             assert set(response.json()["error"]) == {"type", "message"}
         response = client.post("/predict/size", json={"tensor": image.tolist()})
         assert response.status_code == 200
-        np.testing.assert_allclose(response.json()["logits"], reference_pool.predict(image[None], adapter="size")[0],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            response.json()["logits"],
+            reference_pool.predict(image[None], adapter="size")[0],
+            rtol=1e-5,
+            atol=1e-5,
+        )
         # adapter management
         assert client.delete("/adapters/stripes").status_code == 200
         assert "stripes" not in client.get("/adapters").json()["resident"]
         assert client.post("/adapters/stripes").status_code == 200
         assert client.get("/adapters").json()["store"] == sorted(TASKS)
     metrics = httpx.get(server.url + "/metrics").text
-    for name in ("lora_requests_total", "lora_request_latency_seconds", "lora_adapter_loads",
-                 "lora_adapter_evictions", "lora_resident_adapters"):
+    for name in (
+        "lora_requests_total",
+        "lora_request_latency_seconds",
+        "lora_adapter_loads",
+        "lora_adapter_evictions",
+        "lora_resident_adapters",
+    ):
         assert name in metrics
 
 
@@ -230,7 +288,9 @@ def test_not_ready_is_503(store):
     srv = Server(store["path"], "--startup-delay", "30")
     try:
         srv.wait("/health")
-        response = httpx.post(srv.url + "/predict/color", json={"tensor": task_images("color", 1)[0].tolist()})
+        response = httpx.post(
+            srv.url + "/predict/color", json={"tensor": task_images("color", 1)[0].tolist()}
+        )
         assert response.status_code == 503 and "not ready" in response.json()["error"]["message"]
         assert httpx.get(srv.url + "/ready").status_code == 503
     finally:
@@ -240,7 +300,9 @@ def test_not_ready_is_503(store):
 def test_inspect_cli(store):
     path = adapter_path(store["path"], "color")
     human = cli("inspect", path)
-    assert human.returncode == 0 and "LoRAConvNeXt" in human.stdout and "kernel_lora_a" in human.stdout
+    assert (
+        human.returncode == 0 and "LoRAConvNeXt" in human.stdout and "kernel_lora_a" in human.stdout
+    )
     as_json = json.loads(cli("inspect", path, "--json").stdout)
     assert as_json == lora_ckpt.inspect_adapter(path)
     missing = cli("inspect", path + "_missing")
@@ -249,8 +311,15 @@ def test_inspect_cli(store):
 
 def test_exported_savedmodel_matches_the_pool_without_lora_ckpt(store, reference_pool, tmp_path):
     out = tmp_path / "exported"
-    result = cli("export", "--store", store["path"], "--adapter", adapter_path(store["path"], "stripes"),
-                 "--out", str(out))
+    result = cli(
+        "export",
+        "--store",
+        store["path"],
+        "--adapter",
+        adapter_path(store["path"], "stripes"),
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     images = task_images("stripes", 4)
     np.save(tmp_path / "x.npy", images)
@@ -261,7 +330,13 @@ def test_exported_savedmodel_matches_the_pool_without_lora_ckpt(store, reference
         f"np.save({str(tmp_path / 'y.npy')!r}, y.numpy())\n"
         "assert not any(name.startswith(('lora_ckpt', 'tfimm')) for name in sys.modules), 'imported'\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), reference_pool.predict(images, adapter="stripes"),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "y.npy"),
+        reference_pool.predict(images, adapter="stripes"),
+        rtol=1e-5,
+        atol=1e-5,
+    )

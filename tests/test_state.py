@@ -1,4 +1,5 @@
 """The partial-state subsystem: save, load, validation, base files, resume."""
+
 import json
 import os
 import shutil
@@ -47,7 +48,9 @@ def base_files(tmp_path_factory):
 
 
 def lora_model_on_base(base_path, **lora_kwargs):
-    model = lora_ckpt.create_model("convnext_tiny", **dict(dict(lora_rank=2), **lora_kwargs), **TASK)
+    model = lora_ckpt.create_model(
+        "convnext_tiny", **dict(dict(lora_rank=2), **lora_kwargs), **TASK
+    )
     load_base_weights(model, base_path)
     return model
 
@@ -59,8 +62,16 @@ def train(model, epochs=1, callbacks=(), initial_epoch=0, seed=0):
             optimizer=tf.keras.optimizers.Adam(1e-2),
             loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-    model.fit(x, y, batch_size=16, epochs=epochs, initial_epoch=initial_epoch,
-              shuffle=False, verbose=0, callbacks=list(callbacks))
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        verbose=0,
+        callbacks=list(callbacks),
+    )
     return model
 
 
@@ -86,7 +97,9 @@ def trained_adapter(base_files, tmp_path):
 
 @pytest.mark.parametrize("train_bias", ["none", "lora_only", "all"])
 @pytest.mark.parametrize("base_format", ["h5", "tf"])
-def test_round_trip_onto_a_fresh_model_from_the_base_file(base_files, tmp_path, images, train_bias, base_format):
+def test_round_trip_onto_a_fresh_model_from_the_base_file(
+    base_files, tmp_path, images, train_bias, base_format
+):
     tf.keras.utils.set_random_seed(0)
     model = train(lora_model_on_base(base_files["h5"], lora_train_bias=train_bias))
     expected = model(images).numpy()
@@ -105,17 +118,27 @@ def test_checkpoint_holds_only_lora_and_asked_variables(base_files, tmp_path):
     stored = {name for name, _ in tf.train.list_variables(str(tmp_path / "a" / "adapter"))}
     stored.discard("_CHECKPOINTABLE_OBJECT_GRAPH")
     expected = {"lora/fc/kernel", "lora/fc/bias"}  # the head is the attribute `fc`
-    for path, layer in lora_ckpt.lora_layers(model):
-        expected |= {f"lora/{path}/kernel_lora_a", f"lora/{path}/kernel_lora_b", f"lora/{path}/bias"}
+    for path, _ in lora_ckpt.lora_layers(model):
+        expected |= {
+            f"lora/{path}/kernel_lora_a",
+            f"lora/{path}/kernel_lora_b",
+            f"lora/{path}/bias",
+        }
     assert stored == {f"{k}/.ATTRIBUTES/VARIABLE_VALUE" for k in expected}
     assert sorted(os.listdir(tmp_path / "a")) == [
-        "adapter.data-00000-of-00001", "adapter.index", "adapter_config.json"]
+        "adapter.data-00000-of-00001",
+        "adapter.index",
+        "adapter_config.json",
+    ]
 
     save_lora_state(model, str(tmp_path / "b"), include_bias="none", extra_layers=[])
     stored = {name for name, _ in tf.train.list_variables(str(tmp_path / "b" / "adapter"))}
     assert all("kernel_lora_" in name for name in stored - {"_CHECKPOINTABLE_OBJECT_GRAPH"})
-    params = sum(np.prod(s) for n, s in tf.train.list_variables(str(tmp_path / "b" / "adapter"))
-                 if n != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    params = sum(
+        np.prod(s)
+        for n, s in tf.train.list_variables(str(tmp_path / "b" / "adapter"))
+        if n != "_CHECKPOINTABLE_OBJECT_GRAPH"
+    )
     assert params == sum(
         np.prod(layer.kernel_lora_a.shape) + np.prod(layer.kernel_lora_b.shape)
         for _, layer in lora_ckpt.lora_layers(model)
@@ -124,7 +147,8 @@ def test_checkpoint_holds_only_lora_and_asked_variables(base_files, tmp_path):
 
 def test_config_records_identity_and_variables(trained_adapter):
     model, path = trained_adapter
-    config = json.loads(open(os.path.join(path, "adapter_config.json")).read())
+    with open(os.path.join(path, "adapter_config.json")) as handle:
+        config = json.load(handle)
     assert config["format_version"] == lora_ckpt.state.FORMAT_VERSION
     assert config["base_model"]["architecture"] == "tfimm.architectures.convnext.ConvNeXt"
     assert config["base_model"]["config"]["embed_dim"] == [8, 16]
@@ -220,7 +244,7 @@ def test_resume_two_plus_two_epochs_equals_four(base_files, tmp_path):
     epoch = lora_ckpt.restore_training_checkpoint(resumed, str(tmp_path / "ckpts"))
     assert epoch == 2
     train(resumed, epochs=4, initial_epoch=epoch)
-    for a, b in zip(straight.trainable_weights, resumed.trainable_weights):
+    for a, b in zip(straight.trainable_weights, resumed.trainable_weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
 
 
@@ -263,33 +287,66 @@ def _break_json(path):
 
 def _edit_config(path, edit):
     config_path = os.path.join(path, "adapter_config.json")
-    config = json.load(open(config_path))
+    with open(config_path) as handle:
+        config = json.load(handle)
     edit(config)
-    json.dump(config, open(config_path, "w"))
+    with open(config_path, "w") as handle:
+        json.dump(config, handle)
 
 
 BROKEN_FILES = [
     ("missing directory", lambda p: shutil.rmtree(p), AdapterNotFoundError, "does not exist"),
-    ("missing config", lambda p: os.remove(os.path.join(p, "adapter_config.json")),
-     AdapterNotFoundError, "interrupted"),
-    ("missing index", _break_missing_index, CorruptAdapterError, "missing its checkpoint file adapter.index"),
-    ("missing data", _break_missing_data, CorruptAdapterError, "missing its checkpoint file adapter.data"),
+    (
+        "missing config",
+        lambda p: os.remove(os.path.join(p, "adapter_config.json")),
+        AdapterNotFoundError,
+        "interrupted",
+    ),
+    (
+        "missing index",
+        _break_missing_index,
+        CorruptAdapterError,
+        "missing its checkpoint file adapter.index",
+    ),
+    (
+        "missing data",
+        _break_missing_data,
+        CorruptAdapterError,
+        "missing its checkpoint file adapter.data",
+    ),
     ("truncated data", _break_truncated_data, CorruptAdapterError, "truncated"),
     ("truncated index", _break_truncated_index, CorruptAdapterError, "truncated"),
     ("corrupted data", _break_flipped_byte, CorruptAdapterError, "SHA-256"),
     ("corrupted json", _break_json, CorruptAdapterError, "not valid JSON"),
-    ("missing field", lambda p: _edit_config(p, lambda c: c.pop("variables")), CorruptAdapterError,
-     "lacks the field 'variables'"),
-    ("future format", lambda p: _edit_config(p, lambda c: c.update(format_version=99)),
-     AdapterVersionError, "Upgrade lora_ckpt"),
-    ("another architecture", lambda p: _edit_config(
-        p, lambda c: c["base_model"].update(architecture="tfimm.architectures.vit.ViT")),
-     AdapterMismatchError, "trained on a tfimm.architectures.vit.ViT"),
+    (
+        "missing field",
+        lambda p: _edit_config(p, lambda c: c.pop("variables")),
+        CorruptAdapterError,
+        "lacks the field 'variables'",
+    ),
+    (
+        "future format",
+        lambda p: _edit_config(p, lambda c: c.update(format_version=99)),
+        AdapterVersionError,
+        "Upgrade lora_ckpt",
+    ),
+    (
+        "another architecture",
+        lambda p: _edit_config(
+            p, lambda c: c["base_model"].update(architecture="tfimm.architectures.vit.ViT")
+        ),
+        AdapterMismatchError,
+        "trained on a tfimm.architectures.vit.ViT",
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, breaker, error, match", BROKEN_FILES, ids=[c[0] for c in BROKEN_FILES])
-def test_broken_adapter_is_refused_and_model_unchanged(trained_adapter, base_files, name, breaker, error, match):
+@pytest.mark.parametrize(
+    "name, breaker, error, match", BROKEN_FILES, ids=[c[0] for c in BROKEN_FILES]
+)
+def test_broken_adapter_is_refused_and_model_unchanged(
+    trained_adapter, base_files, name, breaker, error, match
+):
     _, path = trained_adapter
     breaker(path)
     target = lora_model_on_base(base_files["h5"])
@@ -304,14 +361,28 @@ def test_broken_adapter_is_refused_and_model_unchanged(trained_adapter, base_fil
 @pytest.mark.parametrize(
     "name, target_kwargs, error, match",
     [
-        ("rank mismatch", dict(lora_rank=3), AdapterMismatchError, r"float32\[8, 2\] vs model float32\[8, 3\]"),
-        ("other config", dict(nb_classes=6), AdapterMismatchError, "nb_classes: adapter 4 vs model 6"),
+        (
+            "rank mismatch",
+            dict(lora_rank=3),
+            AdapterMismatchError,
+            r"float32\[8, 2\] vs model float32\[8, 3\]",
+        ),
+        (
+            "other config",
+            dict(nb_classes=6),
+            AdapterMismatchError,
+            "nb_classes: adapter 4 vs model 6",
+        ),
         ("alpha mismatch", dict(lora_alpha=4.0), AdapterMismatchError, "scaling"),
     ],
 )
-def test_mismatched_model_is_refused_and_unchanged(trained_adapter, name, target_kwargs, error, match):
+def test_mismatched_model_is_refused_and_unchanged(
+    trained_adapter, name, target_kwargs, error, match
+):
     _, path = trained_adapter
-    target = lora_ckpt.create_model("convnext_tiny", **dict(dict(TASK, lora_rank=2), **target_kwargs))
+    target = lora_ckpt.create_model(
+        "convnext_tiny", **dict(dict(TASK, lora_rank=2), **target_kwargs)
+    )
     before = all_values(target)
     with pytest.raises(error, match=match):
         load_lora_state(target, path)
@@ -331,7 +402,9 @@ def test_adapter_of_another_architecture(trained_adapter, tmp_path):
 
 def test_base_fingerprint_mismatch(trained_adapter, base_files, images):
     model, path = trained_adapter
-    other_base = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TASK)  # fresh init, not the base
+    other_base = lora_ckpt.create_model(
+        "convnext_tiny", lora_rank=2, **TASK
+    )  # fresh init, not the base
     before = all_values(other_base)
     with pytest.raises(BaseModelMismatchError, match="other base weights"):
         load_lora_state(other_base, path)
@@ -359,7 +432,9 @@ def test_missing_and_unexpected_variables(tmp_path):
     save_lora_state(large, str(tmp_path / "large"))
 
     before = all_values(large)
-    with pytest.raises(AdapterMismatchError, match=r"missing from the adapter: \['fc2/kernel_lora_a'"):
+    with pytest.raises(
+        AdapterMismatchError, match=r"missing from the adapter: \['fc2/kernel_lora_a'"
+    ):
         load_lora_state(large, str(tmp_path / "small"), check_base=False)
     assert_unchanged(large, before)
     with pytest.raises(AdapterMismatchError, match=r"not in the model: \['fc2/kernel_lora_a'"):
@@ -367,9 +442,18 @@ def test_missing_and_unexpected_variables(tmp_path):
 
     report = load_lora_state(large, str(tmp_path / "small"), strict=False, check_base=False)
     assert report.missing == ["fc2/kernel_lora_a", "fc2/kernel_lora_b"]
-    assert sorted(report.loaded) == ["fc0/kernel_lora_a", "fc0/kernel_lora_b", "fc1/kernel_lora_a", "fc1/kernel_lora_b"]
-    np.testing.assert_array_equal(large.get_layer("fc1").kernel_lora_b.numpy(), small.get_layer("fc1").kernel_lora_b.numpy())
-    np.testing.assert_array_equal(large.get_layer("fc2").kernel_lora_b.numpy(), before["fc2/kernel_lora_b"])
+    assert sorted(report.loaded) == [
+        "fc0/kernel_lora_a",
+        "fc0/kernel_lora_b",
+        "fc1/kernel_lora_a",
+        "fc1/kernel_lora_b",
+    ]
+    np.testing.assert_array_equal(
+        large.get_layer("fc1").kernel_lora_b.numpy(), small.get_layer("fc1").kernel_lora_b.numpy()
+    )
+    np.testing.assert_array_equal(
+        large.get_layer("fc2").kernel_lora_b.numpy(), before["fc2/kernel_lora_b"]
+    )
 
 
 def test_save_refusals(trained_adapter, tmp_path):

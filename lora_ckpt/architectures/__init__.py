@@ -1,4 +1,5 @@
 """Registered LoRA variants of tfimm architectures, one module each."""
+
 from .convnext import LoRAConvNeXt, LoRAConvNeXtConfig  # noqa: F401
 from .mlp_mixer import LoRAMLPMixer, LoRAMLPMixerConfig  # noqa: F401
 from .resnet import LoRAResNet, LoRAResNetConfig  # noqa: F401

@@ -6,8 +6,9 @@ names its *layer groups* (which layers of each block get LoRA, e.g.
 mixin converts the chosen groups, validates the LoRA config, and overrides
 ``trainable_weights`` so Keras' ``fit`` trains only what LoRA trains.
 """
+
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
 
 from .._tf import tf
 from ..errors import LoRAConfigError
@@ -38,7 +39,7 @@ class LoRAConfigFields:
     lora_dropout: float = 0.0
     lora_train_bias: str = "none"
     lora_train_classifier: bool = True
-    lora_layer_groups: Tuple[str, ...] = ()
+    lora_layer_groups: tuple[str, ...] = ()
 
 
 class LoRAModelMixin:
@@ -49,12 +50,12 @@ class LoRAModelMixin:
     """
 
     #: group name -> attribute paths, inside one block, of the layers to convert.
-    LAYER_GROUPS: Dict[str, Tuple[str, ...]] = {}
+    LAYER_GROUPS: dict[str, tuple[str, ...]] = {}
     #: group name -> attribute paths, from the model, of layers outside the blocks.
-    MODEL_LAYER_GROUPS: Dict[str, Tuple[str, ...]] = {}
+    MODEL_LAYER_GROUPS: dict[str, tuple[str, ...]] = {}
 
     @classmethod
-    def layer_groups(cls) -> Dict[str, Tuple[str, ...]]:
+    def layer_groups(cls) -> dict[str, tuple[str, ...]]:
         """Every layer group the architecture offers, block and model level."""
         return {**cls.LAYER_GROUPS, **cls.MODEL_LAYER_GROUPS}
 
@@ -62,7 +63,7 @@ class LoRAModelMixin:
         """The blocks whose group layers get LoRA."""
         raise NotImplementedError
 
-    def block_layer_paths(self, block, groups: Tuple[str, ...]) -> List[str]:
+    def block_layer_paths(self, block, groups: tuple[str, ...]) -> list[str]:
         """Attribute paths, inside ``block``, of the layers the groups convert."""
         return [path for group in groups for path in self.LAYER_GROUPS[group]]
 
@@ -87,15 +88,24 @@ class LoRAModelMixin:
             "lora_dropout": self.cfg.lora_dropout,
         }
         block_groups = tuple(g for g in groups if g in self.LAYER_GROUPS)
-        targets = [(block, path) for block in self.lora_blocks() for path in self.block_layer_paths(block, block_groups)]
-        targets += [(self, path) for g in groups if g in self.MODEL_LAYER_GROUPS for path in self.MODEL_LAYER_GROUPS[g]]
+        targets = [
+            (block, path)
+            for block in self.lora_blocks()
+            for path in self.block_layer_paths(block, block_groups)
+        ]
+        targets += [
+            (self, path)
+            for g in groups
+            if g in self.MODEL_LAYER_GROUPS
+            for path in self.MODEL_LAYER_GROUPS[g]
+        ]
         for owner, attr_path in targets:
             *parents, attr = attr_path.split(".")
             for name in parents:
                 owner = getattr(owner, name)
             setattr(owner, attr, convert_to_lora_layer(getattr(owner, attr), **kwargs))
 
-    def lora_trainable_layers(self) -> List[str]:
+    def lora_trainable_layers(self) -> list[str]:
         """Paths of the layers trained in full: the classifier, if asked for
         (and not given LoRA through the ``head`` layer group)."""
         if not self.cfg.lora_train_classifier or "head" in self.cfg.lora_layer_groups:
@@ -112,14 +122,11 @@ class LoRAModelMixin:
         return LoRASettings(self.cfg.lora_train_bias, tuple(self.lora_trainable_layers()))
 
     @property
-    def trainable_weights(self) -> List[tf.Variable]:
-        return lora_trainable_weights(
-            self, self.cfg.lora_train_bias, self.lora_trainable_layers()
-        )
+    def trainable_weights(self) -> list[tf.Variable]:
+        return lora_trainable_weights(self, self.cfg.lora_train_bias, self.lora_trainable_layers())
 
     @property
-    def non_trainable_weights(self) -> List[tf.Variable]:
+    def non_trainable_weights(self) -> list[tf.Variable]:
         return lora_non_trainable_weights(
             self, self.cfg.lora_train_bias, self.lora_trainable_layers()
         )
-

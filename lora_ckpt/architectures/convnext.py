@@ -1,7 +1,7 @@
 """LoRA variant of tfimm's ConvNeXt: LoRA on the two layers of every MLP block
 (Dense, or 1x1 Conv2D with ``conv_mlp_block``), as in tfimm's LoRA module."""
+
 from dataclasses import dataclass
-from typing import Tuple
 
 from tfimm.architectures.convnext import ConvNeXt, ConvNeXtConfig
 from tfimm.models import keras_serializable
@@ -16,7 +16,7 @@ __all__ = ["LoRAConvNeXt", "LoRAConvNeXtConfig"]
 class LoRAConvNeXtConfig(ConvNeXtConfig, LoRAConfigFields):
     """``ConvNeXtConfig`` plus the LoRA fields of :class:`LoRAConfigFields`."""
 
-    lora_layer_groups: Tuple[str, ...] = ("mlp",)
+    lora_layer_groups: tuple[str, ...] = ("mlp",)
 
 
 @keras_serializable

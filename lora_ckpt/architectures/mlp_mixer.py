@@ -1,6 +1,6 @@
 """LoRA variant of tfimm's MLP-Mixer (``mixer_block`` blocks)."""
+
 from dataclasses import dataclass
-from typing import Tuple
 
 from tfimm.architectures.mlp_mixer import MLPMixer, MLPMixerConfig
 from tfimm.models import keras_serializable
@@ -16,7 +16,7 @@ __all__ = ["LoRAMLPMixer", "LoRAMLPMixerConfig"]
 class LoRAMLPMixerConfig(MLPMixerConfig, LoRAConfigFields):
     """``MLPMixerConfig`` plus the LoRA fields of :class:`LoRAConfigFields`."""
 
-    lora_layer_groups: Tuple[str, ...] = ("token_mixing", "channel_mixing")
+    lora_layer_groups: tuple[str, ...] = ("token_mixing", "channel_mixing")
 
 
 @keras_serializable

@@ -1,7 +1,7 @@
 """LoRA variant of tfimm's ResNet (ResNet, ResNet-D, ...): Conv2D LoRA in the
 residual blocks."""
+
 from dataclasses import dataclass
-from typing import Tuple
 
 from tfimm.architectures.resnet import ResNet, ResNetConfig
 from tfimm.models import keras_serializable
@@ -25,7 +25,7 @@ class LoRAResNetConfig(ResNetConfig, LoRAConfigFields):
             saving the adapter).
     """
 
-    lora_layer_groups: Tuple[str, ...] = ("conv1", "conv2", "conv3")
+    lora_layer_groups: tuple[str, ...] = ("conv1", "conv2", "conv3")
     lora_freeze_batchnorm: bool = True
 
 

@@ -1,6 +1,6 @@
 """LoRA variant of tfimm's Vision Transformer (ViT, DeiT)."""
+
 from dataclasses import dataclass
-from typing import Tuple
 
 from tfimm.architectures.vit import ViT, ViTConfig
 from tfimm.models import keras_serializable
@@ -15,7 +15,7 @@ __all__ = ["LoRAViT", "LoRAViTConfig"]
 class LoRAViTConfig(ViTConfig, LoRAConfigFields):
     """``ViTConfig`` plus the LoRA fields of :class:`LoRAConfigFields`."""
 
-    lora_layer_groups: Tuple[str, ...] = ("attention", "mlp")
+    lora_layer_groups: tuple[str, ...] = ("attention", "mlp")
 
 
 @keras_serializable

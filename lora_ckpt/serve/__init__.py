@@ -1,2 +1,3 @@
 """The HTTP inference service on top of an AdapterPool (Starlette + uvicorn)."""
+
 from .app import create_app  # noqa: F401

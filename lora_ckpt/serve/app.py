@@ -20,17 +20,23 @@ Errors are ``{"error": {"type", "message"}}`` with status 400 (bad input),
 404 (unknown adapter), 413 (too large), 422 (an adapter in the store that does
 not fit), 503 (not ready, or every slot busy).
 """
+
 import asyncio
 import base64
 import binascii
 import json
 import threading
 import time
-from typing import Optional
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -60,9 +66,14 @@ class HTTPError(Exception):
 
 
 _STATUS = [  # most specific first
-    (AdapterNotLoadedError, 404), (AdapterNotFoundError, 404), (PoolFullError, 503),
-    (PoolRequestError, 400), (LoRAConfigError, 400), (AdapterMismatchError, 422),
-    (AdapterError, 422), (LoRAError, 400),
+    (AdapterNotLoadedError, 404),
+    (AdapterNotFoundError, 404),
+    (PoolFullError, 503),
+    (PoolRequestError, 400),
+    (LoRAConfigError, 400),
+    (AdapterMismatchError, 422),
+    (AdapterError, 422),
+    (LoRAError, 400),
 ]
 
 
@@ -73,36 +84,69 @@ def _error_response(status: int, kind: str, message: str) -> JSONResponse:
 class _Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("lora_requests", "Prediction requests", ["adapter", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("lora_request_latency_seconds", "Prediction latency", ["adapter"],
-                                 registry=self.registry)
-        self.batch_size = Histogram("lora_batch_size", "Samples per pool batch",
-                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=self.registry)
-        self.loads = Gauge("lora_adapter_loads", "Adapters loaded into the pool", registry=self.registry)
-        self.evictions = Gauge("lora_adapter_evictions", "Adapters evicted from the pool",
-                               registry=self.registry)
-        self.resident = Gauge("lora_resident_adapters", "Adapters resident in the pool",
-                              registry=self.registry)
+        self.requests = Counter(
+            "lora_requests", "Prediction requests", ["adapter", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "lora_request_latency_seconds",
+            "Prediction latency",
+            ["adapter"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "lora_batch_size",
+            "Samples per pool batch",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=self.registry,
+        )
+        self.loads = Gauge(
+            "lora_adapter_loads", "Adapters loaded into the pool", registry=self.registry
+        )
+        self.evictions = Gauge(
+            "lora_adapter_evictions", "Adapters evicted from the pool", registry=self.registry
+        )
+        self.resident = Gauge(
+            "lora_resident_adapters", "Adapters resident in the pool", registry=self.registry
+        )
 
 
 class ServiceState:
     """The pool and its helpers, built in the background at start-up."""
 
-    def __init__(self, store: str, model_name: Optional[str], base_weights: Optional[str], capacity: int,
-                 max_rank: Optional[int], preload: bool, max_batch: int, max_wait: float,
-                 startup_delay: float):
+    def __init__(
+        self,
+        store: str,
+        model_name: str | None,
+        base_weights: str | None,
+        capacity: int,
+        max_rank: int | None,
+        preload: bool,
+        max_batch: int,
+        max_wait: float,
+        startup_delay: float,
+    ):
         self.store = store
-        self.pool: Optional[AdapterPool] = None
-        self.batcher: Optional[MicroBatcher] = None
-        self.error: Optional[str] = None
+        self.pool: AdapterPool | None = None
+        self.batcher: MicroBatcher | None = None
+        self.error: str | None = None
         self.metrics = _Metrics()
         self._load_lock = threading.Lock()
-        self._args = (model_name, base_weights, capacity, max_rank, preload, max_batch, max_wait, startup_delay)
+        self._args = (
+            model_name,
+            base_weights,
+            capacity,
+            max_rank,
+            preload,
+            max_batch,
+            max_wait,
+            startup_delay,
+        )
         threading.Thread(target=self._start, name="lora-ckpt-startup", daemon=True).start()
 
     def _start(self) -> None:
-        model_name, base_weights, capacity, max_rank, preload, max_batch, max_wait, delay = self._args
+        model_name, base_weights, capacity, max_rank, preload, max_batch, max_wait, delay = (
+            self._args
+        )
         try:
             time.sleep(delay)
             model, _ = build_base_model(self.store, model_name, base_weights)
@@ -110,7 +154,9 @@ class ServiceState:
             if preload:
                 for name in store_adapters(self.store)[:capacity]:
                     pool.load(name, adapter_path(self.store, name))
-            self.batcher = MicroBatcher(pool, max_batch, max_wait, on_batch=self.metrics.batch_size.observe)
+            self.batcher = MicroBatcher(
+                pool, max_batch, max_wait, on_batch=self.metrics.batch_size.observe
+            )
             self.pool = pool
         except Exception as exc:  # reported by /ready
             self.error = f"{type(exc).__name__}: {exc}"
@@ -128,8 +174,11 @@ class ServiceState:
             return
         path = adapter_path(self.store, validate_adapter_name(name))
         if name not in store_adapters(self.store):
-            raise HTTPError(404, "AdapterNotFound",
-                            f"No adapter {name!r} in the store; available: {store_adapters(self.store)}.")
+            raise HTTPError(
+                404,
+                "AdapterNotFound",
+                f"No adapter {name!r} in the store; available: {store_adapters(self.store)}.",
+            )
         with self._load_lock:  # one load per name at a time
             if name not in pool.names():
                 pool.load(name, path)
@@ -144,7 +193,9 @@ class ServiceState:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, "TooLarge", f"The request body is {declared} bytes; the limit is {limit}.")
+        raise HTTPError(
+            413, "TooLarge", f"The request body is {declared} bytes; the limit is {limit}."
+        )
     body = b""
     async for chunk in request.stream():
         body += chunk
@@ -157,7 +208,9 @@ def _decode_image(data: bytes, shape) -> np.ndarray:
     try:
         image = tf.io.decode_image(data, channels=shape[-1], expand_animations=False)
     except (tf.errors.InvalidArgumentError, ValueError) as exc:
-        raise HTTPError(400, "BadImage", f"Cannot decode the image (PNG or JPEG expected): {exc}") from None
+        raise HTTPError(
+            400, "BadImage", f"Cannot decode the image (PNG or JPEG expected): {exc}"
+        ) from None
     image = tf.image.resize(tf.cast(image, tf.float32), shape[:2])
     return (image / 127.5 - 1.0).numpy()
 
@@ -170,7 +223,9 @@ def _parse_tensor(values, shape) -> np.ndarray:
     if array.shape == (1, *shape):
         array = array[0]
     if array.shape != tuple(shape):
-        raise HTTPError(400, "BadTensor", f"'tensor' has shape {list(array.shape)}; expected {list(shape)}.")
+        raise HTTPError(
+            400, "BadTensor", f"'tensor' has shape {list(array.shape)}; expected {list(shape)}."
+        )
     if not np.all(np.isfinite(array)):
         raise HTTPError(400, "BadTensor", "'tensor' holds NaN or infinite values.")
     return array
@@ -205,10 +260,18 @@ async def _read_input(request: Request, shape, limit: int) -> np.ndarray:
     return _decode_image(data, shape)
 
 
-def create_app(store: str, model_name: Optional[str] = None, base_weights: Optional[str] = None,
-               capacity: int = 8, max_rank: Optional[int] = None, preload: bool = True,
-               max_body_bytes: int = 4 << 20, max_batch: int = 8, max_wait: float = 0.005,
-               startup_delay: float = 0.0) -> Starlette:
+def create_app(
+    store: str,
+    model_name: str | None = None,
+    base_weights: str | None = None,
+    capacity: int = 8,
+    max_rank: int | None = None,
+    preload: bool = True,
+    max_body_bytes: int = 4 << 20,
+    max_batch: int = 8,
+    max_wait: float = 0.005,
+    startup_delay: float = 0.0,
+) -> Starlette:
     """Builds the ASGI app; the pool is built in the background.
 
     Args:
@@ -224,8 +287,17 @@ def create_app(store: str, model_name: Optional[str] = None, base_weights: Optio
     Returns:
         The Starlette application.
     """
-    state = ServiceState(store, model_name, base_weights, capacity, max_rank, preload, max_batch, max_wait,
-                         startup_delay)
+    state = ServiceState(
+        store,
+        model_name,
+        base_weights,
+        capacity,
+        max_rank,
+        preload,
+        max_batch,
+        max_wait,
+        startup_delay,
+    )
 
     def handle(endpoint):
         async def wrapped(request: Request):
@@ -236,6 +308,7 @@ def create_app(store: str, model_name: Optional[str] = None, base_weights: Optio
             except LoRAError as exc:
                 status = next(code for cls, code in _STATUS if isinstance(exc, cls))
                 return _error_response(status, type(exc).__name__, str(exc))
+
         return wrapped
 
     async def health(request):
@@ -249,8 +322,15 @@ def create_app(store: str, model_name: Optional[str] = None, base_weights: Optio
 
     async def adapters(request):
         pool = state.require_pool()
-        return JSONResponse({"resident": pool.names(), "store": store_adapters(state.store),
-                             "active": pool.active, "merged": pool.merged, "capacity": pool.capacity})
+        return JSONResponse(
+            {
+                "resident": pool.names(),
+                "store": store_adapters(state.store),
+                "active": pool.active,
+                "merged": pool.merged,
+                "capacity": pool.capacity,
+            }
+        )
 
     async def load_adapter(request):
         name = validate_adapter_name(request.path_params["name"])
@@ -280,11 +360,15 @@ def create_app(store: str, model_name: Optional[str] = None, base_weights: Optio
                     logits = await state.batcher.predict(image, name)
                     break
                 except AdapterNotLoadedError:
-                    await asyncio.get_running_loop().run_in_executor(None, state.ensure_resident, name)
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, state.ensure_resident, name
+                    )
             else:
                 raise HTTPError(503, "Busy", f"Adapter {name!r} keeps being evicted; retry later.")
             status = "ok"
-            return JSONResponse({"adapter": name, "logits": logits.tolist(), "class": int(np.argmax(logits))})
+            return JSONResponse(
+                {"adapter": name, "logits": logits.tolist(), "class": int(np.argmax(logits))}
+            )
         finally:
             # Label only known adapters: names from requests must not grow the series.
             known = name == OFF or (state.pool is not None and name in state.pool.names())
@@ -306,6 +390,7 @@ def create_app(store: str, model_name: Optional[str] = None, base_weights: Optio
         Route("/predict/{name}", handle(predict), methods=["POST"]),
         Route("/metrics", handle(metrics)),
     ]
+
     async def http_exception(request, exc):  # unknown routes and methods, as JSON too
         return _error_response(exc.status_code, "HTTPError", str(exc.detail))
 

@@ -1,10 +1,10 @@
 """Dynamic batching: concurrent requests, whatever their adapters, run as one
 mixed batch through the pool."""
+
 import asyncio
 import queue
 import threading
 from dataclasses import dataclass
-from typing import List
 
 import numpy as np
 
@@ -30,12 +30,14 @@ class MicroBatcher:
         on_batch: Called with the batch size after each batch (metrics).
     """
 
-    def __init__(self, pool: AdapterPool, max_batch: int = 8, max_wait: float = 0.005, on_batch=None):
+    def __init__(
+        self, pool: AdapterPool, max_batch: int = 8, max_wait: float = 0.005, on_batch=None
+    ):
         self.pool = pool
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.on_batch = on_batch
-        self._queue: "queue.Queue[_Request]" = queue.Queue()
+        self._queue: queue.Queue[_Request] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="lora-ckpt-batcher", daemon=True)
         self._thread.start()
 
@@ -46,7 +48,7 @@ class MicroBatcher:
         self._queue.put(_Request(image, adapter, future, loop))
         return await future
 
-    def _take_batch(self) -> List[_Request]:
+    def _take_batch(self) -> list[_Request]:
         batch = [self._queue.get()]
         try:
             while len(batch) < self.max_batch:
@@ -74,7 +76,13 @@ class MicroBatcher:
         results = []
         for request in batch:
             try:
-                results.append((request, self.pool.predict(request.image[None], adapter=request.adapter)[0], None))
+                results.append(
+                    (
+                        request,
+                        self.pool.predict(request.image[None], adapter=request.adapter)[0],
+                        None,
+                    )
+                )
             except Exception as exc:
                 results.append((request, None, exc))
         return results

@@ -1,4 +1,5 @@
 """The partial-state subsystem: adapters as small tf.train.Checkpoint directories."""
+
 from .base_weights import load_base_weights
 from .format import CONFIG_FILE, FORMAT_VERSION
 from .inspect import inspect_adapter, list_adapters

@@ -15,9 +15,10 @@ records the size and SHA-256 of every checkpoint file, so a save killed at any
 point leaves either the previous complete adapter or no loadable adapter,
 never a mix. One writer per adapter path at a time.
 """
+
 import os
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from .._tf import tf
 from ..errors import AdapterExistsError

@@ -5,8 +5,8 @@ transfer them. Here the LoRA model reads the base weights file itself: a
 Keras HDF5 file (read with h5py) or a TensorFlow checkpoint, both as written
 by ``regular_model.save_weights(path)``. LoRA variables are left untouched.
 """
+
 import collections
-from typing import Dict
 
 import h5py
 import numpy as np
@@ -25,18 +25,21 @@ def _without_root(variable_name: str) -> str:
     return variable_name.split("/", 1)[-1].split(":", 1)[0]
 
 
-def _base_variables(model) -> Dict[str, tf.Variable]:
+def _base_variables(model) -> dict[str, tf.Variable]:
     return {
-        key: var for key, var in named_variables(model).items()
+        key: var
+        for key, var in named_variables(model).items()
         if variable_short_name(var) not in LORA_WEIGHT_NAMES
     }
 
 
-def _read_h5(path: str) -> Dict[str, np.ndarray]:
+def _read_h5(path: str) -> dict[str, np.ndarray]:
     weights = {}
     with h5py.File(path, "r") as handle:
-        root = handle["model_weights"] if "model_weights" in handle else handle
-        groups = [n.decode() if isinstance(n, bytes) else n for n in root.attrs.get("layer_names", [])]
+        root = handle.get("model_weights", handle)
+        groups = [
+            n.decode() if isinstance(n, bytes) else n for n in root.attrs.get("layer_names", [])
+        ]
         if "top_level_model_weights" in root:  # variables of the model itself (ViT's cls_token)
             groups.append("top_level_model_weights")
         for layer_name in groups:
@@ -72,7 +75,8 @@ def _load_tf_checkpoint(model, path: str) -> None:
     stored = [
         (tuple(shape))
         for name, shape in tf.train.list_variables(path)
-        if name.endswith("/.ATTRIBUTES/VARIABLE_VALUE") and ".OPTIMIZER_SLOT" not in name
+        if name.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
+        and ".OPTIMIZER_SLOT" not in name
         and not name.startswith("optimizer/")
     ]
     expected = collections.Counter(tuple(v.shape) for v in base.values())
@@ -106,5 +110,7 @@ def load_base_weights(model: tf.keras.Model, path: str) -> None:
         _load_h5(model, path)
     else:
         if not tf.io.gfile.exists(path + ".index"):
-            raise AdapterNotFoundError(f"No TensorFlow checkpoint at {path} ({path}.index is missing).")
+            raise AdapterNotFoundError(
+                f"No TensorFlow checkpoint at {path} ({path}.index is missing)."
+            )
         _load_tf_checkpoint(model, path)

@@ -11,8 +11,9 @@ Checkpoint keys are ``lora/<layer path>/<variable>/.ATTRIBUTES/VARIABLE_VALUE``,
 for example ``lora/stages/0/blocks/1/mlp/fc1/kernel_lora_a/...``: the path of
 the layer in the model, never an index or a runtime adapter name.
 """
+
 import json
-from typing import Any, Dict
+from typing import Any
 
 from ..errors import AdapterVersionError, CorruptAdapterError
 
@@ -53,10 +54,10 @@ def checkpoint_key(key: str) -> str:
     return f"{CHECKPOINT_ROOT}/{key}{_KEY_SUFFIX}"
 
 
-def nest_variables(variables: Dict[str, Any]) -> Dict[str, Any]:
+def nest_variables(variables: dict[str, Any]) -> dict[str, Any]:
     """Turns ``{"a/b/c": v}`` into ``{"a": {"b": {"c": v}}}`` for tf.train.Checkpoint,
     whose nested dicts become the readable ``/``-separated keys."""
-    root: Dict[str, Any] = {}
+    root: dict[str, Any] = {}
     for key, value in variables.items():
         *parents, leaf = key.split("/")
         node = root

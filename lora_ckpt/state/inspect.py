@@ -1,5 +1,4 @@
 """Summaries of adapters on disk, for listings and the CLI."""
-from typing import List
 
 import numpy as np
 
@@ -45,7 +44,7 @@ def inspect_adapter(path: str) -> dict:
     }
 
 
-def list_adapters(directory: str) -> List[dict]:
+def list_adapters(directory: str) -> list[dict]:
     """Summarises every committed adapter directly inside ``directory``.
 
     Directories that are not adapters (or whose save never committed) are

@@ -1,6 +1,6 @@
 """read_lora_state and load_lora_state: validate everything, then assign."""
+
 from dataclasses import dataclass, field
-from typing import Dict, List
 
 import numpy as np
 
@@ -30,7 +30,7 @@ class AdapterState:
 
     path: str
     config: dict
-    tensors: Dict[str, np.ndarray]
+    tensors: dict[str, np.ndarray]
 
     @property
     def rank(self) -> int:
@@ -56,10 +56,10 @@ class LoadReport:
             from the model's (skipped), with the reason.
     """
 
-    loaded: List[str] = field(default_factory=list)
-    missing: List[str] = field(default_factory=list)
-    unexpected: List[str] = field(default_factory=list)
-    mismatched: Dict[str, str] = field(default_factory=dict)
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -169,9 +169,14 @@ def check_identity(model, config: dict, path: str) -> None:
             f"The adapter at {path} was trained on a {theirs['architecture']} model; "
             f"this model is a {ours['architecture']}."
         )
-    if ours["config"] is not None and theirs["config"] is not None and ours["config"] != theirs["config"]:
+    if (
+        ours["config"] is not None
+        and theirs["config"] is not None
+        and ours["config"] != theirs["config"]
+    ):
         differing = sorted(
-            k for k in set(ours["config"]) | set(theirs["config"])
+            k
+            for k in set(ours["config"]) | set(theirs["config"])
             if ours["config"].get(k) != theirs["config"].get(k)
         )
         details = ", ".join(
@@ -237,12 +242,13 @@ def plan_load(model, state: AdapterState, strict: bool = True, check_base: bool 
 
     if strict and not report.complete:
         problems = (
-            [f"missing from the adapter: {report.missing[:5]}"] if report.missing else []
-        ) + (
-            [f"not in the model: {report.unexpected[:5]}"] if report.unexpected else []
-        ) + [f"{k}: {why}" for k, why in list(report.mismatched.items())[:5]]
+            ([f"missing from the adapter: {report.missing[:5]}"] if report.missing else [])
+            + ([f"not in the model: {report.unexpected[:5]}"] if report.unexpected else [])
+            + [f"{k}: {why}" for k, why in list(report.mismatched.items())[:5]]
+        )
         raise AdapterMismatchError(
-            f"The adapter at {path} does not fit this model: " + "; ".join(problems)
+            f"The adapter at {path} does not fit this model: "
+            + "; ".join(problems)
             + ". Pass strict=False to load what fits."
         )
     if check_base:
@@ -264,7 +270,9 @@ def assign_all(assignments) -> None:
         var.assign(value)
 
 
-def load_lora_state(model, path: str, *, strict: bool = True, check_base: bool = True) -> LoadReport:
+def load_lora_state(
+    model, path: str, *, strict: bool = True, check_base: bool = True
+) -> LoadReport:
     """Loads an adapter into a model, validating all of it before assigning any of it.
 
     Args:

@@ -1,9 +1,10 @@
 """save_lora_state: write a model's adapter variables as an adapter directory."""
+
 import dataclasses
 import datetime
 import hashlib
 import json
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from .._tf import tf
 from ..errors import LoRAConfigError
@@ -45,7 +46,8 @@ def model_identity(model) -> dict:
     config = None
     if dataclasses.is_dataclass(cfg):
         config = {
-            k: v for k, v in dataclasses.asdict(cfg).items()
+            k: v
+            for k, v in dataclasses.asdict(cfg).items()
             if not k.startswith("lora_") and k not in ("name", "url")
         }
         config = json.loads(json.dumps(config))  # tuples -> lists, as read back
@@ -73,9 +75,7 @@ def file_record(path: str) -> dict:
 def build_config(model, selection: StateSelection, metadata: dict) -> dict:
     """The adapter config for a selection (without the checkpoint file records)."""
     identity = model_identity(model)
-    identity["fingerprint"] = base_fingerprint(
-        selection.model_variables, selection.variables
-    )
+    identity["fingerprint"] = base_fingerprint(selection.model_variables, selection.variables)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -101,9 +101,9 @@ def save_lora_state(
     model: tf.keras.Model,
     path: str,
     *,
-    include_bias: Optional[str] = None,
-    extra_layers: Optional[Iterable[str]] = None,
-    metadata: Optional[dict] = None,
+    include_bias: str | None = None,
+    extra_layers: Iterable[str] | None = None,
+    metadata: dict | None = None,
     overwrite: bool = False,
 ) -> str:
     """Saves only a model's adapter variables, atomically, as a directory.

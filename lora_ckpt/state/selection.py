@@ -6,10 +6,11 @@ BatchNorm moving statistics) of the extra layers named by the caller. The
 rest of the model is the *base*: it is identified by a fingerprint, never
 saved.
 """
+
 import fnmatch
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -39,19 +40,19 @@ class StateSelection:
         model_variables: ``key -> variable`` for the whole model.
     """
 
-    variables: Dict[str, tf.Variable]
-    kinds: Dict[str, str]
-    layers: Dict[str, dict]
+    variables: dict[str, tf.Variable]
+    kinds: dict[str, str]
+    layers: dict[str, dict]
     bias: str
-    extra_layers: List[str]
-    model_variables: Dict[str, tf.Variable] = field(repr=False)
+    extra_layers: list[str]
+    model_variables: dict[str, tf.Variable] = field(repr=False)
 
-    def lora_keys(self) -> List[str]:
+    def lora_keys(self) -> list[str]:
         """Keys of the LoRA A/B variables: what every adapter of this model holds."""
         return [k for k, kind in self.kinds.items() if kind == KIND_LORA]
 
 
-def resolve_layer_patterns(model, patterns: Iterable[str], layers=None) -> List[str]:
+def resolve_layer_patterns(model, patterns: Iterable[str], layers=None) -> list[str]:
     """Expands layer paths, names or glob patterns to layer paths.
 
     Args:
@@ -67,10 +68,11 @@ def resolve_layer_patterns(model, patterns: Iterable[str], layers=None) -> List[
         LayerNotFoundError: If a pattern matches no layer.
     """
     layers = list(named_layers(model)) if layers is None else layers
-    paths: List[str] = []
+    paths: list[str] = []
     for pattern in patterns:
         matched = [
-            path for path, layer in layers
+            path
+            for path, layer in layers
             if path == pattern or layer.name == pattern or fnmatch.fnmatchcase(path, pattern)
         ]
         if not matched:
@@ -84,8 +86,8 @@ def resolve_layer_patterns(model, patterns: Iterable[str], layers=None) -> List[
 
 def select_state(
     model: tf.keras.Model,
-    include_bias: Optional[str] = None,
-    extra_layers: Optional[Iterable[str]] = None,
+    include_bias: str | None = None,
+    extra_layers: Iterable[str] | None = None,
 ) -> StateSelection:
     """Selects the adapter variables of a model.
 
@@ -128,7 +130,7 @@ def select_state(
     all_vars = named_variables(model)
     key_of = {id(v): k for k, v in all_vars.items()}
 
-    kinds: Dict[str, str] = {}
+    kinds: dict[str, str] = {}
     for _, layer in layers:
         for var in (layer.kernel_lora_a, layer.kernel_lora_b):
             kinds[key_of[id(var)]] = KIND_LORA
@@ -169,7 +171,7 @@ def _sample(variable: tf.Variable) -> np.ndarray:
     return np.ascontiguousarray(flat[:: -(-flat.size // FINGERPRINT_SAMPLES)])
 
 
-def base_fingerprint(model_variables: Dict[str, tf.Variable], exclude: Iterable[str]) -> str:
+def base_fingerprint(model_variables: dict[str, tf.Variable], exclude: Iterable[str]) -> str:
     """A digest that identifies the base weights: every variable not in ``exclude``.
 
     It covers each variable's key, shape and dtype, and a fixed sample of its

@@ -5,7 +5,8 @@ those variables (the optimizer only ever tracks what it trains) and the
 epoch, managed by ``tf.train.CheckpointManager`` so the last N are kept.
 Export the finished adapter with :func:`save_lora_state`.
 """
-from typing import Iterable, Optional
+
+from collections.abc import Iterable
 
 from .._tf import tf
 from ..errors import AdapterNotFoundError
@@ -31,8 +32,8 @@ class AdapterCheckpointManager:
         directory: str,
         optimizer=None,
         max_to_keep: int = 3,
-        include_bias: Optional[str] = None,
-        extra_layers: Optional[Iterable[str]] = None,
+        include_bias: str | None = None,
+        extra_layers: Iterable[str] | None = None,
     ):
         self.model = model
         self.optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
@@ -56,7 +57,7 @@ class AdapterCheckpointManager:
         self.epoch.assign(epoch)
         return self.manager.save(checkpoint_number=epoch)
 
-    def restore(self, path: Optional[str] = None) -> int:
+    def restore(self, path: str | None = None) -> int:
         """Restores the latest (or the given) checkpoint.
 
         Args:
@@ -98,19 +99,24 @@ class AdapterCheckpoint(tf.keras.callbacks.Callback):
         self.max_to_keep = max_to_keep
         self.include_bias = include_bias
         self.extra_layers = extra_layers
-        self.manager: Optional[AdapterCheckpointManager] = None
+        self.manager: AdapterCheckpointManager | None = None
 
     def on_train_begin(self, logs=None):
         self.manager = AdapterCheckpointManager(
-            self.model, self.directory, max_to_keep=self.max_to_keep,
-            include_bias=self.include_bias, extra_layers=self.extra_layers,
+            self.model,
+            self.directory,
+            max_to_keep=self.max_to_keep,
+            include_bias=self.include_bias,
+            extra_layers=self.extra_layers,
         )
 
     def on_epoch_end(self, epoch, logs=None):
         self.manager.save(epoch + 1)
 
 
-def restore_training_checkpoint(model: tf.keras.Model, directory: str, optimizer=None, **selection) -> int:
+def restore_training_checkpoint(
+    model: tf.keras.Model, directory: str, optimizer=None, **selection
+) -> int:
     """Restores a LoRA model (and its optimizer) from its latest training checkpoint.
 
     Args:

@@ -3,6 +3,7 @@
 Used by test_crash_safety: prints "ready" once TensorFlow is up, then the
 number of every version whose save returned.
 """
+
 import sys
 
 import lora_ckpt
