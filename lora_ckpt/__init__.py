@@ -4,45 +4,20 @@ The tfimm LoRA API (``create_model``, ``convert_to_lora_model``, ...) plus
 what tfimm never did: merge/unmerge that restores kernels exactly, more layer
 types and architectures, adapters saved and loaded on their own
 (``save_lora_state``/``load_lora_state``), and an ``AdapterPool`` that serves
-many adapters on one base model. ``lora-ckpt`` (lora_ckpt.cli) is the command,
-lora_ckpt.serve the HTTP service.
+many adapters on one base model. ``lora-ckpt`` (lora_ckpt.cli) is the command.
+
+The names below are the user's workflow. Error classes live in
+``lora_ckpt.errors``, architecture classes in ``lora_ckpt.architectures``,
+training-checkpoint callbacks in ``lora_ckpt.state``. ``lora_ckpt.tf`` is
+TensorFlow, imported with the Keras 2 API (``tf_keras``) that lora_ckpt needs.
 """
 
-from . import _tf  # noqa: F401  (first: TensorFlow must come up with Keras 2)
-from .architectures import (
-    LoRAConvNeXt,
-    LoRAConvNeXtConfig,
-    LoRAMLPMixer,
-    LoRAMLPMixerConfig,
-    LoRAResNet,
-    LoRAResNetConfig,
-    LoRASwinTransformer,
-    LoRASwinTransformerConfig,
-    LoRAViT,
-    LoRAViTConfig,
-)
-from .errors import (
-    AdapterError,
-    AdapterExistsError,
-    AdapterMismatchError,
-    AdapterNotFoundError,
-    AdapterNotLoadedError,
-    AdapterVersionError,
-    BaseModelMismatchError,
-    CorruptAdapterError,
-    KerasVersionError,
-    LayerNotFoundError,
-    LoRAConfigError,
-    LoRAError,
-    MergeStateError,
-    PoolError,
-    PoolFullError,
-    PoolRequestError,
-    PoolStateError,
-    UnknownModelError,
-    UnregisteredArchitectureError,
-    UnsupportedLayerError,
-)
+# isort: off
+from ._tf import tf  # first: TensorFlow must come up with Keras 2
+
+# isort: on
+from . import architectures  # noqa: F401  (registers the LoRA architectures)
+from .errors import LoRAError
 from .layers import (
     LORA_WEIGHT_NAMES,
     LoRAConv2D,
@@ -55,8 +30,6 @@ from .models import (
     convert_to_regular_model,
     create_model,
     lora_layers,
-    lora_non_trainable_weights,
-    lora_trainable_weights,
     merge_lora_weights,
     merge_weights,
     set_lora_enabled,
@@ -70,9 +43,8 @@ from .registry import (
     lora_config,
     register_lora_architecture,
 )
+from .selection import lora_non_trainable_weights, lora_trainable_weights
 from .state import (
-    AdapterCheckpoint,
-    AdapterCheckpointManager,
     AdapterState,
     LoadReport,
     inspect_adapter,
@@ -80,64 +52,29 @@ from .state import (
     load_base_weights,
     load_lora_state,
     read_lora_state,
-    restore_training_checkpoint,
     save_lora_state,
 )
 from .version import __version__
 
 __all__ = [
-    "AdapterNotLoadedError",
-    "AdapterPool",
-    "OFF",
-    "PoolError",
-    "PoolFullError",
-    "PoolRequestError",
-    "PoolStateError",
-    "AdapterCheckpoint",
-    "AdapterCheckpointManager",
-    "AdapterError",
-    "AdapterExistsError",
-    "AdapterMismatchError",
-    "AdapterNotFoundError",
-    "AdapterState",
-    "AdapterVersionError",
-    "BaseModelMismatchError",
-    "CorruptAdapterError",
-    "LoadReport",
-    "inspect_adapter",
-    "list_adapters",
-    "load_base_weights",
-    "load_lora_state",
-    "read_lora_state",
-    "restore_training_checkpoint",
-    "save_lora_state",
-    "KerasVersionError",
     "LORA_WEIGHT_NAMES",
-    "LayerNotFoundError",
-    "LoRAConfigError",
+    "OFF",
+    "AdapterPool",
+    "AdapterState",
     "LoRAConv2D",
-    "LoRAConvNeXt",
-    "LoRAConvNeXtConfig",
-    "LoRAMLPMixer",
-    "LoRAMLPMixerConfig",
-    "LoRAResNet",
-    "LoRAResNetConfig",
-    "LoRASwinTransformer",
-    "LoRASwinTransformerConfig",
-    "LoRAViT",
-    "LoRAViTConfig",
     "LoRADense",
     "LoRAError",
-    "MergeStateError",
-    "UnknownModelError",
-    "UnregisteredArchitectureError",
-    "UnsupportedLayerError",
+    "LoadReport",
     "__version__",
     "convert_to_lora_layer",
     "convert_to_lora_model",
     "convert_to_regular_model",
     "create_model",
+    "inspect_adapter",
     "is_lora_layer",
+    "list_adapters",
+    "load_base_weights",
+    "load_lora_state",
     "lora_architecture",
     "lora_base_architecture",
     "lora_config",
@@ -146,8 +83,11 @@ __all__ = [
     "lora_trainable_weights",
     "merge_lora_weights",
     "merge_weights",
+    "read_lora_state",
     "register_lora_architecture",
+    "save_lora_state",
     "set_lora_enabled",
     "supported_architectures",
+    "tf",
     "unmerge_lora_weights",
 ]

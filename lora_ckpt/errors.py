@@ -1,8 +1,10 @@
 """Errors a user of lora_ckpt can cause.
 
-Every error raised for bad input is a :class:`LoRAError`. Where tfimm's LoRA
-module raised ``ValueError`` for the same mistake, the subclass is also a
-``ValueError`` so code written against tfimm keeps catching it.
+Every error raised for bad input is a :class:`LoRAError`; each subclass
+stands for one kind of mistake. Where tfimm's LoRA module raised
+``ValueError`` for the same mistake, the subclass is also a ``ValueError`` so
+code written against tfimm keeps catching it. This module imports nothing,
+so pure-Python parts (the slot table) can use it without TensorFlow.
 """
 
 
@@ -15,7 +17,7 @@ class KerasVersionError(LoRAError, ImportError):
 
 
 class LoRAConfigError(LoRAError, ValueError):
-    """A LoRA hyper-parameter (rank, alpha, dropout, bias mode, ...) is invalid."""
+    """An argument is invalid: a LoRA hyper-parameter, a name, a request's shape."""
 
 
 class UnsupportedLayerError(LoRAError, ValueError):
@@ -31,11 +33,24 @@ class UnregisteredArchitectureError(LoRAError, ValueError):
 
 
 class MergeStateError(LoRAError, RuntimeError):
-    """Merge or unmerge was called in the wrong state (e.g. merging twice)."""
+    """The call does not fit the merge state (merging twice, serving another
+    adapter while one is merged, unloading the merged adapter, ...)."""
 
 
 class LayerNotFoundError(LoRAError, ValueError):
     """A layer name or pattern given by the user matches no layer of the model."""
+
+
+class BaseWeightsError(LoRAError):
+    """A base weights file is missing or does not hold this model's base weights."""
+
+
+class TrainingCheckpointError(LoRAError):
+    """A training checkpoint (adapter, optimizer and epoch) is missing or unreadable."""
+
+
+class StoreError(LoRAError):
+    """An adapter store is missing or malformed (no ``base.json``, ...)."""
 
 
 class AdapterError(LoRAError):
@@ -67,7 +82,7 @@ class BaseModelMismatchError(AdapterMismatchError):
 
 
 class PoolError(LoRAError):
-    """Base class of errors raised by an AdapterPool."""
+    """Base class of errors about an AdapterPool's resident adapters."""
 
 
 class AdapterNotLoadedError(PoolError, KeyError):
@@ -79,11 +94,3 @@ class AdapterNotLoadedError(PoolError, KeyError):
 
 class PoolFullError(PoolError):
     """Every slot of the pool is in use by running requests; nothing can be evicted."""
-
-
-class PoolRequestError(PoolError, ValueError):
-    """A request is malformed (input shape, adapter list length, ...)."""
-
-
-class PoolStateError(PoolError, RuntimeError):
-    """The request does not fit the pool's state (e.g. another adapter is merged)."""

@@ -1,4 +1,4 @@
-"""Model-level LoRA API: factory, conversion, weight selection, merging.
+"""Model-level LoRA API: the factory, conversion both ways, merging.
 
 The names and signatures are those of ``tfimm.architectures.lora``, so code
 written against it works after changing the import.
@@ -7,7 +7,6 @@ written against it works after changing the import.
 import dataclasses
 import difflib
 import warnings
-from collections.abc import Iterable
 
 import tfimm
 from tfimm.models import model_class, model_config, transfer_weights
@@ -19,8 +18,8 @@ from .errors import (
     MergeStateError,
     UnknownModelError,
 )
-from .generic import convert_graph_model, graph_model_to_regular, is_graph_model
-from .layers import LORA_WEIGHT_NAMES, is_lora_layer, supported_layer_types, validate_lora_args
+from .graph_models import convert_graph_model, graph_model_to_regular, is_graph_model
+from .layers import LORA_WEIGHT_NAMES, is_lora_layer, supported_layer_types
 from .registry import (
     is_lora_architecture,
     lora_architecture,
@@ -28,9 +27,7 @@ from .registry import (
     lora_config,
     registered_architectures,
 )
-from .traversal import named_layers, named_variables
-
-TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
+from .traversal import named_layers
 
 # tfimm's LoRAConvNeXtConfig spells this field `lora_train_classifer`.
 _DEPRECATED_KWARGS = {"lora_train_classifer": "lora_train_classifier"}
@@ -57,29 +54,6 @@ def _config_with_overrides(cfg_cls, base: dict, overrides: dict, model_desc: str
     values = {k: v for k, v in base.items() if k in fields}
     values.update(overrides)
     return cfg_cls(**values)
-
-
-def validate_lora_config(cfg) -> None:
-    """Checks the LoRA fields of an architecture config.
-
-    Args:
-        cfg: A LoRA architecture config (e.g. ``LoRAConvNeXtConfig``).
-
-    Raises:
-        LoRAConfigError: If rank, alpha, dropout or ``lora_train_bias`` is
-            invalid.
-    """
-    validate_lora_args(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    check_train_bias(cfg.lora_train_bias)
-
-
-def check_train_bias(train_bias: str) -> None:
-    """Raises LoRAConfigError unless ``train_bias`` is "none", "lora_only" or "all"."""
-    if train_bias not in TRAIN_BIAS_OPTIONS:
-        raise LoRAConfigError(
-            f"Unknown value for train_bias: {train_bias!r}; expected one of "
-            f"{list(TRAIN_BIAS_OPTIONS)}."
-        )
 
 
 def _build(model: tf.keras.Model) -> tf.keras.Model:
@@ -150,7 +124,7 @@ def convert_to_lora_model(model: tf.keras.Model, **kwargs) -> tf.keras.Model:
 
     A model of a registered architecture (tfimm's ConvNeXt, ViT, ...) becomes
     its LoRA class; a functional or Sequential Keras model gets LoRA on the
-    layers that ``target_layers`` names (see :func:`lora_ckpt.generic.convert_graph_model`).
+    layers that ``target_layers`` names (see :func:`lora_ckpt.graph_models.convert_graph_model`).
 
     Args:
         model: A registered architecture, or a functional/Sequential model.
@@ -315,106 +289,6 @@ def set_lora_enabled(model: tf.keras.layers.Layer, enabled: bool) -> None:
     for layer in _require_lora_layers(model):
         layer.lora_enabled = bool(enabled)
     _forget_compiled_functions(model)
-
-
-def bias_variables(layer: tf.keras.layers.Layer) -> list[tf.Variable]:
-    """The bias variables of a layer: convolution/dense ``bias``, norm ``beta``."""
-    bias_layers = (
-        tf.keras.layers.Conv1D,
-        tf.keras.layers.Conv2D,
-        tf.keras.layers.Conv3D,
-        tf.keras.layers.Dense,
-        tf.keras.layers.DepthwiseConv1D,
-        tf.keras.layers.DepthwiseConv2D,
-    )
-    norm_layers = (tf.keras.layers.BatchNormalization, tf.keras.layers.LayerNormalization)
-    if isinstance(layer, bias_layers) and layer.use_bias:
-        return [layer.bias]
-    if isinstance(layer, norm_layers) and layer.center:
-        return [layer.beta]
-    return []
-
-
-def trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> list[tf.Variable]:
-    """The biases of ``layer`` that bias mode ``train_bias`` trains."""
-    if train_bias == "all" or (train_bias == "lora_only" and is_lora_layer(layer)):
-        return bias_variables(layer)
-    return []
-
-
-def lora_trainable_weights(
-    model: tf.keras.layers.Layer,
-    train_bias: str = "none",
-    trainable_layers: Iterable[str] | None = None,
-) -> list[tf.Variable]:
-    """The variables to train for LoRA, in place of ``model.trainable_weights``.
-
-    Works for any Keras model: subclassed, functional or Sequential.
-
-    Args:
-        model: A model with LoRA layers.
-        train_bias: ``"none"``: no biases; ``"lora_only"``: the biases of LoRA
-            layers; ``"all"``: every bias (dense/conv ``bias``, norm ``beta``).
-        trainable_layers: Layers trained in full (e.g. a classifier head),
-            given by path (``"head/fc"``) or layer name.
-
-    Returns:
-        The variables, each once, in the model's layer order.
-
-    Raises:
-        LoRAConfigError: For an unknown ``train_bias``.
-        LayerNotFoundError: If a name in ``trainable_layers`` matches no layer.
-    """
-    check_train_bias(train_bias)
-    wanted = list(trainable_layers or [])
-    found = set()
-    selected, ids = [], set()
-
-    def add(variables):
-        for v in variables:
-            if id(v) not in ids:
-                ids.add(id(v))
-                selected.append(v)
-
-    for path, layer in named_layers(model):
-        if is_lora_layer(layer):
-            add([layer.kernel_lora_a, layer.kernel_lora_b])
-        add(trained_biases(layer, train_bias))
-        for name in (path, layer.name):
-            if name in wanted:
-                found.add(name)
-                add(tf.keras.layers.Layer.trainable_weights.fget(layer))
-    missing = [name for name in wanted if name not in found]
-    if missing:
-        paths = [path for path, _ in named_layers(model)]
-        raise LayerNotFoundError(
-            f"trainable_layers {missing} match no layer of model '{model.name}'. "
-            f"Layer paths include: {paths[:20]}{' ...' if len(paths) > 20 else ''}"
-        )
-    return selected
-
-
-def lora_non_trainable_weights(
-    model: tf.keras.layers.Layer,
-    train_bias: str = "none",
-    trainable_layers: Iterable[str] | None = None,
-) -> list[tf.Variable]:
-    """Every variable of the model that :func:`lora_trainable_weights` leaves out.
-
-    Args:
-        model: A model with LoRA layers.
-        train_bias: As for :func:`lora_trainable_weights`.
-        trainable_layers: As for :func:`lora_trainable_weights`.
-
-    Returns:
-        The frozen variables, in the model's layer order.
-
-    Raises:
-        LoRAConfigError, LayerNotFoundError: As :func:`lora_trainable_weights`.
-    """
-    trainable = lora_trainable_weights(model, train_bias, trainable_layers)
-    ids = {id(v) for v in trainable}
-    return [v for v in named_variables(model).values() if id(v) not in ids]
 
 
 def supported_architectures() -> dict:

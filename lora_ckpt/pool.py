@@ -27,19 +27,15 @@ from ._tf import tf
 from .errors import (
     AdapterMismatchError,
     AdapterNotLoadedError,
-    BaseModelMismatchError,
     LayerNotFoundError,
     LoRAConfigError,
     MergeStateError,
     PoolFullError,
-    PoolRequestError,
-    PoolStateError,
 )
 from .models import lora_layers
+from .selection import KIND_BIAS, KIND_LORA
 from .slots import BASE_ONLY, lora_routing
-from .state.load import AdapterState, check_identity, read_lora_state
-from .state.selection import KIND_BIAS, KIND_LORA, base_fingerprint
-from .traversal import named_variables
+from .state import AdapterState, ModelSignature, check_base, check_fit, read_lora_state
 
 OFF = "off"
 """The adapter name that computes the base model (LoRA off)."""
@@ -156,6 +152,7 @@ class AdapterPool:
         self._merged: str | None = None
         self._merged_slot = 0
         self._fingerprints: dict[frozenset, str] = {}
+        self._signature = ModelSignature.of(model)
         self.stats = {"loads": 0, "evictions": 0, "requests": 0, "samples": 0}
         self.trace_count = 0
 
@@ -232,37 +229,24 @@ class AdapterPool:
             )
         return slot
 
-    def _fingerprint(self, excluded: frozenset) -> str:
-        if excluded not in self._fingerprints:
-            with self._rw.reading():  # merged kernels are not the base
-                if self._merged is not None:
-                    raise PoolStateError(
-                        f"Adapter {self._merged!r} is merged; unmerge before loading adapters "
-                        "of a new kind, so the base weights can be checked."
-                    )
-                self._fingerprints[excluded] = base_fingerprint(
-                    named_variables(self.model), excluded
+    def _check_base(self, state: AdapterState) -> None:
+        with self._rw.reading():  # merged kernels are not the base
+            if self._merged is not None:
+                raise MergeStateError(
+                    f"Adapter {self._merged!r} is merged; unmerge before loading adapters, "
+                    "so the base weights can be checked."
                 )
-        return self._fingerprints[excluded]
+            check_base(self._signature, state.config, state.path, cache=self._fingerprints)
 
     def _prepare(self, state: AdapterState) -> dict[str, _LayerUpdate]:
         """Validates an adapter against the pool; returns what to write per layer."""
         config, path = state.config, state.path
-        check_identity(self.model, config, path)
-        layers_cfg = config["layers"]
-        unexpected = sorted(set(layers_cfg) - set(self._layers))
-        missing = sorted(set(self._layers) - set(layers_cfg))
-        if unexpected or missing:
-            raise AdapterMismatchError(
-                f"The adapter at {path} does not fit this model's LoRA layers "
-                f"(not in the model: {unexpected[:5]}; missing from the adapter: {missing[:5]})."
-            )
-        kinds = {key: record["kind"] for key, record in config["variables"].items()}
+        check_fit(self._signature, config, path, max_rank=self.max_rank)
         unsupported = [
             key
-            for key, kind in kinds.items()
-            if kind not in (KIND_LORA, KIND_BIAS)
-            or (kind == KIND_BIAS and key.rsplit("/", 1)[0] not in self._layers)
+            for key, record in config.variables.items()
+            if record.kind not in (KIND_LORA, KIND_BIAS)
+            or (record.kind == KIND_BIAS and key.rsplit("/", 1)[0] not in self._layers)
         ]
         if unsupported:
             raise AdapterMismatchError(
@@ -274,37 +258,14 @@ class AdapterPool:
         for layer_path, layer in self._layers.items():
             a = state.tensors[f"{layer_path}/kernel_lora_a"]
             b = state.tensors[f"{layer_path}/kernel_lora_b"]
-            rank = a.shape[-1]
-            if rank > self.max_rank:
-                raise AdapterMismatchError(
-                    f"The adapter at {path} has rank {rank} at layer {layer_path}, above this "
-                    f"pool's max_rank={self.max_rank}. Create the pool with a larger max_rank."
-                )
-            slots = layer.slots
-            if list(a.shape[:-1]) != slots.a_shape or b.shape != (rank, slots.out_dim):
-                raise AdapterMismatchError(
-                    f"The adapter at {path} has LoRA shapes A{list(a.shape)}, B{list(b.shape)} at "
-                    f"layer {layer_path}; this model needs A[{slots.a_shape}, r], B[r, {slots.out_dim}]."
-                )
-            dtype = layer.kernel.dtype.as_numpy_dtype
-            bias = state.tensors.get(f"{layer_path}/bias")
-            if bias is None:
-                bias = self._base_biases[layer_path]
+            bias = state.tensors.get(f"{layer_path}/bias", self._base_biases[layer_path])
             updates[layer_path] = _LayerUpdate(
-                *slots.padded(a.astype(dtype), b.astype(dtype)),
-                np.asarray(layers_cfg[layer_path]["scaling"], dtype),
-                bias.astype(dtype),
+                *layer.slots.padded(a, b),
+                np.asarray(config.layers[layer_path].scaling, a.dtype),
+                bias,
             )
         if self.check_base:
-            lora_keys = {
-                f"{p}/{n}" for p in self._layers for n in ("kernel_lora_a", "kernel_lora_b")
-            }
-            ours = self._fingerprint(frozenset(lora_keys | set(state.tensors)))
-            if ours != state.fingerprint:
-                raise BaseModelMismatchError(
-                    f"The adapter at {path} was trained on other base weights "
-                    f"({state.fingerprint}) than this pool's model has ({ours})."
-                )
+            self._check_base(state)
         return updates
 
     def _take_slot(self) -> int:
@@ -383,11 +344,11 @@ class AdapterPool:
 
         Raises:
             AdapterNotLoadedError: If ``name`` is not resident.
-            PoolStateError: If it is merged, or ``name`` is ``"off"``.
+            MergeStateError: If it is merged, or ``name`` is ``"off"``.
         """
         with self._lock:
             if name == OFF or name == self._merged:
-                raise PoolStateError(
+                raise MergeStateError(
                     f"Adapter {name!r} cannot be unloaded (it is 'off' or merged)."
                 )
             slot = self._slot(name)
@@ -436,19 +397,19 @@ class AdapterPool:
             The model's outputs as a numpy array.
 
         Raises:
-            PoolRequestError: For a wrong input shape or adapter list length.
+            LoRAConfigError: For a wrong input shape or adapter list length.
             AdapterNotLoadedError: If a named adapter is not resident.
-            PoolStateError: If another adapter than the requested one is merged.
+            MergeStateError: If another adapter than the requested one is merged.
         """
         x = np.asarray(x, dtype=self.dtype)
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise PoolRequestError(
+            raise LoRAConfigError(
                 f"Expected a batch of shape [n, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}."
             )
         if len(x) == 0:
-            raise PoolRequestError("The batch is empty; send at least one sample.")
+            raise LoRAConfigError("The batch is empty; send at least one sample.")
         if adapters is not None and adapter is not None:
-            raise PoolRequestError(
+            raise LoRAConfigError(
                 "Pass either adapter (one for the batch) or adapters (one per sample)."
             )
         if adapters is None:
@@ -456,7 +417,7 @@ class AdapterPool:
         else:
             names = list(adapters)
             if len(names) != len(x):
-                raise PoolRequestError(
+                raise LoRAConfigError(
                     f"adapters names {len(names)} adapters for a batch of {len(x)} samples; "
                     "give one adapter name per sample."
                 )
@@ -464,7 +425,7 @@ class AdapterPool:
             merged = self._merged
             if merged is not None:
                 if set(names) != {merged}:
-                    raise PoolStateError(
+                    raise MergeStateError(
                         f"Adapter {merged!r} is merged into the base kernels; requests for "
                         f"{sorted(set(names) - {merged})} must wait for pool.unmerge()."
                     )

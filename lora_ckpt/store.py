@@ -15,7 +15,7 @@ import os
 import re
 
 from ._tf import tf
-from .errors import AdapterNotFoundError, LoRAConfigError
+from .errors import BaseWeightsError, LoRAConfigError, StoreError
 from .models import create_model
 from .state import load_base_weights
 from .state.format import CONFIG_FILE
@@ -81,11 +81,11 @@ def read_base_config(store: str) -> dict:
     """The parsed ``base.json`` of a store.
 
     Raises:
-        AdapterNotFoundError: If the store has no ``base.json``.
+        StoreError: If the store has no ``base.json``.
     """
     path = os.path.join(store, BASE_CONFIG)
     if not tf.io.gfile.exists(path):
-        raise AdapterNotFoundError(
+        raise StoreError(
             f"{store} is not an adapter store (no {BASE_CONFIG}); run `lora-ckpt demo` "
             "to create one, or pass --model and --base-weights."
         )
@@ -117,5 +117,5 @@ def build_base_model(store: str, model_name: str = None, base_weights: str = Non
     if tf.io.gfile.exists(weights) or tf.io.gfile.exists(weights + ".index"):
         load_base_weights(model, weights)
     elif base_weights is not None:
-        raise AdapterNotFoundError(f"Base weights {base_weights} not found.")
+        raise BaseWeightsError(f"Base weights {base_weights} not found.")
     return model, base

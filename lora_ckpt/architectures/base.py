@@ -12,9 +12,13 @@ from dataclasses import dataclass
 
 from .._tf import tf
 from ..errors import LoRAConfigError
-from ..generic import LoRASettings
-from ..layers import convert_to_lora_layer
-from ..models import lora_non_trainable_weights, lora_trainable_weights, validate_lora_config
+from ..layers import convert_to_lora_layer, validate_lora_args
+from ..selection import (
+    LoRASettings,
+    check_train_bias,
+    lora_non_trainable_weights,
+    lora_trainable_weights,
+)
 from ..traversal import named_layers
 
 
@@ -74,7 +78,8 @@ class LoRAModelMixin:
             LoRAConfigError: For invalid LoRA values or an unknown group.
             UnsupportedLayerError: If a group layer cannot be converted.
         """
-        validate_lora_config(self.cfg)
+        validate_lora_args(self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_dropout)
+        check_train_bias(self.cfg.lora_train_bias)
         groups = tuple(self.cfg.lora_layer_groups)
         unknown = [g for g in groups if g not in self.layer_groups()]
         if unknown or not groups:

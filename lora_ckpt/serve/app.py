@@ -51,8 +51,8 @@ from ..errors import (
     AdapterNotLoadedError,
     LoRAConfigError,
     LoRAError,
+    MergeStateError,
     PoolFullError,
-    PoolRequestError,
 )
 from ..pool import OFF, AdapterPool
 from ..store import adapter_path, build_base_model, store_adapters, validate_adapter_name
@@ -69,8 +69,8 @@ _STATUS = [  # most specific first
     (AdapterNotLoadedError, 404),
     (AdapterNotFoundError, 404),
     (PoolFullError, 503),
-    (PoolRequestError, 400),
     (LoRAConfigError, 400),
+    (MergeStateError, 409),
     (AdapterMismatchError, 422),
     (AdapterError, 422),
     (LoRAError, 400),

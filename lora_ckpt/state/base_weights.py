@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from .._tf import tf
-from ..errors import AdapterMismatchError, AdapterNotFoundError
+from ..errors import BaseWeightsError
 from ..layers import LORA_WEIGHT_NAMES
 from ..traversal import named_variables, variable_short_name
 
@@ -56,12 +56,12 @@ def _load_h5(model, path: str) -> None:
     for key, var in _base_variables(model).items():
         name = _without_root(var.name)
         if name not in stored:
-            raise AdapterMismatchError(
+            raise BaseWeightsError(
                 f"{path} has no weight {name} for variable {key}: it is not a weights "
                 "file of this architecture and configuration."
             )
         if stored[name].shape != tuple(var.shape):
-            raise AdapterMismatchError(
+            raise BaseWeightsError(
                 f"{path}: weight {name} has shape {stored[name].shape}, the model "
                 f"needs {tuple(var.shape)}."
             )
@@ -81,7 +81,7 @@ def _load_tf_checkpoint(model, path: str) -> None:
     ]
     expected = collections.Counter(tuple(v.shape) for v in base.values())
     if collections.Counter(stored) != expected:
-        raise AdapterMismatchError(
+        raise BaseWeightsError(
             f"The checkpoint {path} holds {len(stored)} weights whose shapes do not "
             f"match the {len(base)} base weights of this model: it is not a weights "
             "file of this architecture and configuration."
@@ -99,18 +99,16 @@ def load_base_weights(model: tf.keras.Model, path: str) -> None:
             written by ``save_weights`` of the regular model.
 
     Raises:
-        AdapterNotFoundError: If the file does not exist.
-        AdapterMismatchError: If it does not hold the base weights of this
+        BaseWeightsError: If the file does not exist.
+        BaseWeightsError: If it does not hold the base weights of this
             architecture and configuration (checked before any assignment).
     """
     path = str(path)
     if path.endswith(_H5_SUFFIXES):
         if not tf.io.gfile.exists(path):
-            raise AdapterNotFoundError(f"Base weights file {path} does not exist.")
+            raise BaseWeightsError(f"Base weights file {path} does not exist.")
         _load_h5(model, path)
     else:
         if not tf.io.gfile.exists(path + ".index"):
-            raise AdapterNotFoundError(
-                f"No TensorFlow checkpoint at {path} ({path}.index is missing)."
-            )
+            raise BaseWeightsError(f"No TensorFlow checkpoint at {path} ({path}.index is missing).")
         _load_tf_checkpoint(model, path)

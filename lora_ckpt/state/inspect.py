@@ -1,7 +1,5 @@
 """Summaries of adapters on disk, for listings and the CLI."""
 
-import numpy as np
-
 from .._tf import tf
 from ..errors import AdapterError
 from .format import CONFIG_FILE
@@ -26,21 +24,22 @@ def inspect_adapter(path: str) -> dict:
     """
     path = str(path).rstrip("/")
     config = read_config(path)
+    document = config.to_dict()
     return {
         "path": path,
-        "format_version": config["format_version"],
-        "library_version": config["library_version"],
-        "created": config["created"],
-        "architecture": config["base_model"]["lora_architecture"],
-        "base_architecture": config["base_model"]["architecture"],
-        "base_fingerprint": config["base_model"]["fingerprint"],
-        "ranks": {name: layer["rank"] for name, layer in config["layers"].items()},
-        "saved": config["saved"],
-        "variables": config["variables"],
-        "num_parameters": int(sum(np.prod(v["shape"]) for v in config["variables"].values())),
-        "size_bytes": sum(f["size"] for f in config["checkpoint"]["files"].values())
+        "format_version": config.format_version,
+        "library_version": config.library_version,
+        "created": config.created,
+        "architecture": config.base_model.lora_architecture,
+        "base_architecture": config.base_model.architecture,
+        "base_fingerprint": config.base_model.fingerprint,
+        "ranks": {name: layer.rank for name, layer in config.layers.items()},
+        "saved": document["saved"],
+        "variables": document["variables"],
+        "num_parameters": config.num_parameters,
+        "size_bytes": sum(f.size for f in config.files.values())
         + tf.io.gfile.stat(f"{path}/{CONFIG_FILE}").length,
-        "metadata": config["metadata"],
+        "metadata": config.metadata,
     }
 
 

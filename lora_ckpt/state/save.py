@@ -1,25 +1,27 @@
 """save_lora_state: write a model's adapter variables as an adapter directory."""
 
-import dataclasses
 import datetime
-import hashlib
 import json
 from collections.abc import Iterable
 
 from .._tf import tf
 from ..errors import LoRAConfigError
-from ..registry import is_lora_architecture, lora_base_architecture
+from ..selection import StateSelection, select_state
 from ..version import __version__
 from .atomic import check_writable, write_directory_atomically
+from .files import file_record
+from .fingerprint import base_fingerprint
+from .fit import model_identity
 from .format import (
     CHECKPOINT_PREFIX,
     CHECKPOINT_ROOT,
     CONFIG_FILE,
-    FORMAT_NAME,
-    FORMAT_VERSION,
+    AdapterConfig,
+    LayerRecord,
+    SavedRecord,
+    VariableRecord,
     nest_variables,
 )
-from .selection import StateSelection, base_fingerprint, select_state
 
 ADAPTER_FILES = {
     CONFIG_FILE,
@@ -28,73 +30,23 @@ ADAPTER_FILES = {
 }
 
 
-def qualified_name(cls: type) -> str:
-    """``module.ClassName`` of a class."""
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def model_identity(model) -> dict:
-    """The architecture and base config an adapter records and checks.
-
-    For a registered LoRA architecture this is its base class and config
-    without the ``lora_*`` fields (and without ``name``/``url``, which do not
-    change the weights); for any other model its class and no config.
-    """
-    cls = type(model)
-    base_cls = lora_base_architecture(cls) if is_lora_architecture(cls) else cls
-    cfg = getattr(model, "cfg", None)
-    config = None
-    if dataclasses.is_dataclass(cfg):
-        config = {
-            k: v
-            for k, v in dataclasses.asdict(cfg).items()
-            if not k.startswith("lora_") and k not in ("name", "url")
-        }
-        config = json.loads(json.dumps(config))  # tuples -> lists, as read back
-    return {
-        "architecture": qualified_name(base_cls),
-        "lora_architecture": qualified_name(cls),
-        "config": config,
-    }
-
-
-def file_record(path: str) -> dict:
-    """Size and SHA-256 of a file, as recorded in the adapter config."""
-    digest = hashlib.sha256()
-    size = 0
-    with tf.io.gfile.GFile(path, "rb") as handle:
-        while True:
-            chunk = handle.read(1 << 20)
-            if not chunk:
-                break
-            digest.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": digest.hexdigest()}
-
-
-def build_config(model, selection: StateSelection, metadata: dict) -> dict:
+def build_config(model, selection: StateSelection, metadata: dict) -> AdapterConfig:
     """The adapter config for a selection (without the checkpoint file records)."""
-    identity = model_identity(model)
-    identity["fingerprint"] = base_fingerprint(selection.model_variables, selection.variables)
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "library_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "base_model": identity,
-        "saved": {"lora": True, "bias": selection.bias, "extra_layers": selection.extra_layers},
-        "layers": selection.layers,
-        "variables": {
-            key: {
-                "shape": list(var.shape),
-                "dtype": var.dtype.name,
-                "kind": selection.kinds[key],
-            }
+    fingerprint = base_fingerprint(selection.model_variables, selection.variables)
+    return AdapterConfig(
+        base_model=model_identity(model, fingerprint),
+        saved=SavedRecord(
+            lora=True, bias=selection.bias, extra_layers=tuple(selection.extra_layers)
+        ),
+        layers={path: LayerRecord(**info) for path, info in selection.layers.items()},
+        variables={
+            key: VariableRecord(tuple(var.shape), var.dtype.name, selection.kinds[key])
             for key, var in selection.variables.items()
         },
-        "checkpoint": {"prefix": CHECKPOINT_PREFIX, "files": {}},
-        "metadata": metadata,
-    }
+        metadata=metadata,
+        library_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def save_lora_state(
@@ -150,11 +102,10 @@ def save_lora_state(
 
     def write(directory: str) -> None:
         checkpoint.write(f"{directory}/{CHECKPOINT_PREFIX}")
-        files = config["checkpoint"]["files"]
         for name in sorted(tf.io.gfile.listdir(directory)):
-            files[name] = file_record(f"{directory}/{name}")
+            config.files[name] = file_record(f"{directory}/{name}")
         with tf.io.gfile.GFile(f"{directory}/{CONFIG_FILE}", "w") as handle:
-            handle.write(json.dumps(config, indent=2, sort_keys=False) + "\n")
+            handle.write(config.to_json())
 
     write_directory_atomically(path, write)
     return path

@@ -9,9 +9,9 @@ Export the finished adapter with :func:`save_lora_state`.
 from collections.abc import Iterable
 
 from .._tf import tf
-from ..errors import AdapterNotFoundError
+from ..errors import TrainingCheckpointError
+from ..selection import select_state
 from .format import CHECKPOINT_ROOT, nest_variables
-from .selection import select_state
 
 
 class AdapterCheckpointManager:
@@ -68,13 +68,13 @@ class AdapterCheckpointManager:
             ``0`` if there is no checkpoint yet.
 
         Raises:
-            AdapterNotFoundError: If ``path`` is given and does not exist.
+            TrainingCheckpointError: If ``path`` is given and does not exist.
         """
         path = path or self.manager.latest_checkpoint
         if path is None:
             return 0
         if not tf.io.gfile.exists(path + ".index"):
-            raise AdapterNotFoundError(f"No training checkpoint at {path}.")
+            raise TrainingCheckpointError(f"No training checkpoint at {path}.")
         # Optimizer slots that do not exist yet are restored by TensorFlow
         # when the first training step creates them.
         self.checkpoint.read(path).assert_existing_objects_matched()

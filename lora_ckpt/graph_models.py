@@ -7,30 +7,16 @@ frozen unless named in ``lora_trainable_layers``. The model is rebuilt with
 ``fit`` trains exactly the LoRA weights (and the asked biases and layers).
 """
 
-import fnmatch
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from ._tf import tf
-from .errors import LayerNotFoundError, LoRAConfigError, UnregisteredArchitectureError
+from .errors import LoRAConfigError, UnregisteredArchitectureError
 from .layers import LoRALayerMixin, convert_to_lora_layer, is_lora_layer, supported_layer_types
+from .selection import LoRASettings, match_layers
 from .traversal import variable_short_name
 
 _LORA_KWARGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_initializer", "lora_regularizer")
 _OPTIONS = ("lora_train_bias", "lora_trainable_layers")
-
-
-@dataclass(frozen=True)
-class LoRASettings:
-    """How a LoRA model trains, as save_lora_state's defaults read it.
-
-    Attributes:
-        train_bias: ``"none"``, ``"lora_only"`` or ``"all"``.
-        trainable_layers: Paths or names of layers trained (and saved) in full.
-    """
-
-    train_bias: str = "none"
-    trainable_layers: tuple[str, ...] = ()
 
 
 def is_graph_model(model) -> bool:
@@ -43,10 +29,6 @@ def _convertible(layer) -> bool:
         type(layer) in (tf.keras.layers.Dense, tf.keras.layers.Conv2D)
         and getattr(layer, "groups", 1) == 1
     )
-
-
-def _match(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
-    return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def _copy_weights(src, dst) -> None:
@@ -103,23 +85,20 @@ def convert_graph_model(
     trainable_patterns = list(kwargs.pop("lora_trainable_layers", []))
     patterns = [target_layers] if isinstance(target_layers, str) else list(target_layers)
 
-    names = [layer.name for layer in model.layers]
-    convertible = [layer.name for layer in model.layers if _convertible(layer)]
-    for pattern in patterns:
-        if not _match(convertible, [pattern]):
-            raise LayerNotFoundError(
-                f"target_layers pattern {pattern!r} matches no {'/'.join(supported_layer_types())} "
-                f"layer (groups=1) of model '{model.name}'. Convertible layers: "
-                f"{convertible[:30]}{' ...' if len(convertible) > 30 else ''}"
-            )
-    for pattern in trainable_patterns:
-        if not _match(names, [pattern]):
-            raise LayerNotFoundError(
-                f"lora_trainable_layers pattern {pattern!r} matches no layer of model "
-                f"'{model.name}'. Layers: {names[:30]}"
-            )
-    targets = set(_match(convertible, patterns))
-    trainable = set(_match(names, trainable_patterns))
+    # In a functional/Sequential model a layer's path is its name.
+    layers = [(layer.name, layer) for layer in model.layers]
+    convertible = [(name, layer) for name, layer in layers if _convertible(layer)]
+    targets = set(
+        match_layers(
+            model,
+            patterns,
+            convertible,
+            f"target_layers pattern (over {'/'.join(supported_layer_types())} layers, groups=1)",
+        )
+    )
+    trainable = set(
+        match_layers(model, trainable_patterns, layers, "lora_trainable_layers pattern")
+    )
 
     def clone(layer):
         if layer.name in targets:
@@ -172,13 +151,3 @@ def graph_model_to_regular(model: tf.keras.Model) -> tf.keras.Model:
         else:
             dst.set_weights(src.get_weights())
     return regular
-
-
-def lora_settings(model) -> LoRASettings:
-    """The training settings of a LoRA model (registered, converted or plain).
-
-    Registered architectures derive them from their config, models converted
-    by :func:`convert_graph_model` carry them; any other model trains LoRA
-    weights only.
-    """
-    return getattr(model, "lora_settings", None) or LoRASettings()

@@ -1,0 +1,301 @@
+"""Which weights LoRA trains and which an adapter saves.
+
+One place decides both, so what ``fit`` trains is what ``save_lora_state``
+writes: every LoRA ``A``/``B``, the biases of the bias mode (``"none"``,
+``"lora_only"``, ``"all"``) and every variable of the layers trained in full
+(a classifier head, BatchNorm statistics). Layers are named by one rule
+(:func:`match_layers`): a layer path, a layer name, or a glob over either.
+"""
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ._tf import tf
+from .errors import LayerNotFoundError, LoRAConfigError, MergeStateError
+from .layers import is_lora_layer
+from .traversal import named_layers, named_variables
+
+TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
+
+KIND_LORA = "lora"
+KIND_BIAS = "bias"
+KIND_EXTRA = "extra"
+
+
+def check_train_bias(train_bias: str) -> None:
+    """Checks a bias mode.
+
+    Args:
+        train_bias: ``"none"``, ``"lora_only"`` or ``"all"``.
+
+    Raises:
+        LoRAConfigError: For any other value.
+    """
+    if train_bias not in TRAIN_BIAS_OPTIONS:
+        raise LoRAConfigError(
+            f"Unknown value for train_bias: {train_bias!r}; expected one of "
+            f"{list(TRAIN_BIAS_OPTIONS)}."
+        )
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """How a LoRA model trains, as ``save_lora_state``'s defaults read it.
+
+    Attributes:
+        train_bias: ``"none"``, ``"lora_only"`` or ``"all"``.
+        trainable_layers: Paths, names or globs of layers trained (and saved)
+            in full.
+    """
+
+    train_bias: str = "none"
+    trainable_layers: tuple[str, ...] = ()
+
+
+def lora_settings(model) -> LoRASettings:
+    """The training settings of a LoRA model (registered, converted or plain).
+
+    Registered architectures derive them from their config, converted
+    functional/Sequential models carry them; any other model trains LoRA
+    weights only.
+    """
+    return getattr(model, "lora_settings", None) or LoRASettings()
+
+
+def layer_matches(path: str, layer, pattern: str) -> bool:
+    """The one layer-matching rule: ``pattern`` is the layer's path or name, or a
+    glob (``fnmatch``) over either."""
+    return any(
+        pattern == candidate or fnmatch.fnmatchcase(candidate, pattern)
+        for candidate in (path, layer.name)
+    )
+
+
+def match_layers(
+    model,
+    patterns: Iterable[str],
+    layers: Sequence[tuple] | None = None,
+    what: str = "Layer pattern",
+) -> list[str]:
+    """Expands layer paths, names or glob patterns to layer paths.
+
+    Args:
+        model: The model whose layers are matched (for messages).
+        patterns: Paths (``"head/fc"``), layer names, or globs (``"*bn*"``).
+        layers: ``(path, layer)`` candidates; every layer of ``model`` by default.
+        what: How the caller calls its patterns, for the error message.
+
+    Returns:
+        Matching layer paths, each once, in model order.
+
+    Raises:
+        LayerNotFoundError: If a pattern matches no candidate.
+    """
+    layers = list(named_layers(model)) if layers is None else list(layers)
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    paths: list[str] = []
+    for pattern in patterns:
+        matched = [path for path, layer in layers if layer_matches(path, layer, pattern)]
+        if not matched:
+            known = [p for p, _ in layers]
+            raise LayerNotFoundError(
+                f"{what} {pattern!r} matches no layer of model '{model.name}'. "
+                f"Candidates include: {known[:20]}{' ...' if len(known) > 20 else ''}"
+            )
+        paths.extend(p for p in matched if p not in paths)
+    return paths
+
+
+def bias_variables(layer: tf.keras.layers.Layer) -> list[tf.Variable]:
+    """The bias variables of a layer: convolution/dense ``bias``, norm ``beta``."""
+    bias_layers = (
+        tf.keras.layers.Conv1D,
+        tf.keras.layers.Conv2D,
+        tf.keras.layers.Conv3D,
+        tf.keras.layers.Dense,
+        tf.keras.layers.DepthwiseConv1D,
+        tf.keras.layers.DepthwiseConv2D,
+    )
+    norm_layers = (tf.keras.layers.BatchNormalization, tf.keras.layers.LayerNormalization)
+    if isinstance(layer, bias_layers) and layer.use_bias:
+        return [layer.bias]
+    if isinstance(layer, norm_layers) and layer.center:
+        return [layer.beta]
+    return []
+
+
+def trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> list[tf.Variable]:
+    """The biases of ``layer`` that bias mode ``train_bias`` trains."""
+    if train_bias == "all" or (train_bias == "lora_only" and is_lora_layer(layer)):
+        return bias_variables(layer)
+    return []
+
+
+def lora_trainable_weights(
+    model: tf.keras.layers.Layer,
+    train_bias: str = "none",
+    trainable_layers: Iterable[str] | None = None,
+) -> list[tf.Variable]:
+    """The variables to train for LoRA, in place of ``model.trainable_weights``.
+
+    Works for any Keras model: subclassed, functional or Sequential.
+
+    Args:
+        model: A model with LoRA layers.
+        train_bias: ``"none"``: no biases; ``"lora_only"``: the biases of LoRA
+            layers; ``"all"``: every bias (dense/conv ``bias``, norm ``beta``).
+        trainable_layers: Layers trained in full (e.g. a classifier head),
+            by path (``"head/fc"``), layer name or glob.
+
+    Returns:
+        The variables, each once, in the model's layer order.
+
+    Raises:
+        LoRAConfigError: For an unknown ``train_bias``.
+        LayerNotFoundError: If a name in ``trainable_layers`` matches no layer.
+    """
+    check_train_bias(train_bias)
+    layers = list(named_layers(model))
+    full = set(match_layers(model, trainable_layers or [], layers, "trainable_layers entry"))
+    selected, ids = [], set()
+    for path, layer in layers:
+        variables = trained_biases(layer, train_bias)
+        if is_lora_layer(layer):
+            variables = [layer.kernel_lora_a, layer.kernel_lora_b, *variables]
+        if path in full:
+            variables += tf.keras.layers.Layer.trainable_weights.fget(layer)
+        for variable in variables:
+            if id(variable) not in ids:
+                ids.add(id(variable))
+                selected.append(variable)
+    return selected
+
+
+def lora_non_trainable_weights(
+    model: tf.keras.layers.Layer,
+    train_bias: str = "none",
+    trainable_layers: Iterable[str] | None = None,
+) -> list[tf.Variable]:
+    """Every variable of the model that :func:`lora_trainable_weights` leaves out.
+
+    Args:
+        model: A model with LoRA layers.
+        train_bias: As for :func:`lora_trainable_weights`.
+        trainable_layers: As for :func:`lora_trainable_weights`.
+
+    Returns:
+        The frozen variables, in the model's layer order.
+
+    Raises:
+        LoRAConfigError, LayerNotFoundError: As :func:`lora_trainable_weights`.
+    """
+    trainable = {id(v) for v in lora_trainable_weights(model, train_bias, trainable_layers)}
+    return [v for v in named_variables(model).values() if id(v) not in trainable]
+
+
+@dataclass
+class StateSelection:
+    """The adapter variables of a model, keyed by their stable paths.
+
+    Attributes:
+        variables: ``key -> variable`` for every variable in the adapter.
+        kinds: ``key -> "lora" | "bias" | "extra"``.
+        layers: ``layer path -> {"type", "rank", "alpha", "scaling"}`` for
+            every LoRA layer.
+        bias: The bias mode that chose the biases.
+        extra_layers: Paths of the extra layers saved in full.
+        model_variables: ``key -> variable`` for the whole model.
+    """
+
+    variables: dict[str, tf.Variable]
+    kinds: dict[str, str]
+    layers: dict[str, dict]
+    bias: str
+    extra_layers: list[str]
+    model_variables: dict[str, tf.Variable] = field(repr=False)
+
+    def lora_keys(self) -> list[str]:
+        """Keys of the LoRA A/B variables: what every adapter of this model holds."""
+        return [k for k, kind in self.kinds.items() if kind == KIND_LORA]
+
+
+def select_state(
+    model: tf.keras.Model,
+    include_bias: str | None = None,
+    extra_layers: Iterable[str] | None = None,
+) -> StateSelection:
+    """Selects the adapter variables of a model.
+
+    Args:
+        model: A built model with LoRA layers, not merged.
+        include_bias: ``"none"``, ``"lora_only"`` or ``"all"``; defaults to
+            the model's bias mode (:func:`lora_settings`).
+        extra_layers: Layers saved in full (paths, names or globs); defaults
+            to the layers the model trains in full.
+
+    Returns:
+        The selection.
+
+    Raises:
+        LayerNotFoundError: If the model has no LoRA layer or a pattern
+            matches no layer.
+        MergeStateError: If a LoRA layer is merged (its kernel then holds the
+            update, so the base cannot be identified).
+        LoRAConfigError: For an unknown bias mode.
+    """
+    all_layers = list(named_layers(model))
+    layers = [(path, layer) for path, layer in all_layers if is_lora_layer(layer)]
+    if not layers:
+        raise LayerNotFoundError(
+            f"Model '{model.name}' has no LoRA layers: there is no adapter state to "
+            "save or load. Convert it with convert_to_lora_model first."
+        )
+    merged = [path for path, layer in layers if layer.merged]
+    if merged:
+        raise MergeStateError(
+            f"LoRA layer '{merged[0]}' is merged; call unmerge_lora_weights(model) "
+            "before saving or loading adapter state."
+        )
+    settings = lora_settings(model)
+    bias = settings.train_bias if include_bias is None else include_bias
+    check_train_bias(bias)
+    extra = match_layers(
+        model,
+        settings.trainable_layers if extra_layers is None else extra_layers,
+        all_layers,
+        "extra_layers entry",
+    )
+    all_vars = named_variables(model)
+    key_of = {id(v): k for k, v in all_vars.items()}
+
+    kinds: dict[str, str] = {}
+    for _, layer in layers:
+        for var in (layer.kernel_lora_a, layer.kernel_lora_b):
+            kinds[key_of[id(var)]] = KIND_LORA
+    for prefix in extra:
+        for key in all_vars:
+            if key.startswith(prefix + "/"):
+                kinds.setdefault(key, KIND_EXTRA)
+    for _, layer in all_layers:
+        for var in trained_biases(layer, bias):
+            kinds.setdefault(key_of[id(var)], KIND_BIAS)
+
+    ordered = {k: all_vars[k] for k in all_vars if k in kinds}
+    layer_info = {
+        path: {
+            "type": type(layer).__name__,
+            "rank": int(layer.lora_rank),
+            "alpha": float(layer.lora_alpha),
+            "scaling": float(layer.scaling),
+        }
+        for path, layer in layers
+    }
+    return StateSelection(
+        variables=ordered,
+        kinds={k: kinds[k] for k in ordered},
+        layers=layer_info,
+        bias=bias,
+        extra_layers=extra,
+        model_variables=all_vars,
+    )

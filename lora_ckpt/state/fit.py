@@ -1,0 +1,255 @@
+"""The one check of whether an adapter fits a model, used by every loader.
+
+``load_lora_state`` and the ``AdapterPool`` both ask :func:`check_fit`: same
+architecture and base configuration, every LoRA layer present with the
+shapes, dtype and scaling the model needs, nothing the model cannot hold;
+:func:`check_base` then compares base-weight fingerprints. Nothing here
+assigns a variable: this is the dry run that comes before any change.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from .._tf import tf
+from ..errors import AdapterMismatchError, BaseModelMismatchError
+from ..registry import is_lora_architecture, lora_base_architecture
+from ..selection import KIND_LORA, select_state
+from .fingerprint import base_fingerprint
+from .format import AdapterConfig, BaseModelRecord
+
+
+def qualified_name(cls: type) -> str:
+    """``module.ClassName`` of a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def model_identity(model, fingerprint: str = "") -> BaseModelRecord:
+    """The architecture and base config an adapter records and checks.
+
+    For a registered LoRA architecture this is its base class and config
+    without the ``lora_*`` fields (and without ``name``/``url``, which do not
+    change the weights); for any other model its class and no config.
+    """
+    cls = type(model)
+    base_cls = lora_base_architecture(cls) if is_lora_architecture(cls) else cls
+    cfg = getattr(model, "cfg", None)
+    config = None
+    if dataclasses.is_dataclass(cfg):
+        config = {
+            k: v
+            for k, v in dataclasses.asdict(cfg).items()
+            if not k.startswith("lora_") and k not in ("name", "url")
+        }
+        config = json.loads(json.dumps(config))  # tuples -> lists, as read back
+    return BaseModelRecord(qualified_name(base_cls), qualified_name(cls), config, fingerprint)
+
+
+@dataclass
+class LoadReport:
+    """What a load did (or would do).
+
+    Attributes:
+        loaded: Keys of the variables assigned.
+        missing: LoRA variables of the model that the adapter lacks (left as
+            they were).
+        unexpected: Adapter variables the model has no place for (skipped).
+        mismatched: Adapter variables whose shape, dtype or scaling differ
+            from the model's (skipped), with the reason.
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every adapter variable was loaded and none was missing."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def problems(self) -> str:
+        """The first few problems, as one sentence."""
+        parts = [f"missing from the adapter: {self.missing[:5]}"] if self.missing else []
+        parts += [f"not in the model: {self.unexpected[:5]}"] if self.unexpected else []
+        parts += [f"{k}: {why}" for k, why in list(self.mismatched.items())[:5]]
+        return "; ".join(parts)
+
+
+@dataclass
+class ModelSignature:
+    """What an adapter is checked against, computed once per model.
+
+    Attributes:
+        identity: Architecture and base config.
+        variables: ``key -> variable`` of the whole model.
+        lora_layers: LoRA layer path -> ``{"type", "rank", "alpha", "scaling"}``.
+        lora_keys: Keys of the LoRA A/B variables.
+    """
+
+    identity: BaseModelRecord
+    variables: dict[str, tf.Variable]
+    lora_layers: dict[str, dict]
+    lora_keys: list[str]
+
+    @classmethod
+    def of(cls, model) -> "ModelSignature":
+        """The signature of a built, unmerged LoRA model.
+
+        Raises:
+            LayerNotFoundError: If the model has no LoRA layers.
+            MergeStateError: If it is merged.
+        """
+        selection = select_state(model, include_bias="none", extra_layers=[])
+        return cls(
+            identity=model_identity(model),
+            variables=selection.model_variables,
+            lora_layers=selection.layers,
+            lora_keys=selection.lora_keys(),
+        )
+
+
+def _check_identity(ours: BaseModelRecord, theirs: BaseModelRecord, path: str) -> None:
+    if ours.architecture != theirs.architecture:
+        raise AdapterMismatchError(
+            f"The adapter at {path} was trained on a {theirs.architecture} model; "
+            f"this model is a {ours.architecture}."
+        )
+    if ours.config is not None and ours.config != theirs.config:
+        theirs_config = theirs.config or {}
+        differing = sorted(
+            k
+            for k in set(ours.config) | set(theirs_config)
+            if ours.config.get(k) != theirs_config.get(k)
+        )
+        details = ", ".join(
+            f"{k}: adapter {theirs_config.get(k)!r} vs model {ours.config.get(k)!r}"
+            for k in differing[:5]
+        )
+        raise AdapterMismatchError(
+            f"The adapter at {path} was trained on another configuration of "
+            f"{ours.architecture} ({details or 'the adapter records no configuration'})."
+        )
+
+
+def _check_ranks(config: AdapterConfig, path: str) -> None:
+    """Cross-checks each layer record against its tensors' shapes and itself."""
+    for layer_path, layer in config.layers.items():
+        a = config.variables.get(f"{layer_path}/kernel_lora_a")
+        b = config.variables.get(f"{layer_path}/kernel_lora_b")
+        if a is None or b is None or a.kind != KIND_LORA or b.kind != KIND_LORA:
+            raise AdapterMismatchError(
+                f"The adapter at {path} lists LoRA layer {layer_path} without its "
+                "kernel_lora_a/kernel_lora_b variables."
+            )
+        if not (a.shape and len(b.shape) == 2 and a.shape[-1] == b.shape[0] == layer.rank > 0):
+            raise AdapterMismatchError(
+                f"The adapter at {path} records rank {layer.rank} for {layer_path}, but its "
+                f"tensors are A{list(a.shape)} and B{list(b.shape)}."
+            )
+        if not math.isclose(layer.scaling, layer.alpha / layer.rank, rel_tol=1e-6):
+            raise AdapterMismatchError(
+                f"The adapter at {path} records scaling {layer.scaling} for {layer_path}, "
+                f"but alpha / rank = {layer.alpha} / {layer.rank}."
+            )
+
+
+def check_fit(
+    signature: ModelSignature,
+    config: AdapterConfig,
+    path: str,
+    *,
+    strict: bool = True,
+    max_rank: int | None = None,
+) -> LoadReport:
+    """Checks whether an adapter fits a model, assigning nothing.
+
+    Args:
+        signature: The model's :class:`ModelSignature`.
+        config: The adapter's config (its tensors agree with it: the reader
+            checked that).
+        path: The adapter's path, for messages.
+        strict: Raise for any missing, unexpected or mismatched variable.
+        max_rank: ``None``: LoRA tensors must have the model's own rank and
+            scaling (a load into the model's variables). A number: any rank up
+            to it, with the adapter's own scaling (a pool's padded slots).
+
+    Returns:
+        The :class:`LoadReport` of what would load.
+
+    Raises:
+        AdapterMismatchError: For another architecture or configuration, an
+            adapter whose records contradict its tensors, and with ``strict``
+            for any missing, unexpected or mismatched variable.
+    """
+    _check_identity(signature.identity, config.base_model, path)
+    _check_ranks(config, path)
+    report = LoadReport()
+    lora_keys = set(signature.lora_keys)
+    for key, record in config.variables.items():
+        var = signature.variables.get(key)
+        if var is None or (record.kind == KIND_LORA) != (key in lora_keys):
+            report.unexpected.append(key)
+            continue
+        ours = tuple(var.shape)
+        if record.kind == KIND_LORA and max_rank is not None:
+            rank_axis = -1 if key.endswith("kernel_lora_a") else 0
+            fits = len(ours) == len(record.shape) and record.shape[rank_axis] <= max_rank
+            fits = fits and all(
+                x == y
+                for i, (x, y) in enumerate(zip(ours, record.shape, strict=True))
+                if i != rank_axis % len(ours)
+            )
+        else:
+            fits = ours == record.shape
+        if not fits or var.dtype.name != record.dtype:
+            limit = f" (rank at most {max_rank})" if max_rank is not None else ""
+            report.mismatched[key] = (
+                f"adapter {record.dtype}{list(record.shape)} vs model "
+                f"{var.dtype.name}{list(ours)}{limit}"
+            )
+            continue
+        report.loaded.append(key)
+    if max_rank is None:
+        for layer_path, layer in config.layers.items():
+            ours = signature.lora_layers.get(layer_path)
+            if ours is not None and not math.isclose(ours["scaling"], layer.scaling):
+                report.mismatched[layer_path] = (
+                    f"LoRA scaling (alpha/rank) adapter {layer.scaling} vs model {ours['scaling']}"
+                )
+    report.missing = [k for k in signature.lora_keys if k not in config.variables]
+    if strict and not report.complete:
+        raise AdapterMismatchError(
+            f"The adapter at {path} does not fit this model: {report.problems()}. "
+            "Pass strict=False to load what fits."
+        )
+    return report
+
+
+def check_base(signature: ModelSignature, config: AdapterConfig, path: str, cache=None) -> None:
+    """Refuses an adapter trained on other base weights than the model has.
+
+    Args:
+        signature: The model's signature.
+        config: The adapter's config.
+        path: The adapter's path, for messages.
+        cache: A dict to keep fingerprints in between calls (a pool's), keyed
+            by the set of variables left out.
+
+    Raises:
+        BaseModelMismatchError: If the fingerprints differ.
+    """
+    excluded = frozenset(config.variables) | frozenset(signature.lora_keys)
+    cache = {} if cache is None else cache
+    if excluded not in cache:
+        cache[excluded] = base_fingerprint(signature.variables, excluded)
+    ours = cache[excluded]
+    if ours != config.base_model.fingerprint:
+        raise BaseModelMismatchError(
+            f"The adapter at {path} was trained on other base weights "
+            f"({config.base_model.fingerprint}) than this model has ({ours}). Load the base "
+            "it was trained on, or pass check_base=False to load it anyway. (If "
+            "fine-tuning changed state outside the adapter, such as BatchNorm "
+            "statistics, save it with extra_layers.)"
+        )
