@@ -23,8 +23,8 @@ from lora_ckpt import (
     load_lora_state,
     read_lora_state,
     save_lora_state,
+    tf,
 )
-from lora_ckpt._tf import tf
 
 TINY = dict(embed_dim=(8, 16), nb_blocks=(1, 1), input_size=(32, 32), nb_classes=5, init_scale=1.0)
 
@@ -84,9 +84,9 @@ def grouped_numpy_baseline(pool, path, npz_path, repeat):
     state = read_lora_state(path)
     np.savez(npz_path, **{k.replace("/", "|"): v for k, v in state.tensors.items()})
     targets = []
-    for layer_path, layer in pool._layers.items():
-        targets.append((layer.slots.a, f"{layer_path}/kernel_lora_a"))
-        targets.append((layer.slots.b, f"{layer_path}/kernel_lora_b"))
+    for layer_path, slots in pool._lora.items():
+        targets.append((slots.a, f"{layer_path}/kernel_lora_a"))
+        targets.append((slots.b, f"{layer_path}/kernel_lora_b"))
 
     @tf.function
     def assign_all(values):
@@ -157,6 +157,14 @@ def run(name, config, ranks, batch, repeat, capacity):
                     for i in range(batch):
                         base_forward(x[i : i + 1]).numpy()
 
+                single = interleaved_medians(
+                    {  # batch 1: the request most services see
+                        "base": lambda: base_forward(x[:1]).numpy(),
+                        "unmerged": lambda: pool.predict(x[:1], adapter="a0"),
+                    },
+                    4 * repeat,
+                )
+
                 timed = interleaved_medians(
                     {
                         "base": lambda: base_forward(x).numpy(),
@@ -188,9 +196,58 @@ def run(name, config, ranks, batch, repeat, capacity):
                         "mixed_throughput_vs_single_adapter": timed["unmerged"] / timed["mixed"],
                         "mixed_speedup_vs_one_by_one": timed["one_by_one"] / timed["mixed"],
                         "base_batch_speedup_per_sample": timed["base_one_by_one"] / timed["base"],
+                        "batch1_base_s": single["base"],
+                        "batch1_unmerged_s": single["unmerged"],
+                        "batch1_unmerged_vs_base": single["unmerged"] / single["base"],
                     }
                 )
             results["ranks"][str(rank)] = entry
+    return results
+
+
+def slot_bytes_per_adapter(pool) -> int:
+    """Bytes one slot takes in every layer's slot storage (LoRA and full layers)."""
+    variables = [
+        v for s in pool._lora.values() for v in (s.a, s.b, s.scale, s.bias) if v is not None
+    ]
+    variables += [v for s in pool._full.values() for v in s.slots.values()]
+    return sum(v.shape[1:].num_elements() * v.dtype.size for v in variables)
+
+
+def capacity_sweep(name, config, rank, capacities, batch, repeat):
+    """A mixed batch of ``batch`` samples over 8 adapters, in pools of growing
+    capacity, timed side by side (interleaved), with a single-adapter batch as
+    the reference: the cost must follow the adapters present, not the
+    resident ones."""
+    results = {"model": name, "rank": rank, "batch": batch, "capacities": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        import tfimm
+
+        regular = tfimm.create_model(name, **config)
+        base_file = os.path.join(tmp, "base.h5")
+        regular.save_weights(base_file)
+        shape = regular.dummy_inputs.shape[1:]
+        del regular
+        x = np.random.default_rng(0).normal(size=(batch, *shape)).astype("float32")
+        adapters = make_adapters(name, config, rank, base_file, tmp, count=8)
+        mix = [f"a{i % 8}" for i in range(batch)]
+        pools = {}
+        for capacity in capacities:
+            pool = AdapterPool(lora_model(name, config, rank, base_file), capacity, max_rank=rank)
+            for i, path in enumerate(adapters):
+                pool.load(f"a{i}", path)
+            pools[capacity] = pool
+        fns = {f"mixed@{c}": (lambda p=p: p.predict(x, adapters=mix)) for c, p in pools.items()}
+        fns["single@8"] = lambda: pools[capacities[0]].predict(x, adapter="a0")
+        timed = interleaved_medians(fns, repeat)
+        for capacity, pool in pools.items():
+            results["capacities"][str(capacity)] = {
+                "mixed_s": timed[f"mixed@{capacity}"],
+                "mixed_vs_capacity_8": timed[f"mixed@{capacity}"] / timed[f"mixed@{capacities[0]}"],
+                "slot_bytes_per_adapter": slot_bytes_per_adapter(pool),
+            }
+        results["single_adapter_s"] = timed["single@8"]
+        results["mixed_vs_single_adapter"] = timed[f"mixed@{capacities[0]}"] / timed["single@8"]
     return results
 
 
@@ -201,12 +258,30 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--tiny", action="store_true", help="a small config, for a smoke run")
+    parser.add_argument("--capacities", default="8,64,256,1024", help="capacity sweep at rank 16")
+    parser.add_argument("--sweep-only", action="store_true", help="only the capacity sweep")
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "pool_bench.json")
     )
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
-    results = run(args.model, TINY if args.tiny else {}, ranks, args.batch, args.repeat, capacity=8)
+    config = TINY if args.tiny else {}
+    capacities = [int(c) for c in args.capacities.split(",")]
+    sweep = capacity_sweep(args.model, config, 16, capacities, args.batch, args.repeat)
+    print(f"capacity sweep, {args.model}, rank 16, mixed batch of {args.batch} over 8 adapters:")
+    for capacity, r in sweep["capacities"].items():
+        print(
+            f"  capacity {capacity:>5}: {r['mixed_s'] * 1e3:7.1f} ms = {r['mixed_vs_capacity_8']:.3f}x"
+            f" capacity {capacities[0]} | {r['slot_bytes_per_adapter'] / 2**20:.2f} MiB per resident adapter"
+        )
+    print(
+        f"  mixed at capacity {capacities[0]} = {sweep['mixed_vs_single_adapter']:.3f}x a single-adapter batch"
+    )
+    if args.sweep_only:
+        results = {"capacity_sweep": sweep}
+    else:
+        results = run(args.model, config, ranks, args.batch, args.repeat, capacity=8)
+        results["capacity_sweep"] = sweep
     results["tiny"] = args.tiny
 
     print(f"{args.model}{' (tiny config)' if args.tiny else ''}, batch {args.batch}, capacity 8")
@@ -216,7 +291,14 @@ def main(argv=None) -> dict:
             f" ({r['load_vs_switch']:,.0f}x switch) | pool.load {r['pool_load_s'] * 1e3:6.1f} ms"
             f" = {r['pool_load_vs_numpy']:.2f}x numpy+grouped assign ({r['numpy_grouped_assign_s'] * 1e3:.1f} ms)"
         )
+    if args.sweep_only:
+        _write(results, args.out)
+        return results
     r = results["ranks"][str(ranks[0])]
+    print(
+        f"batch 1, rank {ranks[0]}: base {r['batch1_base_s'] * 1e3:.1f} ms | unmerged"
+        f" {r['batch1_unmerged_vs_base']:.3f}x base"
+    )
     print(
         f"forward, rank {ranks[0]}: base {r['base_forward_s'] * 1e3:.1f} ms | unmerged {r['unmerged_vs_base']:.3f}x"
         f" | merged {r['merged_vs_base']:.3f}x base"
@@ -230,10 +312,14 @@ def main(argv=None) -> dict:
         f"(the base model itself: a batch of {args.batch} is {r['base_batch_speedup_per_sample']:.2f}x faster per"
         " sample than batch 1 on this machine)"
     )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=2)
+    _write(results, args.out)
     return results
+
+
+def _write(results, path) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from .models import (
     supported_architectures,
     unmerge_lora_weights,
 )
-from .pool import OFF, AdapterPool
 from .registry import (
     lora_architecture,
     lora_base_architecture,
@@ -44,6 +43,7 @@ from .registry import (
     register_lora_architecture,
 )
 from .selection import lora_non_trainable_weights, lora_trainable_weights
+from .serving.pool import OFF, AdapterPool
 from .state import (
     AdapterState,
     LoadReport,

@@ -18,7 +18,7 @@ def _demo(args) -> int:
 def _serve(args) -> int:
     import uvicorn
 
-    from .serve import create_app
+    from .serving.app import create_app
 
     app = create_app(
         args.store,
@@ -96,8 +96,8 @@ def _list(args) -> int:
 
 def _export(args) -> int:
     from .export import export_merged_savedmodel
+    from .serving.store import build_base_model
     from .state import load_lora_state
-    from .store import build_base_model
 
     model, _ = build_base_model(args.store, args.model, args.base)
     load_lora_state(model, args.adapter)

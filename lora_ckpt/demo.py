@@ -17,10 +17,10 @@ from collections.abc import Callable
 import numpy as np
 
 from ._tf import tf
-from .pool import AdapterPool
+from .serving.pool import AdapterPool
+from .serving.store import BASE_WEIGHTS, adapter_path, build_base_model, write_base
 from .state import save_lora_state
 from .state.inspect import inspect_adapter
-from .store import BASE_WEIGHTS, adapter_path, build_base_model, write_base
 from .synthetic import TASKS, make_task_dataset
 
 MODEL = "convnext_tiny"

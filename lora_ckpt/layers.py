@@ -13,11 +13,6 @@ from a pristine copy of the base kernel, so unmerging restores it bit for bit.
 
 from ._tf import tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
-from .slots import BASE_ONLY, SlotStorage, current_routing
-
-# Samples a single-adapter request is assumed to have when Dense layers choose
-# between an updated kernel and the LoRA branch (see _prefers_kernel_path).
-TYPICAL_BATCH = 8
 
 LORA_WEIGHT_NAMES = ["kernel_lora_a", "kernel_lora_b"]
 """
@@ -85,7 +80,10 @@ class LoRALayerMixin:
         self.lora_bias_trainable = False
         self.kernel_lora_a = None
         self.kernel_lora_b = None
-        self.slots = None  # SlotStorage, when an AdapterPool serves this layer
+        # The one serving hook: a callable ``hook(layer, x)`` that returns the
+        # pre-activation output (bias included) or None for the plain forward.
+        # Set by a serving pool on its own layers; this module never imports it.
+        self.lora_hook = None
         self._pristine_kernel = None
         self._pristine_bias = None
 
@@ -219,52 +217,12 @@ class LoRALayerMixin:
         """The base layer's linear map (matmul or convolution) with ``kernel``."""
         raise NotImplementedError
 
-    def slot_forward_uniform(self, x, slot):
-        """The pre-activation output (bias excluded) when every sample uses ``slot``."""
-        return self.base_op(x, self.kernel + self.slots.delta(slot))
-
-    def slot_forward_mixed(self, x, slot_ids):
-        """The pre-activation output (bias excluded), each sample with its own slot.
-
-        Every slot's ``A`` runs side by side in one matmul/convolution, each
-        sample keeps only its own slot's ``R`` channels, and one matmul with
-        every slot's ``B`` stacked gives the update: large, efficient
-        operations whose cost grows with ``capacity * max_rank``, never with
-        how the batch is mixed.
-        """
-        slots = self.slots
-        z = self.base_op(x, slots.a_all())
-        z = z * slots.slot_mask(slot_ids, z)
-        return self.base_op(x, self.kernel) + matmul_last_axis(z, slots.b_all_scaled())
-
-    def enable_slots(self, num_slots: int, max_rank: int) -> SlotStorage:
-        """Gives the layer storage for ``num_slots`` resident adapters.
-
-        Args:
-            num_slots: Slots including the "off" slot 0.
-            max_rank: Rank each slot is padded to.
-
-        Returns:
-            The layer's :class:`SlotStorage`.
-        """
-        self.slots = SlotStorage(self, num_slots, max_rank)
-        return self.slots
-
-    def _slot_forward(self, x, routing):
-        # A scalar slot routes the whole batch to one adapter (the usual
-        # request): the cheaper single-adapter path. A vector routes each sample.
-        if routing.shape.rank == 0:
-            return self.slot_forward_uniform(x, routing) + self.slots.bias_of(routing)
-        return self.slot_forward_mixed(x, routing) + self.slots.bias_for(routing, x)
-
     def call(self, inputs, training=None):
         x = tf.cast(inputs, self.compute_dtype)
-        routing = current_routing()
-        if routing is not None and routing is not BASE_ONLY and self.slots is not None:
-            outputs = self._slot_forward(x, routing)
-        else:
+        outputs = self.lora_hook(self, x) if self.lora_hook is not None else None
+        if outputs is None:
             outputs = self.base_op(x, self.kernel)
-            if routing is None and self.lora_branch_active():
+            if self.lora_branch_active():
                 z = self.base_op(self._dropout_lora_input(x, training), self.kernel_lora_a)
                 outputs += matmul_last_axis(z, self.scaling * self.kernel_lora_b)
             if self.use_bias:
@@ -326,34 +284,6 @@ class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
     def base_op(self, x, kernel):
         """The layer's linear map: ``x @ kernel`` over the last axis."""
         return matmul_last_axis(x, kernel)
-
-    def _prefers_kernel_path(self, x, samples_per_kernel: int) -> bool:
-        # Memory traffic decides on a CPU: the LoRA branch reads the input
-        # and writes and adds an output-sized tensor per sample, an updated
-        # kernel costs in*out once per kernel. Rows per sample (h*w, tokens)
-        # are static.
-        # Unknown dims (attention reshapes) count as one row: the branch path.
-        rows = x.shape[1:-1].num_elements() or 1 if x.shape.rank > 2 else 1
-        fan_in, fan_out = self.kernel.shape
-        return rows * (fan_in + 2 * fan_out) * samples_per_kernel >= 2 * fan_in * fan_out
-
-    def slot_forward_mixed(self, x, slot_ids):
-        if not self._prefers_kernel_path(x, 1):
-            return super().slot_forward_mixed(x, slot_ids)
-        # Early, wide layers: one updated kernel per sample, one batched matmul.
-        kernels = self.kernel[None] + self.slots.deltas(slot_ids)  # [batch, in, out]
-        rows = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
-        y = tf.matmul(rows, kernels)
-        return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], 0))
-
-    def slot_forward_uniform(self, x, slot):
-        if self._prefers_kernel_path(x, TYPICAL_BATCH):
-            return super().slot_forward_uniform(x, slot)
-        slots = self.slots
-        z = matmul_last_axis(x, slots.a[slot])
-        return matmul_last_axis(x, self.kernel) + matmul_last_axis(
-            z, slots.scale[slot] * slots.b[slot]
-        )
 
 
 class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):

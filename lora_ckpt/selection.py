@@ -299,3 +299,18 @@ def select_state(
         extra_layers=extra,
         model_variables=all_vars,
     )
+
+
+def classifier_paths(model) -> list[str]:
+    """Paths of the model's classifier layers (whose width is the number of classes).
+
+    A tfimm model names them in its config (``cfg.classifier``); for a
+    functional/Sequential model they are the layers that produce its outputs.
+    A model built without a classifier (``nb_classes=0``) has none.
+    """
+    layers = list(named_layers(model))
+    names = getattr(getattr(model, "cfg", None), "classifier", None)
+    if names is None:
+        names = list(getattr(model, "output_names", None) or [])
+    names = [names] if isinstance(names, str) else list(names)
+    return [path for path, layer in layers if any(layer_matches(path, layer, n) for n in names)]

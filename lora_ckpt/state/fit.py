@@ -77,6 +77,24 @@ class LoadReport:
         return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class SlotLimits:
+    """What a serving pool's slots can hold, for :func:`check_fit`.
+
+    Attributes:
+        max_rank: The largest LoRA rank; smaller ranks are padded.
+        full_layers: Paths of layers a slot can hold in full -> the largest
+            output width (a classifier head's classes), or ``None`` where the
+            shapes must be the model's own.
+        width_fields: Config fields that only set those widths (tfimm's
+            ``nb_classes``); they may differ when the adapter carries its head.
+    """
+
+    max_rank: int
+    full_layers: dict = field(default_factory=dict)
+    width_fields: tuple = ("nb_classes",)
+
+
 @dataclass
 class ModelSignature:
     """What an adapter is checked against, computed once per model.
@@ -110,19 +128,21 @@ class ModelSignature:
         )
 
 
-def _check_identity(ours: BaseModelRecord, theirs: BaseModelRecord, path: str) -> None:
+def _check_identity(
+    ours: BaseModelRecord, theirs: BaseModelRecord, path: str, ignore: tuple = ()
+) -> None:
     if ours.architecture != theirs.architecture:
         raise AdapterMismatchError(
             f"The adapter at {path} was trained on a {theirs.architecture} model; "
             f"this model is a {ours.architecture}."
         )
-    if ours.config is not None and ours.config != theirs.config:
-        theirs_config = theirs.config or {}
-        differing = sorted(
-            k
-            for k in set(ours.config) | set(theirs_config)
-            if ours.config.get(k) != theirs_config.get(k)
-        )
+    theirs_config = theirs.config or {}
+    differing = sorted(
+        k
+        for k in set(ours.config or {}) | set(theirs_config)
+        if k not in ignore and (ours.config or {}).get(k) != theirs_config.get(k)
+    )
+    if ours.config is not None and (differing or theirs.config is None):
         details = ", ".join(
             f"{k}: adapter {theirs_config.get(k)!r} vs model {ours.config.get(k)!r}"
             for k in differing[:5]
@@ -161,7 +181,7 @@ def check_fit(
     path: str,
     *,
     strict: bool = True,
-    max_rank: int | None = None,
+    slots: SlotLimits | None = None,
 ) -> LoadReport:
     """Checks whether an adapter fits a model, assigning nothing.
 
@@ -171,9 +191,11 @@ def check_fit(
             checked that).
         path: The adapter's path, for messages.
         strict: Raise for any missing, unexpected or mismatched variable.
-        max_rank: ``None``: LoRA tensors must have the model's own rank and
-            scaling (a load into the model's variables). A number: any rank up
-            to it, with the adapter's own scaling (a pool's padded slots).
+        slots: ``None``: the adapter must fit the model's own variables (its
+            rank, scaling and shapes). :class:`SlotLimits`: it must fit a
+            pool's slots: any rank up to ``max_rank`` with its own scaling,
+            any subset of the LoRA layers, full layers only where the pool
+            keeps them, a head up to its width.
 
     Returns:
         The :class:`LoadReport` of what would load.
@@ -183,48 +205,71 @@ def check_fit(
             adapter whose records contradict its tensors, and with ``strict``
             for any missing, unexpected or mismatched variable.
     """
-    _check_identity(signature.identity, config.base_model, path)
+    full = slots.full_layers if slots is not None else {}
+    carries_head = any(
+        key.rsplit("/", 1)[0] in full and full[key.rsplit("/", 1)[0]] for key in config.variables
+    )
+    ignore = slots.width_fields if slots is not None and carries_head else ()
+    _check_identity(signature.identity, config.base_model, path, ignore)
     _check_ranks(config, path)
     report = LoadReport()
     lora_keys = set(signature.lora_keys)
     for key, record in config.variables.items():
         var = signature.variables.get(key)
-        if var is None or (record.kind == KIND_LORA) != (key in lora_keys):
+        layer_path = key.rsplit("/", 1)[0]
+        lora = record.kind == KIND_LORA
+        if var is None or lora != (key in lora_keys):
             report.unexpected.append(key)
             continue
-        ours = tuple(var.shape)
-        if record.kind == KIND_LORA and max_rank is not None:
-            rank_axis = -1 if key.endswith("kernel_lora_a") else 0
-            fits = len(ours) == len(record.shape) and record.shape[rank_axis] <= max_rank
-            fits = fits and all(
-                x == y
-                for i, (x, y) in enumerate(zip(ours, record.shape, strict=True))
-                if i != rank_axis % len(ours)
+        lora_bias = layer_path in signature.lora_layers and key.endswith("/bias")
+        if slots is not None and not lora and not lora_bias and layer_path not in full:
+            report.mismatched[key] = (
+                "a pool keeps per-adapter copies only of LoRA layers and of the layers "
+                f"{sorted(full)} (AdapterPool(full_layers=...))"
             )
-        else:
-            fits = ours == record.shape
-        if not fits or var.dtype.name != record.dtype:
-            limit = f" (rank at most {max_rank})" if max_rank is not None else ""
+            continue
+        reason = _shape_mismatch(tuple(var.shape), record.shape, key, slots, full.get(layer_path))
+        if reason or var.dtype.name != record.dtype:
             report.mismatched[key] = (
                 f"adapter {record.dtype}{list(record.shape)} vs model "
-                f"{var.dtype.name}{list(ours)}{limit}"
+                f"{var.dtype.name}{list(var.shape)}{reason}"
             )
             continue
         report.loaded.append(key)
-    if max_rank is None:
+    if slots is None:
         for layer_path, layer in config.layers.items():
             ours = signature.lora_layers.get(layer_path)
             if ours is not None and not math.isclose(ours["scaling"], layer.scaling):
                 report.mismatched[layer_path] = (
                     f"LoRA scaling (alpha/rank) adapter {layer.scaling} vs model {ours['scaling']}"
                 )
-    report.missing = [k for k in signature.lora_keys if k not in config.variables]
+        report.missing = [k for k in signature.lora_keys if k not in config.variables]
     if strict and not report.complete:
         raise AdapterMismatchError(
             f"The adapter at {path} does not fit this model: {report.problems()}. "
             "Pass strict=False to load what fits."
         )
     return report
+
+
+def _shape_mismatch(ours: tuple, theirs: tuple, key: str, slots, width) -> str:
+    """Why a stored shape does not fit (``""`` if it does)."""
+    if slots is None:
+        return "" if ours == theirs else " (shapes differ)"
+    if len(ours) != len(theirs):
+        return " (ranks of the arrays differ)"
+    if key.endswith(("kernel_lora_a", "kernel_lora_b")):
+        axis = len(ours) - 1 if key.endswith("kernel_lora_a") else 0
+        if theirs[axis] > slots.max_rank:
+            return f" (LoRA rank {theirs[axis]} is above the pool's max_rank={slots.max_rank})"
+    elif width is not None and ours:
+        axis = len(ours) - 1
+        if theirs[axis] > width:
+            return f" (width {theirs[axis]} is above the pool's max_classes={width})"
+    else:
+        return "" if ours == theirs else " (shapes differ)"
+    same = all(x == y for i, (x, y) in enumerate(zip(ours, theirs, strict=True)) if i != axis)
+    return "" if same else " (shapes differ)"
 
 
 def check_base(signature: ModelSignature, config: AdapterConfig, path: str, cache=None) -> None:

@@ -14,11 +14,11 @@ import json
 import os
 import re
 
-from ._tf import tf
-from .errors import BaseWeightsError, LoRAConfigError, StoreError
-from .models import create_model
-from .state import load_base_weights
-from .state.format import CONFIG_FILE
+from .._tf import tf
+from ..errors import BaseWeightsError, LoRAConfigError, StoreError
+from ..models import create_model
+from ..state import load_base_weights
+from ..state.format import CONFIG_FILE
 
 BASE_CONFIG = "base.json"
 BASE_WEIGHTS = "base.h5"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..pool import AdapterPool
+from .pool import AdapterPool
 
 
 @dataclass

@@ -54,9 +54,9 @@ from ..errors import (
     MergeStateError,
     PoolFullError,
 )
-from ..pool import OFF, AdapterPool
-from ..store import adapter_path, build_base_model, store_adapters, validate_adapter_name
 from .batching import MicroBatcher
+from .pool import OFF, AdapterPool
+from .store import adapter_path, build_base_model, store_adapters, validate_adapter_name
 
 
 class HTTPError(Exception):
@@ -275,7 +275,7 @@ def create_app(
     """Builds the ASGI app; the pool is built in the background.
 
     Args:
-        store: The adapter store (see :mod:`lora_ckpt.store`).
+        store: The adapter store (see :mod:`lora_ckpt.serving.store`).
         model_name, base_weights: Override the store's base model.
         capacity, max_rank: Of the AdapterPool.
         preload: Load the store's adapters (up to ``capacity``) at start-up.

@@ -1,0 +1,1 @@
+"""Serving many adapters on one base model: slot storage, the slot table, the pool, stores and the HTTP service."""
