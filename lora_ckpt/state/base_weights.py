@@ -7,13 +7,15 @@ by ``regular_model.save_weights(path)``. LoRA variables are left untouched.
 """
 
 import collections
+from collections.abc import Iterable
 
 import h5py
 import numpy as np
 
 from .._tf import tf
-from ..errors import BaseWeightsError
+from ..errors import BaseWeightsError, LoRAConfigError
 from ..layers import LORA_WEIGHT_NAMES
+from ..selection import match_layers
 from ..traversal import named_variables, variable_short_name
 
 _H5_SUFFIXES = (".h5", ".hdf5")
@@ -25,11 +27,12 @@ def _without_root(variable_name: str) -> str:
     return variable_name.split("/", 1)[-1].split(":", 1)[0]
 
 
-def _base_variables(model) -> dict[str, tf.Variable]:
+def _base_variables(model, skip: Iterable[str] = ()) -> dict[str, tf.Variable]:
+    skipped = tuple(f"{path}/" for path in match_layers(model, skip, what="skip entry"))
     return {
         key: var
         for key, var in named_variables(model).items()
-        if variable_short_name(var) not in LORA_WEIGHT_NAMES
+        if variable_short_name(var) not in LORA_WEIGHT_NAMES and not key.startswith(skipped)
     }
 
 
@@ -50,10 +53,10 @@ def _read_h5(path: str) -> dict[str, np.ndarray]:
     return weights
 
 
-def _load_h5(model, path: str) -> None:
+def _load_h5(model, path: str, skip: Iterable[str]) -> None:
     stored = _read_h5(path)
     assignments = []
-    for key, var in _base_variables(model).items():
+    for key, var in _base_variables(model, skip).items():
         name = _without_root(var.name)
         if name not in stored:
             raise BaseWeightsError(
@@ -90,24 +93,34 @@ def _load_tf_checkpoint(model, path: str) -> None:
     status.expect_partial()  # the LoRA variables are not in a regular checkpoint
 
 
-def load_base_weights(model: tf.keras.Model, path: str) -> None:
+def load_base_weights(model: tf.keras.Model, path: str, skip: Iterable[str] | None = None) -> None:
     """Loads a regular model's saved weights into a LoRA model's base variables.
 
     Args:
         model: A built LoRA model (e.g. from :func:`lora_ckpt.create_model`).
         path: A ``.h5``/``.hdf5`` file or a TensorFlow checkpoint prefix, as
             written by ``save_weights`` of the regular model.
+        skip: Layers (paths, names or globs) left as they are, e.g. a
+            classifier of another number of classes than the file's
+            (HDF5 files only).
 
     Raises:
-        BaseWeightsError: If the file does not exist.
-        BaseWeightsError: If it does not hold the base weights of this
-            architecture and configuration (checked before any assignment).
+        BaseWeightsError: If the file does not exist, or does not hold the
+            base weights of this architecture and configuration (checked
+            before any assignment).
+        LayerNotFoundError: If a ``skip`` entry matches no layer.
+        LoRAConfigError: For ``skip`` with a TensorFlow checkpoint.
     """
     path = str(path)
     if path.endswith(_H5_SUFFIXES):
         if not tf.io.gfile.exists(path):
             raise BaseWeightsError(f"Base weights file {path} does not exist.")
-        _load_h5(model, path)
+        _load_h5(model, path, skip or ())
+    elif skip:
+        raise LoRAConfigError(
+            "load_base_weights(skip=...) reads HDF5 weights files (.h5); save the base "
+            "with save_weights('base.h5') or load it whole."
+        )
     else:
         if not tf.io.gfile.exists(path + ".index"):
             raise BaseWeightsError(f"No TensorFlow checkpoint at {path} ({path}.index is missing).")
