@@ -18,6 +18,7 @@ from .._tf import tf
 from ..errors import BaseWeightsError, LoRAConfigError, StoreError
 from ..models import create_model
 from ..state import load_base_weights
+from ..state.files import is_work_directory
 from ..state.format import CONFIG_FILE
 
 BASE_CONFIG = "base.json"
@@ -35,7 +36,12 @@ def validate_adapter_name(name: str) -> str:
     Raises:
         LoRAConfigError: For any other name.
     """
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if (
+        not isinstance(name, str)
+        or not _NAME.fullmatch(name)
+        or ".." in name
+        or is_work_directory(name)
+    ):
         raise LoRAConfigError(
             f"Invalid adapter name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit."
@@ -56,7 +62,8 @@ def store_adapters(store: str) -> list[str]:
     return sorted(
         name.rstrip("/")
         for name in tf.io.gfile.listdir(root)
-        if _NAME.match(name.rstrip("/"))
+        if _NAME.fullmatch(name.rstrip("/"))
+        and not is_work_directory(name.rstrip("/"))
         and tf.io.gfile.exists(os.path.join(root, name, CONFIG_FILE))
     )
 

@@ -1,35 +1,44 @@
 """Atomic replacement of an adapter directory (orbax's protocol, no machinery).
 
-A save writes the whole adapter into a temporary sibling ``NAME.tmp-<id>``
-and then commits it:
+A save never leaves a moment in which neither the old nor the new adapter
+can be read:
 
-- on a local file system by renaming directories: ``NAME`` -> ``NAME.old-<id>``,
-  ``NAME.tmp-<id>`` -> ``NAME``, then deleting the old one;
-- on file systems without directory renames (``ram://``, ``gs://``,
-  ``s3://``) file by file, with ``adapter_config.json`` as the commit marker:
-  the old config is deleted first, the data files are moved in, the new
-  config is moved in last.
+- On a local file system the new adapter is written into a sibling
+  ``NAME.tmp-<id>`` and committed by renaming directories: ``NAME`` ->
+  ``NAME.old-<id>``, ``NAME.tmp-<id>`` -> ``NAME``, then the old one is
+  deleted. Between the two renames (or after a crash there) readers find the
+  complete old version in ``NAME.old-<id>``
+  (:func:`lora_ckpt.state.files.resolve_adapter`).
+- On file systems without directory renames (``ram://``, ``gs://``,
+  ``s3://``) the checkpoint is written under a fresh prefix
+  (``adapter-<id>.*``) beside the old files, and the commit is the one write
+  of ``adapter_config.json`` that points at it: before it readers see the
+  old adapter, after it the new one. The old files are deleted last.
 
-A reader refuses a directory without ``adapter_config.json``, and the config
-records the size and SHA-256 of every checkpoint file, so a save killed at any
-point leaves either the previous complete adapter or no loadable adapter,
-never a mix. One writer per adapter path at a time.
+Leftovers of a killed save (work directories, unreferenced checkpoint files)
+are never read as adapters; the next save of that name removes them, and so
+does :func:`collect_garbage` (``lora-ckpt gc``). One writer per adapter path
+at a time.
 """
 
 import os
+import re
 import uuid
 from collections.abc import Callable
 
 from .._tf import tf
-from ..errors import AdapterExistsError
-from .format import CONFIG_FILE
+from ..errors import AdapterExistsError, AdapterNotFoundError, LoRAError
+from .files import is_local, resolve_adapter
+from .format import CHECKPOINT_PREFIX, CONFIG_FILE
+from .load import read_config
 
 _gfile = tf.io.gfile
+_CHECKPOINT_FILE = re.compile(r"adapter(-[0-9a-f]{8,32})?\.(index|data-00000-of-00001)")
 
 
-def is_local(path: str) -> bool:
-    """Whether ``path`` is a plain local path (no ``scheme://``)."""
-    return "://" not in path
+def is_adapter_file(name: str) -> bool:
+    """Whether ``name`` is a file an adapter directory may hold."""
+    return name == CONFIG_FILE or bool(_CHECKPOINT_FILE.fullmatch(name))
 
 
 def _fsync_tree(directory: str) -> None:
@@ -49,6 +58,44 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _siblings(path: str, marker: str) -> list[str]:
+    parent, name = os.path.split(path)
+    if not _gfile.isdir(parent or "."):
+        return []
+    prefix = f"{name}{marker}"
+    return [
+        f"{parent}/{n.rstrip('/')}" if parent else n.rstrip("/")
+        for n in _gfile.listdir(parent or ".")
+        if n.startswith(prefix)
+    ]
+
+
+def _recover_and_clean(path: str, keep: str = "") -> list[str]:
+    """Puts back a complete previous version a killed save left in ``path.old-*``
+    and removes the other work directories of ``path``. Returns what it touched."""
+    touched = []
+    if is_local(path) and not _gfile.exists(f"{path}/{CONFIG_FILE}"):
+        current = resolve_adapter_or_none(path)
+        if current is not None and current != path:
+            if _gfile.exists(path):
+                _gfile.rmtree(path)  # an uncommitted directory in the way
+            os.rename(current, path)
+            touched.append(current)
+    for work in _siblings(path, ".tmp-") + _siblings(path, ".old-"):
+        if work != keep:
+            _gfile.rmtree(work)
+            touched.append(work)
+    return touched
+
+
+def resolve_adapter_or_none(path: str) -> str | None:
+    """:func:`resolve_adapter`, or ``None`` where there is no committed adapter."""
+    try:
+        return resolve_adapter(path)
+    except AdapterNotFoundError:
+        return None
+
+
 def _commit_local(tmp: str, path: str) -> None:
     _fsync_tree(tmp)
     old = None
@@ -62,69 +109,112 @@ def _commit_local(tmp: str, path: str) -> None:
 
 
 def _commit_by_files(tmp: str, path: str) -> None:
-    config = f"{path}/{CONFIG_FILE}"
-    if _gfile.exists(config):
-        _gfile.remove(config)  # the old adapter is uncommitted from here on
     _gfile.makedirs(path)
-    names = sorted(_gfile.listdir(tmp))
-    for name in names:
-        if name != CONFIG_FILE:
+    old_files = [n for n in _gfile.listdir(path) if is_adapter_file(n) and n != CONFIG_FILE]
+    for name in sorted(_gfile.listdir(tmp)):
+        if name != CONFIG_FILE:  # fresh names: the old adapter stays whole
             _gfile.rename(f"{tmp}/{name}", f"{path}/{name}", overwrite=True)
-    _gfile.rename(f"{tmp}/{CONFIG_FILE}", config, overwrite=True)
+    # The commit: one object replaced. Before it the old adapter, after it the new.
+    _gfile.rename(f"{tmp}/{CONFIG_FILE}", f"{path}/{CONFIG_FILE}", overwrite=True)
+    for name in old_files:
+        _gfile.remove(f"{path}/{name}")
     _gfile.rmtree(tmp)
 
 
-def check_writable(path: str, overwrite: bool, known_files) -> None:
+def check_writable(path: str, overwrite: bool) -> None:
     """Refuses to replace an adapter unless asked, and never clobbers foreign files.
 
     Args:
         path: The adapter directory.
         overwrite: Whether an existing adapter may be replaced.
-        known_files: File names an adapter directory may hold.
 
     Raises:
         AdapterExistsError: If ``path`` holds an adapter and ``overwrite`` is
             false, or holds files that are not an adapter's.
     """
+    if resolve_adapter_or_none(path) is not None and not overwrite:
+        raise AdapterExistsError(
+            f"An adapter already exists at {path}; pass overwrite=True to replace it."
+        )
     if not _gfile.exists(path):
         return
     if not _gfile.isdir(path):
         raise AdapterExistsError(f"{path} exists and is not a directory; choose another path.")
-    names = set(_gfile.listdir(path))
-    foreign = sorted(n.rstrip("/") for n in names if n.rstrip("/") not in known_files)
+    foreign = sorted(
+        n.rstrip("/") for n in _gfile.listdir(path) if not is_adapter_file(n.rstrip("/"))
+    )
     if foreign:
         raise AdapterExistsError(
             f"{path} holds files that are not part of an adapter ({foreign[:5]}); "
             "refusing to replace it. Choose an empty or new directory."
         )
-    if CONFIG_FILE in names and not overwrite:
-        raise AdapterExistsError(
-            f"An adapter already exists at {path}; pass overwrite=True to replace it."
-        )
 
 
-def write_directory_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp_dir)`` to fill a temporary sibling, then commits it to ``path``.
+def write_directory_atomically(path: str, write: Callable[[str, str], None]) -> None:
+    """Calls ``write(tmp_dir, prefix)`` to fill a temporary sibling, then commits it.
 
     Args:
         path: The final directory.
-        write: Writes every file of the directory into the given directory,
-            ``adapter_config.json`` included.
+        write: Writes the checkpoint under ``prefix`` and
+            ``adapter_config.json`` into the given directory.
 
     Raises:
         Whatever ``write`` raises; the temporary directory is removed and
         ``path`` is untouched then.
     """
     path = path.rstrip("/")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    tmp = f"{path}.tmp-{tag}"
     parent = os.path.dirname(path)
     if parent:
         _gfile.makedirs(parent)
+    _recover_and_clean(path)
     _gfile.makedirs(tmp)
+    local = is_local(path)
     try:
-        write(tmp)
-        (_commit_local if is_local(path) else _commit_by_files)(tmp, path)
+        write(tmp, CHECKPOINT_PREFIX if local else f"{CHECKPOINT_PREFIX}-{tag}")
+        (_commit_local if local else _commit_by_files)(tmp, path)
     except BaseException:
         if _gfile.exists(tmp):
             _gfile.rmtree(tmp)
         raise
+
+
+def collect_garbage(directory: str) -> list[str]:
+    """Cleans what killed saves left in a directory of adapters.
+
+    Puts back complete previous versions whose replacement never committed,
+    removes ``*.tmp-*``/``*.old-*`` work directories and checkpoint files no
+    config refers to.
+
+    Args:
+        directory: A directory of adapters (a store's ``adapters/``).
+
+    Returns:
+        The paths removed or recovered.
+    """
+    directory = str(directory).rstrip("/")
+    if not _gfile.isdir(directory):
+        return []
+    names = {n.rstrip("/") for n in _gfile.listdir(directory)}
+    bases = {re.split(r"\.(tmp|old)-", n)[0] for n in names}
+    touched = []
+    for name in sorted(bases):
+        path = f"{directory}/{name}"
+        touched += _recover_and_clean(path)
+        current = resolve_adapter_or_none(path)
+        if current is None or not _gfile.isdir(path):
+            continue
+        try:
+            _, config = read_config(path)
+        except LoRAError:
+            continue  # a broken adapter is the user's to inspect and delete
+        for file_name in _gfile.listdir(path):
+            if (
+                is_adapter_file(file_name)
+                and file_name != CONFIG_FILE
+                and file_name not in config.files
+            ):
+                _gfile.remove(f"{path}/{file_name}")
+                touched.append(f"{path}/{file_name}")
+    return touched

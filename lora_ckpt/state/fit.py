@@ -153,28 +153,6 @@ def _check_identity(
         )
 
 
-def _check_ranks(config: AdapterConfig, path: str) -> None:
-    """Cross-checks each layer record against its tensors' shapes and itself."""
-    for layer_path, layer in config.layers.items():
-        a = config.variables.get(f"{layer_path}/kernel_lora_a")
-        b = config.variables.get(f"{layer_path}/kernel_lora_b")
-        if a is None or b is None or a.kind != KIND_LORA or b.kind != KIND_LORA:
-            raise AdapterMismatchError(
-                f"The adapter at {path} lists LoRA layer {layer_path} without its "
-                "kernel_lora_a/kernel_lora_b variables."
-            )
-        if not (a.shape and len(b.shape) == 2 and a.shape[-1] == b.shape[0] == layer.rank > 0):
-            raise AdapterMismatchError(
-                f"The adapter at {path} records rank {layer.rank} for {layer_path}, but its "
-                f"tensors are A{list(a.shape)} and B{list(b.shape)}."
-            )
-        if not math.isclose(layer.scaling, layer.alpha / layer.rank, rel_tol=1e-6):
-            raise AdapterMismatchError(
-                f"The adapter at {path} records scaling {layer.scaling} for {layer_path}, "
-                f"but alpha / rank = {layer.alpha} / {layer.rank}."
-            )
-
-
 def check_fit(
     signature: ModelSignature,
     config: AdapterConfig,
@@ -211,7 +189,6 @@ def check_fit(
     )
     ignore = slots.width_fields if slots is not None and carries_head else ()
     _check_identity(signature.identity, config.base_model, path, ignore)
-    _check_ranks(config, path)
     report = LoadReport()
     lora_keys = set(signature.lora_keys)
     for key, record in config.variables.items():

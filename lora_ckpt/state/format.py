@@ -18,6 +18,7 @@ every field, so no caller indexes raw JSON.
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,44 @@ CONFIG_FILE = "adapter_config.json"
 CHECKPOINT_PREFIX = "adapter"
 CHECKPOINT_ROOT = "lora"
 _KEY_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+# A save on a file system without directory renames writes a fresh prefix
+# ("adapter-<hex>") beside the old files, then swaps the config.
+_PREFIX = re.compile(r"adapter(-[0-9a-f]{8,32})?")
+
+VARIABLE_KINDS = ("lora", "bias", "extra")  # lora_ckpt.selection's KIND_*
+BIAS_MODES = ("none", "lora_only", "all")
+DTYPE_SIZES = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "bool": 1,
+}
+MAX_RANK = 1 << 16
+MAX_JSON_DEPTH = 32
+
+
+def checkpoint_files(prefix: str) -> tuple[str, str]:
+    """The two files ``tf.train.Checkpoint.write`` makes for ``prefix``."""
+    return f"{prefix}.index", f"{prefix}.data-00000-of-00001"
+
+
+def _depth(document) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
 
 
 def checkpoint_key(key: str) -> str:
@@ -171,6 +210,7 @@ class AdapterConfig:
     created: str = ""
     checkpoint_prefix: str = CHECKPOINT_PREFIX
     format_version: int = FORMAT_VERSION
+    json_bytes: int = field(default=0, compare=False)  # the file's size, when read
 
     @property
     def rank(self) -> int:
@@ -224,9 +264,15 @@ class AdapterConfig:
         """
         where = f"{path}/{CONFIG_FILE}"
         try:
+            if isinstance(text, bytes):
+                text = text.decode("utf-8")  # strict: one bad byte is a corrupt file
             document = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise CorruptAdapterError(f"{where} is not valid JSON: {exc}.") from exc
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise CorruptAdapterError(f"{where} is not valid UTF-8 JSON: {exc!s:.200}.") from exc
+        if _depth(document) > MAX_JSON_DEPTH:
+            raise CorruptAdapterError(
+                f"{where} is nested deeper than {MAX_JSON_DEPTH} levels; it is not an adapter config."
+            )
         if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
             raise CorruptAdapterError(
                 f"{where} is not a lora_ckpt adapter config (format field is not {FORMAT_NAME!r})."
@@ -245,7 +291,7 @@ class AdapterConfig:
         files = _records(checkpoint.get("files", dict), "config.checkpoint.files", _file)
         if not files:
             raise CorruptAdapterError(f"{where}: config.checkpoint.files is empty.")
-        return cls(
+        config = cls(
             base_model=BaseModelRecord(
                 architecture=base.get("architecture", str),
                 lora_architecture=base.get("lora_architecture", str),
@@ -266,6 +312,62 @@ class AdapterConfig:
             checkpoint_prefix=checkpoint.get("prefix", str),
             format_version=version,
         )
+        config.check_consistency(where)
+        config.json_bytes = len(text.encode("utf-8"))
+        return config
+
+    def check_consistency(self, where: str = "config") -> None:
+        """Cross-checks the fields against each other.
+
+        Raises:
+            CorruptAdapterError: If the config contradicts itself: ranks that
+                are not the tensors' shapes, a scaling that is not
+                ``alpha / rank``, unknown kinds, dtypes or bias modes, files
+                that are not the checkpoint's, tensors larger than the data.
+        """
+        bad = _inconsistency(self)
+        if bad:
+            raise CorruptAdapterError(f"{where} contradicts itself: {bad}.")
+
+
+def _inconsistency(config: AdapterConfig) -> str:
+    """The first way a config contradicts itself, or ``""``."""
+    if not _PREFIX.fullmatch(config.checkpoint_prefix):
+        return f"checkpoint.prefix {config.checkpoint_prefix!r} is not an adapter checkpoint"
+    expected = set(checkpoint_files(config.checkpoint_prefix))
+    if set(config.files) != expected:
+        return f"checkpoint.files {sorted(config.files)[:3]} are not {sorted(expected)}"
+    if not config.saved.lora or config.saved.bias not in BIAS_MODES:
+        return f"saved {config.saved} is not a LoRA save with a known bias mode"
+    if not config.base_model.fingerprint.startswith("sampled-blake2b:"):
+        return "base_model.fingerprint is not a lora_ckpt fingerprint"
+    if not config.layers:
+        return "it lists no LoRA layer"
+    data_bytes = config.files[checkpoint_files(config.checkpoint_prefix)[1]].size
+    total = 0
+    for key, record in config.variables.items():
+        if record.kind not in VARIABLE_KINDS or record.dtype not in DTYPE_SIZES:
+            return f"variable {key} has kind {record.kind!r} and dtype {record.dtype!r}"
+        total += math.prod(record.shape) * DTYPE_SIZES[record.dtype]
+        if total > data_bytes:
+            return f"its variables need more than the {data_bytes} bytes of the data file"
+    for layer_path, layer in config.layers.items():
+        a = config.variables.get(f"{layer_path}/kernel_lora_a")
+        b = config.variables.get(f"{layer_path}/kernel_lora_b")
+        if a is None or b is None or a.kind != "lora" or b.kind != "lora":
+            return f"LoRA layer {layer_path} lacks its kernel_lora_a/kernel_lora_b variables"
+        if not 0 < layer.rank <= MAX_RANK or len(b.shape) != 2 or not a.shape:
+            return f"layer {layer_path} has rank {layer.rank} and tensors A{list(a.shape)}, B{list(b.shape)}"
+        if a.shape[-1] != layer.rank or b.shape[0] != layer.rank:
+            return f"layer {layer_path} records rank {layer.rank}, its tensors are A{list(a.shape)}, B{list(b.shape)}"
+        if not math.isclose(layer.scaling, layer.alpha / layer.rank, rel_tol=1e-6):
+            return f"layer {layer_path} records scaling {layer.scaling}, alpha / rank is {layer.alpha / layer.rank}"
+    lora_layers = {key.rsplit("/", 1)[0] for key, v in config.variables.items() if v.kind == "lora"}
+    if lora_layers - set(config.layers):
+        return (
+            f"LoRA variables of {sorted(lora_layers - set(config.layers))[:3]} have no layer record"
+        )
+    return ""
 
 
 def _strings(values: list, where: str) -> list[str]:

@@ -1,7 +1,8 @@
 """Summaries of adapters on disk, for listings and the CLI."""
 
 from .._tf import tf
-from ..errors import AdapterError
+from ..errors import LoRAError
+from .files import is_work_directory
 from .format import CONFIG_FILE
 from .load import read_config
 
@@ -23,7 +24,7 @@ def inspect_adapter(path: str) -> dict:
             :func:`read_config`.
     """
     path = str(path).rstrip("/")
-    config = read_config(path)
+    _, config = read_config(path)
     document = config.to_dict()
     return {
         "path": path,
@@ -37,37 +38,42 @@ def inspect_adapter(path: str) -> dict:
         "saved": document["saved"],
         "variables": document["variables"],
         "num_parameters": config.num_parameters,
-        "size_bytes": sum(f.size for f in config.files.values())
-        + tf.io.gfile.stat(f"{path}/{CONFIG_FILE}").length,
+        "size_bytes": sum(f.size for f in config.files.values()) + config.json_bytes,
         "metadata": config.metadata,
     }
 
 
 def list_adapters(directory: str) -> list[dict]:
-    """Summarises every committed adapter directly inside ``directory``.
+    """Summarises every adapter directly inside ``directory``.
 
-    Directories that are not adapters (or whose save never committed) are
-    left out; a corrupted config is listed with an ``error`` entry instead of
+    Directories that are not adapters, or whose save never committed, are
+    left out, and so are a save's work directories (``*.tmp-*``,
+    ``*.old-*``). A broken adapter is listed with its ``error`` instead of
     failing the whole listing.
 
     Args:
         directory: A store of adapters, one subdirectory each.
 
     Returns:
-        One :func:`inspect_adapter` summary per adapter (with ``name``),
-        sorted by name.
+        One :func:`inspect_adapter` summary per adapter (with ``name``), or
+        ``{"name", "path", "error"}`` for a broken one, sorted by name.
     """
     directory = str(directory).rstrip("/")
     if not tf.io.gfile.isdir(directory):
         return []
     summaries = []
-    for name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(directory)):
+    names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(directory))
+    # A save killed between its renames leaves NAME.old-*: NAME is still there.
+    recoverable = {n.split(".old-")[0] for n in names if ".old-" in n}
+    for name in sorted({n for n in names if not is_work_directory(n)} | recoverable):
         path = f"{directory}/{name}"
-        if not tf.io.gfile.exists(f"{path}/{CONFIG_FILE}"):
-            continue
         try:
+            if name not in recoverable and not tf.io.gfile.exists(f"{path}/{CONFIG_FILE}"):
+                continue
             summary = inspect_adapter(path)
-        except AdapterError as exc:
+        except LoRAError as exc:
             summary = {"path": path, "error": str(exc)}
+        except tf.errors.OpError as exc:
+            summary = {"path": path, "error": exc.message}
         summaries.append(dict(summary, name=name))
     return summaries

@@ -5,13 +5,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._tf import tf
-from ..errors import AdapterNotFoundError, CorruptAdapterError
+from ..errors import CorruptAdapterError
 from . import fit
-from .files import file_record
+from .files import (
+    MAX_CONFIG_BYTES,
+    checkpoint_reader,
+    read_bounded,
+    read_verified,
+    resolve_adapter,
+)
 from .fit import LoadReport, ModelSignature, check_fit
 from .format import CHECKPOINT_ROOT, CONFIG_FILE, AdapterConfig, checkpoint_key
-
-_gfile = tf.io.gfile
 
 
 @dataclass
@@ -39,56 +43,34 @@ class AdapterState:
         return self.config.base_model.fingerprint
 
 
-def read_config(path: str) -> AdapterConfig:
+def read_config(path: str) -> tuple[str, AdapterConfig]:
     """Reads and validates an adapter's ``adapter_config.json``.
 
     Args:
         path: The adapter directory.
 
     Returns:
-        The config.
+        ``(directory, config)``: the directory it was read from (``path``, or
+        the complete previous version a killed save left beside it) and the
+        config.
 
     Raises:
-        AdapterNotFoundError: If the directory or its config is missing.
+        AdapterNotFoundError: If there is no committed adapter at ``path``.
         CorruptAdapterError, AdapterVersionError: If the config is invalid.
     """
-    path = str(path).rstrip("/")
-    if not _gfile.exists(path):
-        raise AdapterNotFoundError(f"No adapter at {path}: the directory does not exist.")
-    config_path = f"{path}/{CONFIG_FILE}"
-    if not _gfile.exists(config_path):
-        raise AdapterNotFoundError(
-            f"{path} has no {CONFIG_FILE}: it is not an adapter, or its save was "
-            "interrupted before it committed."
-        )
-    with _gfile.GFile(config_path, "rb") as handle:
-        return AdapterConfig.from_json(handle.read(), path)
-
-
-def _check_files(path: str, config: AdapterConfig) -> None:
-    for name, expected in config.files.items():
-        file_path = f"{path}/{name}"
-        if not _gfile.exists(file_path):
-            raise CorruptAdapterError(f"{path} is missing its checkpoint file {name}.")
-        actual = file_record(file_path)
-        if actual.size != expected.size:
-            raise CorruptAdapterError(
-                f"{file_path} has {actual.size} bytes, the config says "
-                f"{expected.size}: the file is truncated or was replaced."
-            )
-        if actual.sha256 != expected.sha256:
-            raise CorruptAdapterError(
-                f"{file_path} does not match the SHA-256 in its config: the file is corrupted."
-            )
+    directory = resolve_adapter(path)
+    text = read_bounded(directory, CONFIG_FILE, MAX_CONFIG_BYTES)
+    return directory, AdapterConfig.from_json(text, str(path).rstrip("/"))
 
 
 def read_lora_state(path: str) -> AdapterState:
     """Reads an adapter into numpy arrays, with no model built.
 
-    Every check that needs no model is done: config schema and version,
-    presence, size and SHA-256 of each checkpoint file, agreement of the
-    checkpoint's variables, shapes and dtypes with the config, and finite
-    values.
+    Every check that needs no model is done: config schema, ranges and
+    consistency, each checkpoint file a regular file inside the directory of
+    the recorded size and SHA-256 (read once: the hashed bytes are the parsed
+    bytes), the checkpoint's variables, shapes and dtypes those of the
+    config, and finite values.
 
     Args:
         path: The adapter directory.
@@ -98,17 +80,23 @@ def read_lora_state(path: str) -> AdapterState:
 
     Raises:
         AdapterNotFoundError: If there is no committed adapter at ``path``.
-        CorruptAdapterError: If a file is missing, truncated or altered, the
-            checkpoint disagrees with the config, or a tensor holds NaN/Inf.
+        CorruptAdapterError: If a file is missing, odd, truncated or altered,
+            the checkpoint disagrees with the config, or a tensor holds NaN/Inf.
         AdapterVersionError: For an unknown format version.
     """
+    directory, config = read_config(path)
     path = str(path).rstrip("/")
-    config = read_config(path)
-    _check_files(path, config)
-    try:
-        reader = tf.compat.v1.train.NewCheckpointReader(f"{path}/{config.checkpoint_prefix}")
-    except (tf.errors.OpError, RuntimeError) as exc:
-        raise CorruptAdapterError(f"Cannot read the checkpoint of {path}: {exc}") from exc
+    files = {name: read_verified(directory, name, record) for name, record in config.files.items()}
+    with checkpoint_reader(files, config.checkpoint_prefix) as reader:
+        try:
+            return AdapterState(path, config, _read_tensors(reader, config, path))
+        except (tf.errors.OpError, ValueError, TypeError, IndexError) as exc:
+            raise CorruptAdapterError(
+                f"The checkpoint of {path} cannot be read: {exc!s:.300}"
+            ) from exc
+
+
+def _read_tensors(reader, config: AdapterConfig, path: str) -> dict[str, np.ndarray]:
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
     stored = {k for k in shapes if k.startswith(CHECKPOINT_ROOT + "/")}
@@ -129,13 +117,15 @@ def read_lora_state(path: str) -> AdapterState:
                 f"{shapes[ckpt_key]}, the config says {record.dtype}{list(record.shape)}."
             )
         tensor = reader.get_tensor(ckpt_key)
+        if tensor.shape != record.shape or tensor.dtype.name != record.dtype:
+            raise CorruptAdapterError(f"{path}: variable {key} does not hold what its index says.")
         if tensor.dtype.kind in "fc" and not np.isfinite(tensor).all():
             raise CorruptAdapterError(
                 f"{path}: variable {key} holds NaN or infinite values; the adapter is "
                 "unusable (retrain it, or save it again from a healthy model)."
             )
         tensors[key] = tensor
-    return AdapterState(path=path, config=config, tensors=tensors)
+    return tensors
 
 
 def load_lora_state(

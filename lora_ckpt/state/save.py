@@ -13,21 +13,15 @@ from .files import file_record
 from .fingerprint import base_fingerprint
 from .fit import model_identity
 from .format import (
-    CHECKPOINT_PREFIX,
     CHECKPOINT_ROOT,
     CONFIG_FILE,
     AdapterConfig,
     LayerRecord,
     SavedRecord,
     VariableRecord,
+    checkpoint_files,
     nest_variables,
 )
-
-ADAPTER_FILES = {
-    CONFIG_FILE,
-    f"{CHECKPOINT_PREFIX}.index",
-    f"{CHECKPOINT_PREFIX}.data-00000-of-00001",
-}
 
 
 def build_config(model, selection: StateSelection, metadata: dict) -> AdapterConfig:
@@ -96,14 +90,16 @@ def save_lora_state(
     except TypeError as exc:
         raise LoRAConfigError(f"metadata must be JSON-serialisable: {exc}.") from exc
     selection = select_state(model, include_bias, extra_layers)
-    check_writable(path, overwrite, ADAPTER_FILES)
+    check_writable(path, overwrite)
     config = build_config(model, selection, metadata)
     checkpoint = tf.train.Checkpoint(**{CHECKPOINT_ROOT: nest_variables(selection.variables)})
 
-    def write(directory: str) -> None:
-        checkpoint.write(f"{directory}/{CHECKPOINT_PREFIX}")
-        for name in sorted(tf.io.gfile.listdir(directory)):
-            config.files[name] = file_record(f"{directory}/{name}")
+    def write(directory: str, prefix: str) -> None:
+        checkpoint.write(f"{directory}/{prefix}")
+        config.checkpoint_prefix = prefix
+        config.files = {
+            name: file_record(f"{directory}/{name}") for name in checkpoint_files(prefix)
+        }
         with tf.io.gfile.GFile(f"{directory}/{CONFIG_FILE}", "w") as handle:
             handle.write(config.to_json())
 
