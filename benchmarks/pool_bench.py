@@ -278,10 +278,11 @@ def main(argv=None) -> dict:
         f"  mixed at capacity {capacities[0]} = {sweep['mixed_vs_single_adapter']:.3f}x a single-adapter batch"
     )
     if args.sweep_only:
-        results = {"capacity_sweep": sweep}
-    else:
-        results = run(args.model, config, ranks, args.batch, args.repeat, capacity=8)
-        results["capacity_sweep"] = sweep
+        results = {"capacity_sweep": sweep, "tiny": args.tiny}
+        _write(results, args.out)
+        return results
+    results = run(args.model, config, ranks, args.batch, args.repeat, capacity=8)
+    results["capacity_sweep"] = sweep
     results["tiny"] = args.tiny
 
     print(f"{args.model}{' (tiny config)' if args.tiny else ''}, batch {args.batch}, capacity 8")
@@ -291,9 +292,6 @@ def main(argv=None) -> dict:
             f" ({r['load_vs_switch']:,.0f}x switch) | pool.load {r['pool_load_s'] * 1e3:6.1f} ms"
             f" = {r['pool_load_vs_numpy']:.2f}x numpy+grouped assign ({r['numpy_grouped_assign_s'] * 1e3:.1f} ms)"
         )
-    if args.sweep_only:
-        _write(results, args.out)
-        return results
     r = results["ranks"][str(ranks[0])]
     print(
         f"batch 1, rank {ranks[0]}: base {r['batch1_base_s'] * 1e3:.1f} ms | unmerged"

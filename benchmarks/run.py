@@ -27,8 +27,7 @@ from adapter_size import directory_size, prefix_size
 from pool_bench import interleaved_medians, make_adapters, median_time
 
 import lora_ckpt
-from lora_ckpt import AdapterPool, load_base_weights, load_lora_state, save_lora_state
-from lora_ckpt import tf
+from lora_ckpt import AdapterPool, load_base_weights, load_lora_state, save_lora_state, tf
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TINY = dict(embed_dim=(8, 16), nb_blocks=(1, 1), input_size=(32, 32), nb_classes=5, init_scale=1.0)

@@ -215,18 +215,21 @@ class LoRASlots:
     def mixed(self, x, slot_ids):
         """Pre-bias output, each sample with its own slot."""
         layer = self.layer
-        base = layer.base_op(x, layer.kernel)
         if not self.is_dense:
-            return grouped_by_slot(x, slot_ids, lambda xs, s: self.uniform_update(xs, s), base)
+            base = layer.base_op(x, layer.kernel)
+            return grouped_by_slot(x, slot_ids, self.uniform_update, base)
         rows = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
         b = tf.gather(self.b, slot_ids) * tf.gather(self.scale, slot_ids)[:, None, None]
         a = tf.gather(self.a, slot_ids)
         if self._prefers_kernel(x, 1):
-            # Early, wide layers: one small updated-kernel delta per sample.
-            update = tf.matmul(rows, tf.cast(tf.matmul(a, b), x.dtype))
+            # Early, wide layers: each sample's own updated kernel, one batched matmul
+            # in place of the base matmul.
+            kernels = layer.kernel[None] + tf.cast(tf.matmul(a, b), x.dtype)
+            y = tf.matmul(rows, kernels)
         else:
             update = tf.matmul(tf.matmul(rows, tf.cast(a, x.dtype)), tf.cast(b, x.dtype))
-        return base + tf.reshape(update, tf.shape(base))
+            y = matmul_last_axis(rows, layer.kernel) + update
+        return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.out_dim]], 0))
 
     def uniform_update(self, x, slot):
         """The LoRA update alone (no base) for samples that all use ``slot``."""
