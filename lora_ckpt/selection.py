@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ._tf import tf
 from .errors import LayerNotFoundError, LoRAConfigError, MergeStateError
 from .layers import is_lora_layer
-from .traversal import named_layers, named_variables
+from .traversal import layers_and_variables, named_layers, named_variables
 
 TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
 
@@ -244,7 +244,7 @@ def select_state(
             update, so the base cannot be identified).
         LoRAConfigError: For an unknown bias mode.
     """
-    all_layers = list(named_layers(model))
+    all_layers, all_vars = layers_and_variables(model)
     layers = [(path, layer) for path, layer in all_layers if is_lora_layer(layer)]
     if not layers:
         raise LayerNotFoundError(
@@ -257,16 +257,13 @@ def select_state(
             f"LoRA layer '{merged[0]}' is merged; call unmerge_lora_weights(model) "
             "before saving or loading adapter state."
         )
-    settings = lora_settings(model)
-    bias = settings.train_bias if include_bias is None else include_bias
+    if include_bias is None or extra_layers is None:
+        settings = lora_settings(model)
+        include_bias = settings.train_bias if include_bias is None else include_bias
+        extra_layers = settings.trainable_layers if extra_layers is None else extra_layers
+    bias = include_bias
     check_train_bias(bias)
-    extra = match_layers(
-        model,
-        settings.trainable_layers if extra_layers is None else extra_layers,
-        all_layers,
-        "extra_layers entry",
-    )
-    all_vars = named_variables(model)
+    extra = match_layers(model, extra_layers, all_layers, "extra_layers entry")
     key_of = {id(v): k for k, v in all_vars.items()}
 
     kinds: dict[str, str] = {}

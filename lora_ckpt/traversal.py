@@ -88,9 +88,21 @@ def named_variables(model: tf.keras.layers.Layer) -> dict[str, tf.Variable]:
         LoRAError: If two variables get the same key (two sibling layers with
             the same name), since keys must identify one variable each.
     """
+    return layers_and_variables(model)[1]
+
+
+def layers_and_variables(model) -> tuple[list, dict[str, tf.Variable]]:
+    """:func:`named_layers` and :func:`named_variables` from one walk of the model.
+
+    Raises:
+        LoRAError: As :func:`named_variables`.
+    """
+    layers: list[tuple[str, tf.keras.layers.Layer]] = []
     result: dict[str, tf.Variable] = {}
     seen = set()
-    for path, _, variables in _walk(model):
+    for path, layer, variables in _walk(model):
+        if layer is not model:
+            layers.append((path, layer))
         for variable in variables:
             if id(variable) in seen:
                 continue
@@ -103,4 +115,4 @@ def named_variables(model: tf.keras.layers.Layer) -> dict[str, tf.Variable]:
                     "sibling layers distinct names."
                 )
             result[key] = variable
-    return result
+    return layers, result

@@ -159,7 +159,17 @@ class AdapterPool:
         self._heads = sorted(heads)
         own_classes = int(by_path[self._heads[0]].units) if heads else None
         self._classes = [own_classes] * slots  # each slot's number of classes
-        self._cleared_update = self._update_of(None)
+        self._slot_variables = [
+            v
+            for slots in (*self._lora.values(), *self._full.values())
+            for v in slots.slot_variables
+        ]
+        if len({v.dtype for v in self._slot_variables}) != 1:
+            raise LoRAConfigError(
+                "The LoRA layers and full layers of this model keep variables of several "
+                "dtypes; a pool needs one."
+            )
+        self._cleared = self._values_of(None)
 
         sample = getattr(model, "dummy_inputs", None)
         shape = tuple(sample.shape[1:]) if sample is not None else tuple(model.input_shape[1:])
@@ -176,7 +186,7 @@ class AdapterPool:
         self._forward_single = tf.function(self._serve, input_signature=[single, scalar])
         self._forward_mixed = tf.function(self._serve, input_signature=[batch, vector])
         self._forward_base = tf.function(self._serve_base, input_signature=[batch])
-        self._write = tf.function(self._write_slot)
+        self._write = tf.function(self._write_slot, autograph=False)
         zeros = np.zeros([1, *shape], self.dtype)
         self._forward_one(zeros, tf.constant(0))
         self._forward_single(zeros, tf.constant(0))
@@ -211,12 +221,12 @@ class AdapterPool:
         with self._routing.route(BASE_ONLY):
             return self.model(x, training=False)
 
-    def _write_slot(self, slot, update):
-        # One graph for every layer's slot write: a load is one call.
-        for path, values in update["lora"].items():
-            self._lora[path].assign(slot, *values)
-        for path, values in update["full"].items():
-            self._full[path].assign(slot, values)
+    def _write_slot(self, slot, flat):
+        # One graph and one flat input for every layer's slot write: a load is
+        # one call (an input per array would cost more than the writes).
+        sizes = [v.shape[1:].num_elements() for v in self._slot_variables]
+        for variable, part in zip(self._slot_variables, tf.split(flat, sizes), strict=True):
+            variable[slot].assign(tf.reshape(part, variable.shape[1:]))
 
     # ---- adapters ----------------------------------------------------------------------
 
@@ -256,24 +266,20 @@ class AdapterPool:
         """
         self._table.activate(name)
 
-    def _update_of(self, state: AdapterState | None) -> dict:
-        """What to write into a slot for an adapter (``None``: a cleared slot)."""
+    def _values_of(self, state: AdapterState | None) -> np.ndarray:
+        """One slot's contents for an adapter (``None``: a cleared slot), flat."""
         tensors = state.tensors if state is not None else {}
-        lora = {}
+        values = []
         for path, slots in self._lora.items():
             a, b = tensors.get(f"{path}/kernel_lora_a"), tensors.get(f"{path}/kernel_lora_b")
             scale = state.config.layers[path].scaling if a is not None else 0.0
-            bias = tensors.get(f"{path}/bias", slots.base_bias)
-            bias = np.zeros((), slots.dtype.as_numpy_dtype) if bias is None else bias
-            lora[path] = (*slots.padded(a, b), np.asarray(scale, slots.dtype.as_numpy_dtype), bias)
-        full = {
-            path: {
-                name: slots.pad(tensors.get(f"{path}/{name}", base))
-                for name, base in slots.base.items()
-            }
-            for path, slots in self._full.items()
-        }
-        return {"lora": lora, "full": full}
+            values += slots.slot_values(a, b, scale, tensors.get(f"{path}/bias"))
+        for path, slots in self._full.items():
+            prefix = f"{path}/"
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            values += slots.slot_values(own)
+        dtype = self._slot_variables[0].dtype.as_numpy_dtype
+        return np.concatenate([np.ravel(v) for v in values]).astype(dtype, copy=False)
 
     def _classes_of(self, state: AdapterState) -> int | None:
         if not self._heads:
@@ -281,7 +287,7 @@ class AdapterPool:
         kernel = state.tensors.get(f"{self._heads[0]}/kernel")
         return int(kernel.shape[-1]) if kernel is not None else self._classes[0]
 
-    def _prepare(self, state: AdapterState) -> dict:
+    def _prepare(self, state: AdapterState) -> np.ndarray:
         """Validates an adapter against the pool; returns what to write into its slot."""
         check_fit(self._signature, state.config, state.path, slots=self._limits)
         for path in self._heads:
@@ -299,7 +305,7 @@ class AdapterPool:
                         "so the base weights can be checked."
                     )
                 check_base(self._signature, state.config, state.path, cache=self._fingerprints)
-        return self._update_of(state)
+        return self._values_of(state)
 
     def load(self, name: str, path: str) -> int:
         """Reads an adapter from disk into a slot (evicting the least recently
@@ -367,7 +373,7 @@ class AdapterPool:
             return
         try:
             for slot in slots:
-                self._write(tf.constant(slot, tf.int32), self._cleared_update)
+                self._write(tf.constant(slot, tf.int32), self._cleared)
                 self._classes[slot] = self._classes[0]
         finally:
             self._table.cleared(slots)

@@ -153,14 +153,18 @@ class LoRASlots:
             b_padded[: b.shape[0]] = b
         return a_padded, b_padded
 
-    def assign(self, slot, a_padded, b_padded, scale, bias) -> None:
-        """Writes one adapter into ``slot`` (from :meth:`padded`; ``bias`` is the
-        base bias where the adapter has none, ignored without bias)."""
-        self.a[slot].assign(a_padded)
-        self.b[slot].assign(b_padded)
-        self.scale[slot].assign(scale)
+    @property
+    def slot_variables(self) -> list:
+        """The stacked ``[slots, ...]`` variables, in the order of :meth:`slot_values`."""
+        return [self.a, self.b, self.scale] + ([self.bias] if self.bias is not None else [])
+
+    def slot_values(self, a, b, scale: float, bias) -> list[np.ndarray]:
+        """One slot's values for an adapter's ``A``, ``B``, scaling and bias
+        (``None``: a layer it does not adapt, the base bias)."""
+        values = [*self.padded(a, b), np.asarray(scale, self.dtype.as_numpy_dtype)]
         if self.bias is not None:
-            self.bias[slot].assign(bias)
+            values.append(self.base_bias if bias is None else bias)
+        return values
 
     # ---- forward ----------------------------------------------------------------
 
@@ -300,10 +304,15 @@ class FullLayerSlots:
         padded[..., : value.shape[-1]] = value
         return padded
 
-    def assign(self, slot, values: dict) -> None:
-        """Writes one adapter's (padded) values of this layer into ``slot``."""
-        for name, value in values.items():
-            self.slots[name][slot].assign(value)
+    @property
+    def slot_variables(self) -> list:
+        """The stacked ``[slots, ...]`` variables, in the order of :meth:`slot_values`."""
+        return list(self.slots.values())
+
+    def slot_values(self, values: dict) -> list[np.ndarray]:
+        """One slot's values: the adapter's where it has them (``name -> array``),
+        else the base layer's, padded to the slot width."""
+        return [self.pad(values.get(name, base)) for name, base in self.base.items()]
 
     def _call(self, inputs, *args, **kwargs):
         routing = self.routing.current()

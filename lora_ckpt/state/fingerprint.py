@@ -6,14 +6,24 @@ from collections.abc import Iterable
 import numpy as np
 
 from .._tf import tf
+from .compiled import compiled
 
 FINGERPRINT_SAMPLES = 4096
 """Values per variable a base fingerprint reads (all values of smaller ones)."""
 
 
-def _sample(variable: tf.Variable) -> np.ndarray:
-    flat = variable.numpy().ravel()  # one eager op: cheaper than slicing in TF
-    return np.ascontiguousarray(flat[:: -(-flat.size // FINGERPRINT_SAMPLES)])
+def _sampler(variables: list):
+    steps = [max(1, -(-v.shape.num_elements() // FINGERPRINT_SAMPLES)) for v in variables]
+
+    def sample():
+        return [tf.reshape(v, [-1])[::step] for v, step in zip(variables, steps, strict=True)]
+
+    return sample
+
+
+def _samples(variables: list) -> list[np.ndarray]:
+    """Every k-th value of each variable (k = ceil(size / 4096)), in one compiled call."""
+    return [t.numpy() for t in compiled("sample", variables, _sampler)()] if variables else []
 
 
 def base_fingerprint(model_variables: dict[str, tf.Variable], exclude: Iterable[str]) -> str:
@@ -35,11 +45,10 @@ def base_fingerprint(model_variables: dict[str, tf.Variable], exclude: Iterable[
         ``"sampled-blake2b:<hex>"``.
     """
     excluded = set(exclude)
+    keys = [key for key in sorted(model_variables) if key not in excluded]
+    variables = [model_variables[key] for key in keys]
     digest = hashlib.blake2b(digest_size=20)
-    for key in sorted(model_variables):
-        if key in excluded:
-            continue
-        variable = model_variables[key]
+    for key, variable, sample in zip(keys, variables, _samples(variables), strict=True):
         digest.update(f"{key}|{variable.dtype.name}|{variable.shape.as_list()}|".encode())
-        digest.update(_sample(variable).data)
+        digest.update(np.ascontiguousarray(sample).data)
     return "sampled-blake2b:" + digest.hexdigest()

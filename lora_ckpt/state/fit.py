@@ -10,10 +10,12 @@ assigns a variable: this is the dry run that comes before any change.
 import dataclasses
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
 
 from .._tf import tf
-from ..errors import AdapterMismatchError, BaseModelMismatchError
+from ..errors import AdapterMismatchError, BaseModelMismatchError, MergeStateError
+from ..models import lora_layers
 from ..registry import is_lora_architecture, lora_base_architecture
 from ..selection import KIND_LORA, select_state
 from .fingerprint import base_fingerprint
@@ -110,22 +112,40 @@ class ModelSignature:
     variables: dict[str, tf.Variable]
     lora_layers: dict[str, dict]
     lora_keys: list[str]
+    layer_objects: list = field(default_factory=list, repr=False)
 
     @classmethod
     def of(cls, model) -> "ModelSignature":
         """The signature of a built, unmerged LoRA model.
 
+        The layer tree is walked once per model (a built model's layers do
+        not change); the merge state is checked on every call.
+
         Raises:
             LayerNotFoundError: If the model has no LoRA layers.
             MergeStateError: If it is merged.
         """
-        selection = select_state(model, include_bias="none", extra_layers=[])
-        return cls(
-            identity=model_identity(model),
-            variables=selection.model_variables,
-            lora_layers=selection.layers,
-            lora_keys=selection.lora_keys(),
-        )
+        signature = _SIGNATURES.get(model)
+        if signature is None:
+            selection = select_state(model, include_bias="none", extra_layers=[])
+            signature = cls(
+                identity=model_identity(model),
+                variables=selection.model_variables,
+                lora_layers=selection.layers,
+                lora_keys=selection.lora_keys(),
+                layer_objects=[layer for _, layer in lora_layers(model)],
+            )
+            _SIGNATURES[model] = signature
+        merged = [layer.name for layer in signature.layer_objects if layer.merged]
+        if merged:
+            raise MergeStateError(
+                f"LoRA layer '{merged[0]}' is merged; call unmerge_lora_weights(model) "
+                "before saving or loading adapter state."
+            )
+        return signature
+
+
+_SIGNATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _check_identity(

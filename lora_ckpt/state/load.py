@@ -7,6 +7,7 @@ import numpy as np
 from .._tf import tf
 from ..errors import CorruptAdapterError
 from . import fit
+from .compiled import assign_all
 from .files import (
     MAX_CONFIG_BYTES,
     checkpoint_reader,
@@ -163,6 +164,7 @@ def load_lora_state(
     report = check_fit(signature, state.config, state.path, strict=strict)
     if check_base:
         fit.check_base(signature, state.config, state.path)
-    for key in report.loaded:
-        signature.variables[key].assign(state.tensors[key])
+    assign_all(
+        [signature.variables[k] for k in report.loaded], [state.tensors[k] for k in report.loaded]
+    )
     return report
