@@ -1,4 +1,4 @@
-"""The ``lora-ckpt`` command: demo, serve, inspect, list, export."""
+"""The ``lora-ckpt`` command: demo, serve, inspect, list, export, gc."""
 
 import argparse
 import json
@@ -16,6 +16,8 @@ def _demo(args) -> int:
 
 
 def _serve(args) -> int:
+    import socket
+
     import uvicorn
 
     from .serving.app import create_app
@@ -26,11 +28,30 @@ def _serve(args) -> int:
         base_weights=args.base_weights,
         capacity=args.capacity,
         max_rank=args.max_rank,
+        max_classes=args.max_classes,
         max_body_bytes=args.max_body_bytes,
+        max_pixels=args.max_pixels,
+        request_timeout=args.request_timeout,
+        queue_timeout=args.queue_timeout,
+        load_timeout=args.load_timeout,
         startup_delay=args.startup_delay,
     )
+    # Bind first, so "Serving" is printed only once the port is ours.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        print(f"lora-ckpt serve: cannot bind {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency,
+    )
     print(f"Serving {os.path.abspath(args.store)} on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
@@ -72,8 +93,11 @@ def _inspect(args) -> int:
 
 
 def _list(args) -> int:
+    from .errors import StoreError
     from .state import list_adapters
 
+    if not os.path.isdir(args.store):
+        raise StoreError(f"{args.store} is not a directory of adapters or a store.")
     root = (
         os.path.join(args.store, "adapters")
         if os.path.isdir(os.path.join(args.store, "adapters"))
@@ -96,16 +120,36 @@ def _list(args) -> int:
 
 def _export(args) -> int:
     from .export import export_merged_savedmodel
-    from .serving.store import build_base_model
-    from .state import load_lora_state
+    from .serving.store import adapter_path, build_base_model
+    from .state import load_lora_state, read_lora_state
 
-    model, _ = build_base_model(args.store, args.model, args.base)
-    load_lora_state(model, args.adapter)
-    export_merged_savedmodel(model, args.out)
-    print(
-        f"Exported {args.adapter} merged into the base as a SavedModel: {args.out} "
-        "(signature 'serving_default': images -> logits)"
-    )
+    is_path = os.path.sep in args.adapter or os.path.isdir(args.adapter)
+    path = args.adapter if is_path else adapter_path(args.store, args.adapter)
+    name = os.path.basename(os.path.normpath(path))
+    print(f"[1/3] reading adapter {path}", flush=True)
+    config = read_lora_state(path).config
+    width = (config.base_model.config or {}).get("nb_classes")
+    print("[2/3] building the base model and loading the adapter", flush=True)
+    overrides = {"nb_classes": width} if width is not None else None
+    model, _ = build_base_model(args.store, args.model, args.base, overrides=overrides)
+    load_lora_state(model, path)
+    out = os.path.join(args.out, name, str(args.version)) if args.tf_serving else args.out
+    print(f"[3/3] writing the merged SavedModel to {out}", flush=True)
+    labels = config.metadata.get("labels") if isinstance(config.metadata, dict) else None
+    export_merged_savedmodel(model, out, args.with_preprocessing, labels)
+    inputs = "image_bytes (PNG/JPEG strings)" if args.with_preprocessing else "images"
+    print(f"Exported {name}: signature 'serving_default': {inputs} -> logits")
+    return 0
+
+
+def _gc(args) -> int:
+    from .state.atomic import collect_garbage
+
+    root = os.path.join(args.store, "adapters")
+    touched = collect_garbage(root if os.path.isdir(root) else args.store)
+    for path in touched:
+        print(f"cleaned {path}")
+    print(f"{len(touched)} leftover(s) of interrupted saves cleaned")
     return 0
 
 
@@ -128,32 +172,63 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     serve = commands.add_parser("serve", help="the HTTP inference service")
-    serve.add_argument("--store", default=DEFAULT_STORE)
+    serve.add_argument("--store", default=DEFAULT_STORE, help="the adapter store to serve")
     serve.add_argument(
         "--model", default=None, help="tfimm model name (default: the store's base.json)"
     )
     serve.add_argument(
         "--base-weights", default=None, help="base weights file (default: STORE/base.h5)"
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    serve.add_argument("--port", type=int, default=8080, help="port to bind")
     serve.add_argument("--capacity", type=int, default=8, help="adapters resident at once")
-    serve.add_argument("--max-rank", type=int, default=None)
-    serve.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    serve.add_argument("--max-rank", type=int, default=None, help="largest adapter rank served")
+    serve.add_argument(
+        "--max-classes", type=int, default=None, help="widest adapter head (default: the base's)"
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413"
+    )
+    serve.add_argument(
+        "--max-pixels", type=int, default=4096 * 4096, help="larger images get 413, before decoding"
+    )
+    serve.add_argument(
+        "--request-timeout", type=float, default=30.0, help="seconds a request body may take"
+    )
+    serve.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request waits for a slot when every slot is busy (then 503)",
+    )
+    serve.add_argument(
+        "--load-timeout", type=float, default=30.0, help="seconds an adapter load may take (504)"
+    )
+    serve.add_argument(
+        "--timeout-keep-alive", type=int, default=5, help="seconds an idle connection stays open"
+    )
+    serve.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=256,
+        help="connections and tasks at once; more get 503",
+    )
     serve.add_argument("--startup-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--log-level", default="warning", help="uvicorn's log level")
     serve.set_defaults(run=_serve)
 
     inspect = commands.add_parser(
         "inspect", help="an adapter's config, variables, size and base identity"
     )
-    inspect.add_argument("path")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("path", help="the adapter directory")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_inspect)
 
     listing = commands.add_parser("list", help="the adapters of a store or directory")
-    listing.add_argument("store", nargs="?", default=DEFAULT_STORE)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument(
+        "store", nargs="?", default=DEFAULT_STORE, help="a store or a directory of adapters"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=_list)
 
     export = commands.add_parser("export", help="base + adapter merged, as a TensorFlow SavedModel")
@@ -162,9 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--model", default=None, help="tfimm model name (default: the store's base.json)"
     )
-    export.add_argument("--adapter", required=True)
-    export.add_argument("--out", required=True)
+    export.add_argument(
+        "--adapter", required=True, help="an adapter name in the store, or an adapter directory"
+    )
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument(
+        "--tf-serving",
+        action="store_true",
+        help="write TF Serving's layout: OUT/NAME/VERSION/ (a model base path for TF Serving)",
+    )
+    export.add_argument("--version", type=int, default=1, help="the version with --tf-serving")
+    export.add_argument(
+        "--with-preprocessing",
+        action="store_true",
+        help="the signature takes PNG/JPEG bytes and does the service's preprocessing",
+    )
     export.set_defaults(run=_export)
+
+    gc = commands.add_parser("gc", help="clean what interrupted saves left in a store")
+    gc.add_argument("store", nargs="?", default=DEFAULT_STORE, help="a store or adapter directory")
+    gc.set_defaults(run=_gc)
     return parser
 
 

@@ -1,21 +1,33 @@
 """Export a base model with one adapter merged as a plain TensorFlow SavedModel."""
 
+import os
+
 from ._tf import tf
 from .models import convert_to_regular_model
 
 
-def export_merged_savedmodel(lora_model: tf.keras.Model, out_dir: str) -> str:
+def export_merged_savedmodel(
+    lora_model: tf.keras.Model,
+    out_dir: str,
+    with_preprocessing: bool = False,
+    labels: list[str] | None = None,
+) -> str:
     """Saves ``lora_model`` (with its adapter loaded) merged, as a SavedModel.
 
     The adapter is folded into the kernels of the regular architecture, so
     the SavedModel needs neither lora_ckpt nor tfimm to load:
     ``tf.saved_model.load(out_dir).signatures["serving_default"](images=x)``
-    returns ``{"logits": ...}``.
+    returns ``{"logits": ...}``. ``out_dir`` can be a TF Serving model
+    version directory (``MODELS/NAME/1``).
 
     Args:
         lora_model: A LoRA model of a registered architecture or a
             functional/Sequential LoRA model.
         out_dir: The SavedModel directory to write.
+        with_preprocessing: The signature takes encoded images
+            (``image_bytes``: PNG/JPEG strings, TF Serving's ``{"b64": ...}``)
+            and does the service's preprocessing: RGB, resize, ``/ 127.5 - 1``.
+        labels: Class names, written to ``assets/labels.txt``.
 
     Returns:
         ``out_dir``.
@@ -26,12 +38,31 @@ def export_merged_savedmodel(lora_model: tf.keras.Model, out_dir: str) -> str:
     else:
         shape = [None, *regular.input_shape[1:]]
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
-    def serve(images):
-        return {"logits": regular(images, training=False)}
+    if with_preprocessing:
+
+        def decode(data):
+            image = tf.io.decode_image(data, channels=shape[-1], expand_animations=False)
+            image = tf.image.resize(tf.cast(image, tf.float32), shape[1:3])
+            return image / 127.5 - 1.0
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serve(image_bytes):
+            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32)
+            return {"logits": regular(images, training=False)}
+
+    else:
+
+        @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
+        def serve(images):
+            return {"logits": regular(images, training=False)}
 
     module = tf.Module()
     module.model = regular
     module.serve = serve
     tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
+    if labels:
+        assets = os.path.join(str(out_dir), "assets")
+        tf.io.gfile.makedirs(assets)
+        with tf.io.gfile.GFile(os.path.join(assets, "labels.txt"), "w") as handle:
+            handle.write("".join(f"{label}\n" for label in labels))
     return str(out_dir)

@@ -1,31 +1,35 @@
-"""The HTTP service: predictions per adapter, adapter management, health,
-readiness and Prometheus metrics, on Starlette (served by uvicorn).
+"""The HTTP service: predictions per adapter, TF Serving-compatible REST,
+adapter management, health, readiness and Prometheus metrics, on Starlette
+(served by uvicorn).
 
 Endpoints (JSON unless noted):
 
 - ``GET /health``: the process is up.
-- ``GET /ready``: 200 once the base model and the preloaded adapters are in
-  memory, 503 before.
-- ``GET /adapters``: resident adapters, adapters in the store.
-- ``POST /adapters/{name}``: load an adapter of the store into the pool.
+- ``GET /ready``: 200 once the base model is loaded, 503 before (with why).
+- ``GET /adapters``: resident, store and failed adapters (with reasons).
+- ``POST /adapters/{name}``: load an adapter of the store, or reload it if
+  the store's copy changed.
 - ``DELETE /adapters/{name}``: unload it.
 - ``POST /predict/{name}``: one image through adapter ``name`` (``off`` for the
   base): JSON ``{"tensor": [...]}`` (the model's input, with or without the
   batch axis) or ``{"image_base64": "<PNG/JPEG>"}``, or a multipart upload
   with field ``image``. Images are resized to the model's input and mapped to
-  ``pixel / 127.5 - 1``. Answers ``{"adapter", "logits", "class"}``.
+  ``pixel / 127.5 - 1``. Answers ``{"adapter", "logits", "class", "label",
+  "top_k": [{"class", "label", "probability"}]}``.
+- ``POST /v1/models/{name}:predict``: TF Serving's REST predict:
+  ``{"instances": [tensor or {"b64": image}, ...]}`` -> ``{"predictions": [logits, ...]}``.
+- ``GET /v1/models/{name}``, ``GET /v1/models/{name}/metadata``: TF
+  Serving's status and metadata (input shape, dtype, classes, labels,
+  preprocessing).
 - ``GET /metrics``: Prometheus text format.
 
 Errors are ``{"error": {"type", "message"}}`` with status 400 (bad input),
-404 (unknown adapter), 413 (too large), 422 (an adapter in the store that does
-not fit), 503 (not ready, or every slot busy).
+404 (unknown adapter), 408 (body too slow), 409 (merge state), 413 (body or
+image too large), 422 (an adapter that failed to load, with the reason), 503
+(not ready, or every slot busy past the queue timeout), 504 (a load past its
+time limit).
 """
 
-import asyncio
-import base64
-import binascii
-import json
-import threading
 import time
 
 import numpy as np
@@ -43,10 +47,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .._tf import tf
 from ..errors import (
     AdapterError,
-    AdapterMismatchError,
     AdapterNotFoundError,
     AdapterNotLoadedError,
     LoRAConfigError,
@@ -54,16 +56,20 @@ from ..errors import (
     MergeStateError,
     PoolFullError,
 )
-from .batching import MicroBatcher
-from .pool import OFF, AdapterPool
-from .store import adapter_path, build_base_model, store_adapters, validate_adapter_name
+from .inputs import (
+    HTTPError,
+    decode_base64,
+    decode_image,
+    multipart_image,
+    parse_json,
+    parse_tensor,
+    read_body,
+)
+from .pool import OFF
+from .service import ServiceState
+from .store import validate_adapter_name
 
-
-class HTTPError(Exception):
-    def __init__(self, status: int, kind: str, message: str):
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-
+PREPROCESSING = "RGB, resized to the model's input size (bilinear), pixel / 127.5 - 1"
 
 _STATUS = [  # most specific first
     (AdapterNotLoadedError, 404),
@@ -71,7 +77,6 @@ _STATUS = [  # most specific first
     (PoolFullError, 503),
     (LoRAConfigError, 400),
     (MergeStateError, 409),
-    (AdapterMismatchError, 422),
     (AdapterError, 422),
     (LoRAError, 400),
 ]
@@ -105,159 +110,46 @@ class _Metrics:
         self.evictions = Gauge(
             "lora_adapter_evictions", "Adapters evicted from the pool", registry=self.registry
         )
-        self.resident = Gauge(
-            "lora_resident_adapters", "Adapters resident in the pool", registry=self.registry
+        self.resident = Gauge("lora_resident_adapters", "Adapters resident", registry=self.registry)
+        self.failed = Gauge(
+            "lora_failed_adapters", "Store adapters that failed to load", registry=self.registry
+        )
+        self.load_failures = Counter(
+            "lora_adapter_load_failures", "Failed adapter loads", registry=self.registry
         )
 
-
-class ServiceState:
-    """The pool and its helpers, built in the background at start-up."""
-
-    def __init__(
-        self,
-        store: str,
-        model_name: str | None,
-        base_weights: str | None,
-        capacity: int,
-        max_rank: int | None,
-        preload: bool,
-        max_batch: int,
-        max_wait: float,
-        startup_delay: float,
-    ):
-        self.store = store
-        self.pool: AdapterPool | None = None
-        self.batcher: MicroBatcher | None = None
-        self.error: str | None = None
-        self.metrics = _Metrics()
-        self._load_lock = threading.Lock()
-        self._args = (
-            model_name,
-            base_weights,
-            capacity,
-            max_rank,
-            preload,
-            max_batch,
-            max_wait,
-            startup_delay,
-        )
-        threading.Thread(target=self._start, name="lora-ckpt-startup", daemon=True).start()
-
-    def _start(self) -> None:
-        model_name, base_weights, capacity, max_rank, preload, max_batch, max_wait, delay = (
-            self._args
-        )
-        try:
-            time.sleep(delay)
-            model, _ = build_base_model(self.store, model_name, base_weights)
-            pool = AdapterPool(model, capacity=capacity, max_rank=max_rank)
-            if preload:
-                for name in store_adapters(self.store)[:capacity]:
-                    pool.load(name, adapter_path(self.store, name))
-            self.batcher = MicroBatcher(
-                pool, max_batch, max_wait, on_batch=self.metrics.batch_size.observe
-            )
-            self.pool = pool
-        except Exception as exc:  # reported by /ready
-            self.error = f"{type(exc).__name__}: {exc}"
-
-    def require_pool(self) -> AdapterPool:
-        if self.pool is None:
-            reason = self.error or "the base model and adapters are still loading"
-            raise HTTPError(503, "NotReady", f"The service is not ready: {reason}.")
-        return self.pool
-
-    def ensure_resident(self, name: str) -> None:
-        """Loads adapter ``name`` from the store unless it is resident."""
-        pool = self.require_pool()
-        if name == OFF or name in pool.names():
-            return
-        path = adapter_path(self.store, validate_adapter_name(name))
-        if name not in store_adapters(self.store):
-            raise HTTPError(
-                404,
-                "AdapterNotFound",
-                f"No adapter {name!r} in the store; available: {store_adapters(self.store)}.",
-            )
-        with self._load_lock:  # one load per name at a time
-            if name not in pool.names():
-                pool.load(name, path)
-
-    def refresh_gauges(self) -> None:
-        if self.pool is not None:
-            self.metrics.loads.set(self.pool.stats["loads"])
-            self.metrics.evictions.set(self.pool.stats["evictions"])
-            self.metrics.resident.set(len(self.pool.names()))
+    def refresh(self, state: ServiceState) -> None:
+        if state.pool is not None:
+            stats = state.pool.stats
+            self.loads.set(stats["loads"])
+            self.evictions.set(stats["evictions"])
+            self.resident.set(len(state.pool.names()))
+        self.failed.set(len(state.failed))
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(
-            413, "TooLarge", f"The request body is {declared} bytes; the limit is {limit}."
-        )
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPError(413, "TooLarge", f"The request body exceeds {limit} bytes.")
-    return body
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
 
 
-def _decode_image(data: bytes, shape) -> np.ndarray:
-    try:
-        image = tf.io.decode_image(data, channels=shape[-1], expand_animations=False)
-    except (tf.errors.InvalidArgumentError, ValueError) as exc:
-        raise HTTPError(
-            400, "BadImage", f"Cannot decode the image (PNG or JPEG expected): {exc}"
-        ) from None
-    image = tf.image.resize(tf.cast(image, tf.float32), shape[:2])
-    return (image / 127.5 - 1.0).numpy()
+def _answer(name: str, logits: np.ndarray, labels, top_k: int) -> dict:
+    probabilities = _softmax(logits.astype(np.float64))
+    order = np.argsort(-logits)[:top_k]
 
+    def label(index: int):
+        return labels[index] if labels and index < len(labels) else None
 
-def _parse_tensor(values, shape) -> np.ndarray:
-    try:
-        array = np.asarray(values, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise HTTPError(400, "BadTensor", "'tensor' must be a nested list of numbers.") from None
-    if array.shape == (1, *shape):
-        array = array[0]
-    if array.shape != tuple(shape):
-        raise HTTPError(
-            400, "BadTensor", f"'tensor' has shape {list(array.shape)}; expected {list(shape)}."
-        )
-    if not np.all(np.isfinite(array)):
-        raise HTTPError(400, "BadTensor", "'tensor' holds NaN or infinite values.")
-    return array
-
-
-async def _read_input(request: Request, shape, limit: int) -> np.ndarray:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise HTTPError(413, "TooLarge", f"The upload exceeds {limit} bytes.")
-        form = await request.form(max_part_size=limit)
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise HTTPError(400, "BadRequest", "A multipart request needs a file field 'image'.")
-        data = await upload.read()
-        if len(data) > limit:
-            raise HTTPError(413, "TooLarge", f"The image exceeds {limit} bytes.")
-        return _decode_image(data, shape)
-    body = await _read_body(request, limit)
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        raise HTTPError(400, "BadJSON", "The body is not valid JSON.") from None
-    if not isinstance(payload, dict) or not ({"tensor", "image_base64"} & set(payload)):
-        raise HTTPError(400, "BadRequest", "Send {'tensor': [...]} or {'image_base64': '...'}.")
-    if "tensor" in payload:
-        return _parse_tensor(payload["tensor"], shape)
-    try:
-        data = base64.b64decode(payload["image_base64"], validate=True)
-    except (binascii.Error, TypeError, ValueError):
-        raise HTTPError(400, "BadImage", "'image_base64' is not valid base64.") from None
-    return _decode_image(data, shape)
+    best = int(order[0])
+    return {
+        "adapter": name,
+        "class": best,
+        "label": label(best),
+        "top_k": [
+            {"class": int(i), "label": label(int(i)), "probability": float(probabilities[i])}
+            for i in order
+        ],
+        "logits": logits.tolist(),
+    }
 
 
 def create_app(
@@ -266,37 +158,54 @@ def create_app(
     base_weights: str | None = None,
     capacity: int = 8,
     max_rank: int | None = None,
+    max_classes: int | None = None,
     preload: bool = True,
     max_body_bytes: int = 4 << 20,
+    max_pixels: int = 4096 * 4096,
+    request_timeout: float = 30.0,
+    max_instances: int = 64,
     max_batch: int = 8,
     max_wait: float = 0.005,
+    queue_timeout: float = 10.0,
+    load_timeout: float = 30.0,
+    top_k: int = 5,
     startup_delay: float = 0.0,
 ) -> Starlette:
-    """Builds the ASGI app; the pool is built in the background.
+    """Builds the ASGI app; the base model and pool are built in the background.
 
     Args:
         store: The adapter store (see :mod:`lora_ckpt.serving.store`).
         model_name, base_weights: Override the store's base model.
-        capacity, max_rank: Of the AdapterPool.
+        capacity, max_rank, max_classes: Of the AdapterPool.
         preload: Load the store's adapters (up to ``capacity``) at start-up.
-        max_body_bytes: Larger requests get 413.
+        max_body_bytes: Larger bodies get 413, also chunked and multipart ones.
+        max_pixels: Larger images (by their header) get 413 before decoding.
+        request_timeout: Seconds a body may take to arrive (408 past it).
+        max_instances: Most samples in one TF Serving ``:predict`` request.
         max_batch, max_wait: Dynamic batching.
-        startup_delay: Seconds to wait before loading (to exercise readiness
-            probes).
+        queue_timeout: Seconds a request waits for a slot when all are busy.
+        load_timeout: Seconds a load from the store may take.
+        top_k: Classes with probabilities in each answer.
+        startup_delay: Seconds to wait before loading (readiness probes).
 
     Returns:
-        The Starlette application.
+        The Starlette application (``app.state.service`` is its ServiceState).
     """
+    metrics = _Metrics()
     state = ServiceState(
         store,
-        model_name,
-        base_weights,
-        capacity,
-        max_rank,
-        preload,
-        max_batch,
-        max_wait,
-        startup_delay,
+        model_name=model_name,
+        base_weights=base_weights,
+        capacity=capacity,
+        max_rank=max_rank,
+        max_classes=max_classes,
+        preload=preload,
+        max_batch=max_batch,
+        max_wait=max_wait,
+        queue_timeout=queue_timeout,
+        load_timeout=load_timeout,
+        startup_delay=startup_delay,
+        metrics=metrics,
     )
 
     def handle(endpoint):
@@ -311,75 +220,150 @@ def create_app(
 
         return wrapped
 
+    def adapter_name(request) -> str:
+        name = request.path_params["name"]
+        return name if name == OFF else validate_adapter_name(name)
+
+    async def body_of(request) -> bytes:
+        return await read_body(request, max_body_bytes, request_timeout)
+
+    async def run(name: str, images: np.ndarray) -> list[np.ndarray]:
+        await state.ensure_resident(name)
+        for _ in range(3):  # evicted between the load and the batch: load again
+            try:
+                return await state.batcher.predict_many(images, name)
+            except AdapterNotLoadedError:
+                await state.ensure_resident(name)
+        raise HTTPError(503, "Busy", f"Adapter {name!r} keeps being evicted; retry later.")
+
+    async def observed(name: str, work):
+        started, status = time.perf_counter(), "error"
+        try:
+            result = await work
+            status = "ok"
+            return result
+        finally:
+            # Label only known adapters: names from requests must not grow the series.
+            known = name == OFF or (state.pool is not None and name in state.pool.names())
+            label = name if known else "_unknown"
+            metrics.requests.labels(adapter=label, status=status).inc()
+            metrics.latency.labels(adapter=label).observe(time.perf_counter() - started)
+
     async def health(request):
         return JSONResponse({"status": "ok"})
 
     async def ready(request):
         if state.pool is None:
-            reason = state.error or "loading"
+            reason = state.error or "loading the base model"
             return JSONResponse({"ready": False, "reason": reason}, status_code=503)
-        return JSONResponse({"ready": True, "resident": state.pool.names()})
-
-    async def adapters(request):
-        pool = state.require_pool()
         return JSONResponse(
-            {
-                "resident": pool.names(),
-                "store": store_adapters(state.store),
-                "active": pool.active,
-                "merged": pool.merged,
-                "capacity": pool.capacity,
-            }
+            {"ready": True, "resident": state.pool.names(), "failed": sorted(state.failed)}
         )
 
+    async def adapters(request):
+        return JSONResponse(state.describe())
+
     async def load_adapter(request):
-        name = validate_adapter_name(request.path_params["name"])
-        state.require_pool()
-        await asyncio.get_running_loop().run_in_executor(None, state.ensure_resident, name)
-        state.refresh_gauges()
-        return JSONResponse({"loaded": name, "resident": state.pool.names()})
+        name = adapter_name(request)
+        outcome = await state.ensure_resident(name, reload=True)
+        metrics.refresh(state)
+        return JSONResponse({"adapter": name, "outcome": outcome, "resident": state.pool.names()})
 
     async def unload_adapter(request):
-        name = validate_adapter_name(request.path_params["name"])
+        name = adapter_name(request)
         state.require_pool().unload(name)
-        state.refresh_gauges()
+        metrics.refresh(state)
         return JSONResponse({"unloaded": name, "resident": state.pool.names()})
 
     async def predict(request):
-        started = time.perf_counter()
-        name = request.path_params["name"]
-        status = "error"
-        try:
-            if name != OFF:
-                validate_adapter_name(name)
-            pool = state.require_pool()
-            image = await _read_input(request, pool.input_shape, max_body_bytes)
-            await asyncio.get_running_loop().run_in_executor(None, state.ensure_resident, name)
-            for _ in range(3):  # evicted between the check and the batch: load again
-                try:
-                    logits = await state.batcher.predict(image, name)
-                    break
-                except AdapterNotLoadedError:
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, state.ensure_resident, name
-                    )
+        name = adapter_name(request)
+        pool = state.require_pool()
+        body = await body_of(request)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            image = await multipart_image(request, body, pool.input_shape, max_pixels)
+        else:
+            payload = parse_json(body)
+            if not isinstance(payload, dict) or not ({"tensor", "image_base64"} & set(payload)):
+                raise HTTPError(
+                    400, "BadRequest", "Send {'tensor': [...]} or {'image_base64': '...'}."
+                )
+            if "tensor" in payload:
+                image = parse_tensor(payload["tensor"], pool.input_shape)
             else:
-                raise HTTPError(503, "Busy", f"Adapter {name!r} keeps being evicted; retry later.")
-            status = "ok"
-            return JSONResponse(
-                {"adapter": name, "logits": logits.tolist(), "class": int(np.argmax(logits))}
-            )
-        finally:
-            # Label only known adapters: names from requests must not grow the series.
-            known = name == OFF or (state.pool is not None and name in state.pool.names())
-            label = name if known else "_unknown"
-            state.metrics.requests.labels(adapter=label, status=status).inc()
-            state.metrics.latency.labels(adapter=label).observe(time.perf_counter() - started)
-            state.refresh_gauges()
+                data = decode_base64(payload["image_base64"])
+                image = decode_image(data, pool.input_shape, max_pixels)
+        (logits,) = await observed(name, run(name, image[None]))
+        return JSONResponse(_answer(name, logits, state.labels.get(name), top_k))
 
-    async def metrics(request):
-        state.refresh_gauges()
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    def instance(value, shape) -> np.ndarray:
+        if isinstance(value, dict):
+            if set(value) != {"b64"}:
+                raise HTTPError(400, "BadRequest", "An image instance is {'b64': '<base64>'}.")
+            return decode_image(decode_base64(value["b64"]), shape, max_pixels)
+        return parse_tensor(value, shape)
+
+    async def tfs_predict(request):
+        name = adapter_name(request)
+        pool = state.require_pool()
+        payload = parse_json(await body_of(request))
+        instances = payload.get("instances") if isinstance(payload, dict) else None
+        if not isinstance(instances, list) or not instances:
+            raise HTTPError(400, "BadRequest", "Send {'instances': [...]}, one or more samples.")
+        if len(instances) > max_instances:
+            raise HTTPError(
+                413,
+                "TooManyInstances",
+                f"{len(instances)} instances; the limit is {max_instances}.",
+            )
+        images = np.stack([instance(value, pool.input_shape) for value in instances])
+        rows = await observed(name, run(name, images))
+        return JSONResponse({"predictions": [row.tolist() for row in rows]})
+
+    def known_adapter(name: str) -> None:
+        pool = state.require_pool()
+        if name != OFF and name not in pool.names() and name not in state.describe()["store"]:
+            raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
+
+    async def tfs_status(request):
+        name = adapter_name(request)
+        known_adapter(name)
+        failed = state.failed.get(name)
+        status = {"error_code": "OK", "error_message": ""}
+        if failed is not None:
+            status = {"error_code": "FAILED_PRECONDITION", "error_message": failed[1]}
+        model_state = "END" if failed is not None else "AVAILABLE"
+        return JSONResponse(
+            {"model_version_status": [{"version": "1", "state": model_state, "status": status}]}
+        )
+
+    async def tfs_metadata(request):
+        name = adapter_name(request)
+        known_adapter(name)
+        pool = state.pool
+        if name != OFF:
+            await state.ensure_resident(name)
+        classes = pool.classes(name)
+        shape = [-1, *pool.input_shape]
+        return JSONResponse(
+            {
+                "model_spec": {"name": name, "signature_name": "serving_default", "version": "1"},
+                "metadata": {
+                    "signature_def": {
+                        "inputs": {"images": {"dtype": "DT_FLOAT", "shape": shape}},
+                        "outputs": {"logits": {"dtype": "DT_FLOAT", "shape": [-1, classes]}},
+                    },
+                    "input_shape": list(pool.input_shape),
+                    "dtype": "float32",
+                    "classes": classes,
+                    "labels": state.labels.get(name),
+                    "preprocessing": PREPROCESSING,
+                },
+            }
+        )
+
+    async def metrics_endpoint(request):
+        metrics.refresh(state)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
         Route("/health", handle(health)),
@@ -388,7 +372,10 @@ def create_app(
         Route("/adapters/{name}", handle(load_adapter), methods=["POST"]),
         Route("/adapters/{name}", handle(unload_adapter), methods=["DELETE"]),
         Route("/predict/{name}", handle(predict), methods=["POST"]),
-        Route("/metrics", handle(metrics)),
+        Route("/v1/models/{name}:predict", handle(tfs_predict), methods=["POST"]),
+        Route("/v1/models/{name}/metadata", handle(tfs_metadata)),
+        Route("/v1/models/{name}", handle(tfs_status)),
+        Route("/metrics", handle(metrics_endpoint)),
     ]
 
     async def http_exception(request, exc):  # unknown routes and methods, as JSON too

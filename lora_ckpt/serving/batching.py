@@ -42,11 +42,15 @@ class MicroBatcher:
         self._thread.start()
 
     async def predict(self, image: np.ndarray, adapter: str) -> np.ndarray:
-        """The pool's output for one image with one adapter."""
+        """The pool's output for one image with one adapter (its own classes)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put(_Request(image, adapter, future, loop))
         return await future
+
+    async def predict_many(self, images: np.ndarray, adapter: str) -> list[np.ndarray]:
+        """Outputs for several images: each rides the batcher like a request of its own."""
+        return list(await asyncio.gather(*(self.predict(image, adapter) for image in images)))
 
     def _take_batch(self) -> list[_Request]:
         batch = [self._queue.get()]
@@ -61,8 +65,8 @@ class MicroBatcher:
         while True:
             batch = self._take_batch()
             try:
-                outputs = self.pool.predict(
-                    np.stack([r.image for r in batch]), adapters=[r.adapter for r in batch]
+                outputs = self.pool.predict_rows(
+                    np.stack([r.image for r in batch]), [r.adapter for r in batch]
                 )
                 results = [(r, outputs[i], None) for i, r in enumerate(batch)]
             except Exception as exc:  # one bad request must not fail the others
@@ -79,7 +83,7 @@ class MicroBatcher:
                 results.append(
                     (
                         request,
-                        self.pool.predict(request.image[None], adapter=request.adapter)[0],
+                        self.pool.predict_rows(request.image[None], [request.adapter])[0],
                         None,
                     )
                 )

@@ -159,6 +159,7 @@ class AdapterPool:
         self._heads = sorted(heads)
         own_classes = int(by_path[self._heads[0]].units) if heads else None
         self._classes = [own_classes] * slots  # each slot's number of classes
+        self._versions: list = [None] * slots  # each slot's adapter_config.json SHA-256
         self._slot_variables = [
             v
             for slots in (*self._lora.values(), *self._full.values())
@@ -188,7 +189,7 @@ class AdapterPool:
         self._forward_base = tf.function(self._serve_base, input_signature=[batch])
         self._write = tf.function(self._write_slot, autograph=False)
         zeros = np.zeros([1, *shape], self.dtype)
-        self._forward_one(zeros, tf.constant(0))
+        self.output_width = int(self._forward_one(zeros, tf.constant(0)).shape[-1])
         self._forward_single(zeros, tf.constant(0))
         self._forward_mixed(zeros, tf.zeros([1], tf.int32))
 
@@ -250,13 +251,22 @@ class AdapterPool:
         with self._stats_lock:
             return {**self._table.stats, **self._requests}
 
-    def classes(self, name: str) -> int | None:
-        """Number of classes adapter ``name`` predicts (``None`` if the pool serves no head).
+    def classes(self, name: str) -> int:
+        """Number of classes (outputs) adapter ``name`` predicts.
 
         Raises:
             AdapterNotLoadedError: If ``name`` is not resident.
         """
-        return self._classes[self._table.slot_of(name)]
+        return self._classes[self._table.slot_of(name)] or self.output_width
+
+    def version(self, name: str) -> str | None:
+        """The SHA-256 of the ``adapter_config.json`` adapter ``name`` was loaded
+        from: a service compares it with the store's to reload changed adapters.
+
+        Raises:
+            AdapterNotLoadedError: If ``name`` is not resident.
+        """
+        return self._versions[self._table.slot_of(name)]
 
     def activate(self, name: str) -> None:
         """Makes a resident adapter the default of ``predict``: an index change.
@@ -347,6 +357,7 @@ class AdapterPool:
         try:
             self._write(tf.constant(slot, tf.int32), update)
             self._classes[slot] = self._classes_of(state)
+            self._versions[slot] = state.config.json_sha256
             self._table.commit(name, slot)
         except BaseException:
             self._table.abort(slot)
@@ -431,6 +442,20 @@ class AdapterPool:
             AdapterNotLoadedError: If a named adapter is not resident.
             MergeStateError: If another adapter than the requested one is merged.
         """
+        outputs, classes = self._run(x, adapter, adapters)
+        return _mask_classes(outputs, classes)
+
+    def predict_rows(self, x, adapters) -> list[np.ndarray]:
+        """Like :meth:`predict` with one adapter per sample, each row cut to
+        its own adapter's classes (no padding): what a service answers.
+
+        Raises:
+            As :meth:`predict`.
+        """
+        outputs, classes = self._run(x, None, adapters)
+        return [row if n is None else row[:n] for row, n in zip(outputs, classes, strict=True)]
+
+    def _run(self, x, adapter, adapters):
         x = self._check_batch(x)
         if adapters is not None and adapter is not None:
             raise LoRAConfigError(
@@ -464,7 +489,7 @@ class AdapterPool:
         with self._stats_lock:
             self._requests["requests"] += 1
             self._requests["samples"] += len(x)
-        return _mask_classes(outputs.numpy(), classes)
+        return outputs.numpy(), classes
 
     # ---- merged mode ---------------------------------------------------------------------
 

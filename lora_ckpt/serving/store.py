@@ -10,13 +10,17 @@
 The demo writes a store; ``lora-ckpt serve`` and ``export`` read one.
 """
 
+import dataclasses
 import json
 import os
 import re
 
+from tfimm.models import model_config
+
 from .._tf import tf
 from ..errors import BaseWeightsError, LoRAConfigError, StoreError
 from ..models import create_model
+from ..selection import classifier_paths
 from ..state import load_base_weights
 from ..state.files import is_work_directory
 from ..state.format import CONFIG_FILE
@@ -100,16 +104,28 @@ def read_base_config(store: str) -> dict:
         return json.load(handle)
 
 
-def build_base_model(store: str, model_name: str = None, base_weights: str = None):
+def build_base_model(
+    store: str,
+    model_name: str | None = None,
+    base_weights: str | None = None,
+    overrides: dict | None = None,
+):
     """Builds the LoRA model of a store with its base weights loaded.
 
     Args:
         store: The store directory.
         model_name: Overrides the store's model (then ``base.json`` is optional).
         base_weights: Overrides the store's ``base.h5``.
+        overrides: Config fields to change (e.g. ``nb_classes`` for an
+            adapter with a head of its own width: that head is then left out
+            of the base weights).
 
     Returns:
         ``(model, base_config)``.
+
+    Raises:
+        StoreError: If the store has no ``base.json`` and no model is named.
+        BaseWeightsError: If named base weights do not exist or do not fit.
     """
     if model_name is None or tf.io.gfile.exists(os.path.join(store, BASE_CONFIG)):
         base = read_base_config(store)
@@ -119,10 +135,14 @@ def build_base_model(store: str, model_name: str = None, base_weights: str = Non
         base["model"] = model_name
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in base["config"].items()}
     lora = {k: tuple(v) if isinstance(v, list) else v for k, v in base["lora"].items()}
-    model = create_model(base["model"], **config, **lora)
+    current = {**dataclasses.asdict(model_config(base["model"])), **config}
+    changed = {k: v for k, v in (overrides or {}).items() if current.get(k) != v}
+    model = create_model(base["model"], **{**config, **changed}, **lora)
+    # A classifier of another width keeps its fresh weights (the adapter brings its own).
+    skip = classifier_paths(model) if "nb_classes" in changed else None
     weights = base_weights or os.path.join(store, BASE_WEIGHTS)
     if tf.io.gfile.exists(weights) or tf.io.gfile.exists(weights + ".index"):
-        load_base_weights(model, weights)
+        load_base_weights(model, weights, skip=skip)
     elif base_weights is not None:
         raise BaseWeightsError(f"Base weights {base_weights} not found.")
     return model, base

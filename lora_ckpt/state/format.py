@@ -16,6 +16,7 @@ reader goes through :meth:`AdapterConfig.from_json`, which checks the type of
 every field, so no caller indexes raw JSON.
 """
 
+import hashlib
 import json
 import math
 import re
@@ -211,6 +212,7 @@ class AdapterConfig:
     checkpoint_prefix: str = CHECKPOINT_PREFIX
     format_version: int = FORMAT_VERSION
     json_bytes: int = field(default=0, compare=False)  # the file's size, when read
+    json_sha256: str = field(default="", compare=False)  # and its SHA-256: the version
 
     @property
     def rank(self) -> int:
@@ -313,7 +315,8 @@ class AdapterConfig:
             format_version=version,
         )
         config.check_consistency(where)
-        config.json_bytes = len(text.encode("utf-8"))
+        raw = text.encode("utf-8")
+        config.json_bytes, config.json_sha256 = len(raw), hashlib.sha256(raw).hexdigest()
         return config
 
     def check_consistency(self, where: str = "config") -> None:

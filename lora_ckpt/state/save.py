@@ -43,6 +43,17 @@ def build_config(model, selection: StateSelection, metadata: dict) -> AdapterCon
     )
 
 
+def _output_width(model) -> int | None:
+    cfg = getattr(model, "cfg", None)
+    if isinstance(getattr(cfg, "nb_classes", None), int):
+        return cfg.nb_classes
+    try:
+        shape = model.output_shape
+    except (AttributeError, RuntimeError):
+        return None
+    return int(shape[-1]) if isinstance(shape, tuple) and shape and shape[-1] else None
+
+
 def save_lora_state(
     model: tf.keras.Model,
     path: str,
@@ -50,6 +61,7 @@ def save_lora_state(
     include_bias: str | None = None,
     extra_layers: Iterable[str] | None = None,
     metadata: dict | None = None,
+    labels=None,
     overwrite: bool = False,
 ) -> str:
     """Saves only a model's adapter variables, atomically, as a directory.
@@ -70,6 +82,8 @@ def save_lora_state(
             trains in full (its classifier, if ``lora_train_classifier``).
         metadata: JSON-serialisable dict stored in the config (task name,
             metrics, ...).
+        labels: Class names, one per output of the model (stored as
+            ``metadata["labels"]``; the HTTP service answers with them).
         overwrite: Replace an existing adapter at ``path``.
 
     Returns:
@@ -85,6 +99,16 @@ def save_lora_state(
     """
     path = str(path).rstrip("/")
     metadata = dict(metadata or {})
+    if labels is not None:
+        labels = list(labels)
+        if not all(isinstance(label, str) for label in labels):
+            raise LoRAConfigError(f"labels must be strings, got {labels[:5]!r}.")
+        width = _output_width(model)
+        if width is not None and len(labels) != width:
+            raise LoRAConfigError(
+                f"{len(labels)} labels for a model with {width} outputs; give one per class."
+            )
+        metadata["labels"] = labels
     try:
         json.dumps(metadata)
     except TypeError as exc:

@@ -1,0 +1,174 @@
+"""Turning an HTTP request into model inputs, treating every byte as hostile.
+
+Bodies are read as a stream and refused past the size limit (chunked and
+multipart ones too) or past the time limit; JSON must be shallow and its
+tensors numbers; images are checked from their header before any pixel is
+decoded (Pillow), so a small file that claims 20000x20000 pixels costs
+nothing. Every problem is an :class:`HTTPError` with its status.
+"""
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from starlette.requests import Request
+
+from .._tf import tf
+
+MAX_JSON_DEPTH = 8
+"""Tensors are at most [n, h, w, c]: anything deeper is not an input."""
+
+
+class HTTPError(Exception):
+    """An error answered with ``status`` and ``{"error": {"type", "message"}}``."""
+
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused once it passes ``limit`` bytes or ``timeout`` seconds.
+
+    Raises:
+        HTTPError: 413 past the limit (declared or streamed), 408 too slow.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(
+            413, "TooLarge", f"The request body is {declared} bytes; the limit is {limit}."
+        )
+
+    async def collect() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, "TooLarge", f"The request body exceeds {limit} bytes.")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:
+        raise HTTPError(
+            408, "RequestTimeout", f"The request body did not arrive within {timeout:g} s."
+        ) from None
+
+
+def decode_image(data: bytes, shape, max_pixels: int) -> np.ndarray:
+    """A PNG/JPEG/... image as the model's input: resized, ``pixel / 127.5 - 1``.
+
+    Raises:
+        HTTPError: 400 for data that is not an image, 413 for more pixels than
+            ``max_pixels`` (read from the header, before decoding).
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise HTTPError(
+                413,
+                "ImageTooLarge",
+                f"The image has {width}x{height} pixels; the limit is {max_pixels} pixels.",
+            )
+        image.draft("RGB", (shape[1], shape[0]))  # JPEG: decode at a reduced size
+        pixels = np.asarray(image.convert("RGB" if shape[-1] == 3 else "L"), np.float32)
+    except HTTPError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, met at open
+        raise HTTPError(413, "ImageTooLarge", f"The image is too large: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise HTTPError(400, "BadImage", f"Cannot decode the image: {exc}") from None
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    resized = tf.image.resize(pixels, shape[:2]).numpy()
+    return resized / 127.5 - 1.0
+
+
+def _depth(value) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        if isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+    return deepest
+
+
+def parse_json(body: bytes):
+    """A shallow JSON document.
+
+    Raises:
+        HTTPError: 400 for invalid or deeply nested JSON.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise HTTPError(400, "BadJSON", "The body is not valid JSON.") from None
+    if _depth(document) > MAX_JSON_DEPTH + 1:
+        raise HTTPError(400, "BadJSON", f"The JSON is nested deeper than {MAX_JSON_DEPTH + 1}.")
+    return document
+
+
+def parse_tensor(values, shape) -> np.ndarray:
+    """One sample from a nested list of numbers (with or without a batch axis of 1).
+
+    Raises:
+        HTTPError: 400 unless it is numbers (not strings or booleans) of the
+            model's input shape, all finite.
+    """
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError):
+        raise HTTPError(400, "BadTensor", "A tensor must be a nested list of numbers.") from None
+    if array.dtype.kind not in "iuf":
+        raise HTTPError(
+            400, "BadTensor", "A tensor must be a nested list of numbers (no strings, booleans)."
+        )
+    array = array.astype(np.float32)
+    if array.shape == (1, *shape):
+        array = array[0]
+    if array.shape != tuple(shape):
+        raise HTTPError(
+            400, "BadTensor", f"A tensor has shape {list(array.shape)}; expected {list(shape)}."
+        )
+    if not np.all(np.isfinite(array)):
+        raise HTTPError(400, "BadTensor", "A tensor holds NaN or infinite values.")
+    return array
+
+
+def decode_base64(text) -> bytes:
+    """Base64 text (TF Serving's ``{"b64": ...}``) as bytes.
+
+    Raises:
+        HTTPError: 400 for anything else.
+    """
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise HTTPError(400, "BadImage", "The image is not valid base64.") from None
+
+
+async def multipart_image(request: Request, body: bytes, shape, max_pixels: int) -> np.ndarray:
+    """The ``image`` field of a multipart body that was already read (bounded)."""
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form()
+    except Exception as exc:  # the multipart parser's own errors
+        raise HTTPError(400, "BadRequest", f"The multipart body cannot be parsed: {exc}") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise HTTPError(400, "BadRequest", "A multipart request needs a file field 'image'.")
+    return decode_image(await upload.read(), shape, max_pixels)

@@ -1,0 +1,231 @@
+"""The state behind the HTTP service: a pool over a store, with bad adapters isolated.
+
+The service is ready as soon as the base model is loaded. Adapters load on
+their own worker threads with a time limit, so a slow or broken adapter
+never holds up requests for resident ones; an adapter that fails to load is
+remembered with its reason (until its file changes) and answers 422, while
+every other adapter and ``off`` keep serving. Each resident adapter
+remembers the SHA-256 of the config it was loaded from, so a reload picks
+up a store copy that changed and requests never see a half-written one.
+"""
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import threading
+import time
+
+from ..errors import AdapterError, AdapterMismatchError, AdapterNotFoundError, LoRAError
+from ..state.files import MAX_CONFIG_BYTES, read_bounded, resolve_adapter
+from ..state.format import CONFIG_FILE
+from ..state.load import read_config
+from .batching import MicroBatcher
+from .inputs import HTTPError
+from .pool import OFF, AdapterPool
+from .store import adapter_path, build_base_model, store_adapters, validate_adapter_name
+
+log = logging.getLogger("lora_ckpt.serving")
+
+
+class AdapterFailedError(AdapterMismatchError):
+    """An adapter of the store failed to load; the reason is kept until its file changes."""
+
+
+class ServiceState:
+    """The pool, its batcher and the store's adapters, built in the background.
+
+    Args:
+        store: The adapter store directory.
+        model_name, base_weights: Override the store's base model.
+        capacity, max_rank, max_classes: Of the :class:`AdapterPool`.
+        preload: Load the store's adapters (up to ``capacity``) after start-up.
+        max_batch, max_wait: Dynamic batching.
+        queue_timeout: Seconds a load waits for a slot when every slot is in
+            use, before 503.
+        load_timeout: Seconds a load from the store may take before 504.
+        startup_delay: Seconds to wait before loading (readiness probes).
+        metrics: The service's metrics (``loads``, ``evictions``, ...).
+    """
+
+    def __init__(
+        self,
+        store: str,
+        *,
+        model_name=None,
+        base_weights=None,
+        capacity: int = 8,
+        max_rank=None,
+        max_classes=None,
+        preload: bool = True,
+        max_batch: int = 8,
+        max_wait: float = 0.005,
+        queue_timeout: float = 10.0,
+        load_timeout: float = 30.0,
+        startup_delay: float = 0.0,
+        metrics=None,
+    ):
+        self.store = store
+        self.pool: AdapterPool | None = None
+        self.batcher: MicroBatcher | None = None
+        self.error: str | None = None
+        self.metrics = metrics
+        self.load_timeout = load_timeout
+        self.failed: dict[str, tuple[str, str]] = {}  # name -> (config sha, reason)
+        self.labels: dict[str, list[str] | None] = {}  # name -> class names
+        self._loader = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-ckpt-load")
+        self._inflight: dict[str, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._options = dict(
+            model_name=model_name,
+            base_weights=base_weights,
+            capacity=capacity,
+            max_rank=max_rank,
+            max_classes=max_classes,
+            preload=preload,
+            max_batch=max_batch,
+            max_wait=max_wait,
+            queue_timeout=queue_timeout,
+            startup_delay=startup_delay,
+        )
+        threading.Thread(target=self._start, name="lora-ckpt-startup", daemon=True).start()
+
+    # ---- start-up -------------------------------------------------------------------
+
+    def _start(self) -> None:
+        options = self._options
+        try:
+            time.sleep(options["startup_delay"])
+            model, _ = build_base_model(self.store, options["model_name"], options["base_weights"])
+            pool = AdapterPool(
+                model,
+                capacity=options["capacity"],
+                max_rank=options["max_rank"],
+                max_classes=options["max_classes"],
+                load_timeout=options["queue_timeout"],
+            )
+            on_batch = self.metrics.batch_size.observe if self.metrics else None
+            self.batcher = MicroBatcher(pool, options["max_batch"], options["max_wait"], on_batch)
+            self.pool = pool
+            log.info("base model loaded: ready")
+        except Exception as exc:  # reported by /ready and the log: the base itself is broken
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("the base model failed to load: %s", self.error)
+            return
+        if options["preload"]:
+            for name in store_adapters(self.store)[: options["capacity"]]:
+                try:
+                    self._load(name)
+                except LoRAError:
+                    pass  # recorded in self.failed and logged by _load
+
+    def require_pool(self) -> AdapterPool:
+        """The pool, or 503 while the base model is loading (or failed to)."""
+        if self.pool is None:
+            reason = self.error or "the base model is still loading"
+            raise HTTPError(503, "NotReady", f"The service is not ready: {reason}.")
+        return self.pool
+
+    # ---- loading ------------------------------------------------------------------------
+
+    def store_version(self, name: str) -> str:
+        """SHA-256 of the store's ``adapter_config.json`` of ``name``.
+
+        Raises:
+            AdapterNotFoundError: If the store has no such adapter.
+            CorruptAdapterError: If its config cannot be read.
+        """
+        path = adapter_path(self.store, name)
+        directory = resolve_adapter(path)
+        return hashlib.sha256(read_bounded(directory, CONFIG_FILE, MAX_CONFIG_BYTES)).hexdigest()
+
+    def _load(self, name: str, reload: bool = False) -> str:
+        """Loads (or reloads) ``name`` from the store; runs on a loader thread."""
+        pool = self.require_pool()
+        try:
+            version = self.store_version(name)
+            resident = name in pool.names()
+            if resident and (not reload or pool.version(name) == version):
+                return "resident"
+            failed = self.failed.get(name)
+            if failed is not None and failed[0] == version:
+                raise AdapterFailedError(failed[1])
+            path = adapter_path(self.store, name)
+            _, config = read_config(path)
+            pool.load(name, path)
+            self.labels[name] = _labels(config.metadata)
+            self.failed.pop(name, None)
+            log.info("adapter %s %s", name, "reloaded" if resident else "loaded")
+            return "reloaded" if resident else "loaded"
+        except AdapterNotFoundError:
+            raise
+        except LoRAError as exc:
+            # A full pool or a merge in progress is the pool's state, not the adapter's.
+            if isinstance(exc, AdapterError) and not isinstance(exc, AdapterFailedError):
+                version = self._version_or_none(name)
+                self.failed[name] = (version, f"{type(exc).__name__}: {exc}")
+                log.warning("adapter %s failed to load: %s", name, exc)
+                if self.metrics is not None:
+                    self.metrics.load_failures.inc()
+            raise
+
+    def _version_or_none(self, name: str):
+        try:
+            return self.store_version(name)
+        except LoRAError:
+            return None
+
+    async def ensure_resident(self, name: str, reload: bool = False) -> str:
+        """Makes ``name`` resident (loading it on a loader thread), within the time limit.
+
+        Returns:
+            ``"resident"``, ``"loaded"`` or ``"reloaded"``.
+
+        Raises:
+            HTTPError: 404 for a name not in the store, 504 past the time limit.
+            LoRAError: As the load raises (422 for a bad adapter, 503 busy).
+        """
+        pool = self.require_pool()
+        validate_adapter_name(name)
+        if name == OFF or (not reload and name in pool.names()):
+            return "resident"
+        if name not in store_adapters(self.store):
+            raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
+        with self._lock:  # one load per name at a time; others wait for it
+            future = self._inflight.get(name)
+            if future is None or (reload and future.done()):
+                future = self._loader.submit(self._load, name, reload)
+                self._inflight[name] = future
+                future.add_done_callback(lambda _, n=name, f=future: self._forget(n, f))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.load_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPError(
+                504,
+                "LoadTimeout",
+                f"Loading adapter {name!r} took longer than {self.load_timeout:g} s.",
+            ) from None
+
+    def _forget(self, name: str, future) -> None:
+        with self._lock:
+            if self._inflight.get(name) is future:
+                del self._inflight[name]
+
+    def describe(self) -> dict:
+        """Resident, store and failed adapters, for ``GET /adapters``."""
+        pool = self.require_pool()
+        return {
+            "resident": pool.names(),
+            "store": store_adapters(self.store),
+            "failed": {name: reason for name, (_, reason) in sorted(self.failed.items())},
+            "active": pool.active,
+            "merged": pool.merged,
+            "capacity": pool.capacity,
+        }
+
+
+def _labels(metadata: dict) -> list[str] | None:
+    labels = metadata.get("labels")
+    if isinstance(labels, list) and all(isinstance(label, str) for label in labels):
+        return labels
+    return None
