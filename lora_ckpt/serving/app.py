@@ -83,7 +83,12 @@ _STATUS = [  # most specific first
 
 
 def _error_response(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
+    # After a body refused unread (too large, too slow) the connection must close:
+    # the rest of that body is not read, so nothing else can follow on it.
+    headers = {"connection": "close"} if status in (408, 413) else None
+    return JSONResponse(
+        {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
+    )
 
 
 class _Metrics:
@@ -228,13 +233,21 @@ def create_app(
         return await read_body(request, max_body_bytes, request_timeout)
 
     async def run(name: str, images: np.ndarray) -> list[np.ndarray]:
-        await state.ensure_resident(name)
-        for _ in range(3):  # evicted between the load and the batch: load again
+        deadline = time.monotonic() + queue_timeout
+        while True:
+            await state.ensure_resident(name)
             try:
-                return await state.batcher.predict_many(images, name)
+                # Holding the slot until answered: it cannot be evicted under the
+                # request, and a load that needs a slot waits (queue timeout).
+                with state.pool.using([name]):
+                    return await state.batcher.predict_many(images, name)
             except AdapterNotLoadedError:
-                await state.ensure_resident(name)
-        raise HTTPError(503, "Busy", f"Adapter {name!r} keeps being evicted; retry later.")
+                # Evicted between its load and the hold: load it again, while
+                # the request may still wait.
+                if time.monotonic() > deadline:
+                    raise HTTPError(
+                        503, "Busy", f"Adapter {name!r} keeps being evicted; retry later."
+                    ) from None
 
     async def observed(name: str, work):
         started, status = time.perf_counter(), "error"

@@ -4,7 +4,7 @@ Bodies are read as a stream and refused past the size limit (chunked and
 multipart ones too) or past the time limit; JSON must be shallow and its
 tensors numbers; images are checked from their header before any pixel is
 decoded (Pillow), so a small file that claims 20000x20000 pixels costs
-nothing. Every problem is an :class:`HTTPError` with its status.
+nothing; a tensor deeper than the model's input is refused by its shape. Every problem is an :class:`HTTPError` with its status.
 """
 
 import asyncio
@@ -18,9 +18,6 @@ from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
 
 from .._tf import tf
-
-MAX_JSON_DEPTH = 8
-"""Tensors are at most [n, h, w, c]: anything deeper is not an input."""
 
 
 class HTTPError(Exception):
@@ -90,33 +87,18 @@ def decode_image(data: bytes, shape, max_pixels: int) -> np.ndarray:
     return resized / 127.5 - 1.0
 
 
-def _depth(value) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if depth > MAX_JSON_DEPTH:
-            break
-        if isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
-        elif isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values())
-    return deepest
-
-
 def parse_json(body: bytes):
-    """A shallow JSON document.
+    """A JSON document (the size was bounded when the body was read).
 
     Raises:
-        HTTPError: 400 for invalid or deeply nested JSON.
+        HTTPError: 400 for invalid JSON, or JSON nested too deep to parse.
     """
     try:
-        document = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError):
-        raise HTTPError(400, "BadJSON", "The body is not valid JSON.") from None
-    if _depth(document) > MAX_JSON_DEPTH + 1:
-        raise HTTPError(400, "BadJSON", f"The JSON is nested deeper than {MAX_JSON_DEPTH + 1}.")
-    return document
+        raise HTTPError(
+            400, "BadJSON", "The body is not valid JSON (or is nested too deep)."
+        ) from None
 
 
 def parse_tensor(values, shape) -> np.ndarray:
