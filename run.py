@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """The project's entry script: `python3 run.py demo`, `python3 run.py test`
-(and `python3 run.py bench` for the benchmarks).
+(and `python3 run.py bench` for the benchmarks, `python3 run.py lint` for the
+linters).
 
 Extra arguments go to the command: `python3 run.py test -k pool`,
-`python3 run.py demo --store /tmp/store`.
+`python3 run.py demo --store /tmp/store`. `python3 run.py test --fast` is the
+fast lane: every test not marked `slow` (subprocess servers, real kills,
+benchmarks, full-size models).
 
 Each command creates (or reuses) the virtual environment `.venv` beside this
 file, installs what lora_ckpt needs into it, and runs in it. It needs nothing
@@ -25,13 +28,21 @@ STAMP = VENV / ".lora_ckpt-install-stamp"
 # with TF 2.21 + tf_keras: it is installed on its own, ignoring that bound.
 TFIMM = "tfimm==0.2.14"
 
+# Each command is one or more steps; extra arguments go to every step.
 COMMANDS = {
-    "test": [str(PYTHON), "-m", "pytest", "-q", "tests"],
-    "demo": [str(PYTHON), "-m", "lora_ckpt.cli", "demo"],
-    "bench": [str(PYTHON), str(ROOT / "benchmarks" / "run.py")],
+    "test": [[str(PYTHON), "-m", "pytest", "-q", "tests"]],
+    "demo": [[str(PYTHON), "-m", "lora_ckpt.cli", "demo"]],
+    "bench": [[str(PYTHON), str(ROOT / "benchmarks" / "run.py")]],
+    # ruff's settings live in pyproject.toml.
+    "lint": [
+        [str(PYTHON), "-m", "ruff", "check", "."],
+        [str(PYTHON), "-m", "ruff", "format", "--check", "."],
+    ],
 }
 # Optional dependencies each command needs (setup.cfg extras).
-EXTRAS = {"test": "test", "demo": "test", "bench": "test,bench"}
+EXTRAS = {"test": "test", "demo": "test", "bench": "test,bench", "lint": "test"}
+# Options run.py itself understands, per command, and what they become.
+OPTIONS = {"test": {"--fast": ["-m", "not slow"]}}
 
 
 def _install_fingerprint(extras: str) -> str:
@@ -65,9 +76,16 @@ def main(argv) -> int:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         print(f"usage: python3 run.py {{{'|'.join(COMMANDS)}}} [args...]", file=sys.stderr)
         return 2
-    ensure_environment(EXTRAS[argv[1]])
+    command, extra = argv[1], []
+    for arg in argv[2:]:
+        extra += OPTIONS.get(command, {}).get(arg, [arg])
+    ensure_environment(EXTRAS[command])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    return subprocess.run(COMMANDS[argv[1]] + argv[2:], cwd=ROOT, env=env).returncode
+    for step in COMMANDS[command]:
+        returncode = subprocess.run(step + extra, cwd=ROOT, env=env).returncode
+        if returncode:
+            return returncode
+    return 0
 
 
 if __name__ == "__main__":

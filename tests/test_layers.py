@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import lora_ckpt
-from lora_ckpt import LoRAConv2D, LoRADense, MergeStateError
-from lora_ckpt._tf import tf
+from lora_ckpt import LoRAConv2D, LoRADense, tf
+from lora_ckpt.errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
 
 from . import numpy_reference as ref
 from .conftest import randomize_lora
@@ -244,31 +244,34 @@ def test_lora_layer_in_a_saved_keras_model_reloads(tmp_path):
     ],
 )
 def test_invalid_lora_arguments_raise(kwargs, match):
-    with pytest.raises(lora_ckpt.LoRAConfigError, match=match):
+    with pytest.raises(LoRAConfigError, match=match):
         LoRADense(4, **kwargs)
-    with pytest.raises(lora_ckpt.LoRAConfigError, match=match):
+    with pytest.raises(LoRAConfigError, match=match):
         LoRAConv2D(4, 3, **kwargs)
 
 
 def test_unsupported_convolutions_raise():
-    with pytest.raises(lora_ckpt.UnsupportedLayerError, match="grouped"):
+    with pytest.raises(UnsupportedLayerError, match="grouped"):
         LoRAConv2D(4, 3, groups=2)
-    with pytest.raises(lora_ckpt.UnsupportedLayerError, match="channels_last"):
+    with pytest.raises(UnsupportedLayerError, match="channels_last"):
         LoRAConv2D(4, 3, data_format="channels_first")
     for layer in (tf.keras.layers.DepthwiseConv2D(3), tf.keras.layers.LSTM(3)):
-        with pytest.raises(lora_ckpt.UnsupportedLayerError, match="supported types are"):
+        with pytest.raises(UnsupportedLayerError, match="supported types are"):
             lora_ckpt.convert_to_lora_layer(layer)
-    with pytest.raises(lora_ckpt.LoRAConfigError, match="only lora_"):
+    with pytest.raises(LoRAConfigError, match="only lora_"):
         lora_ckpt.convert_to_lora_layer(tf.keras.layers.Dense(3), units=4)
 
 
 def test_merge_state_errors():
     layer, _ = build_layer(CASES[0])
+    original = layer.kernel.numpy().copy()
     with pytest.raises(MergeStateError, match="not merged"):
         layer.unmerge_weights()
+    np.testing.assert_array_equal(layer.kernel.numpy(), original)
     layer.merge_weights()
-    kernel = layer.kernel.numpy().copy()
+    merged = layer.kernel.numpy().copy()
     with pytest.raises(MergeStateError, match="already merged"):
         layer.merge_weights()
-    np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
-    assert issubclass(MergeStateError, lora_ckpt.LoRAError)
+    np.testing.assert_array_equal(layer.kernel.numpy(), merged)  # not merged twice
+    layer.unmerge_weights()
+    np.testing.assert_array_equal(layer.kernel.numpy(), original)

@@ -9,12 +9,20 @@ import pytest
 import tfimm
 
 import lora_ckpt
-from lora_ckpt import AdapterPool
-from lora_ckpt._tf import tf
+from lora_ckpt import AdapterPool, tf
+from lora_ckpt.errors import (
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    AdapterNotLoadedError,
+    BaseModelMismatchError,
+    LoRAConfigError,
+    MergeStateError,
+    PoolFullError,
+)
 
-from .conftest import TINY_CONVNEXT
+from .conftest import TINY_CONVNEXT, TINY_VIT
 
-CONVNEXT = dict(TINY_CONVNEXT, drop_path_rate=0.0)
+CONVNEXT = TINY_CONVNEXT
 MAX_RANK = 4
 
 
@@ -63,9 +71,11 @@ def convnext_adapters(tmp_path_factory):
     tf.keras.utils.set_random_seed(3)
     tfimm.create_model("convnext_tiny", **CONVNEXT).save_weights(str(directory / "base.h5"))
     x = np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype("float32")
-    adapters, reference = {}, {}
+    adapters, reference, models = {}, {}, {}
     for i, rank in enumerate([1, 2, 3, 4, 4, 2]):
-        model = convnext(rank, str(directory / "base.h5"))
+        if rank not in models:
+            models[rank] = convnext(rank, str(directory / "base.h5"))
+        model = models[rank]
         fill_adapter(model, seed=i)
         name = f"task{i}"
         adapters[name] = lora_ckpt.save_lora_state(model, str(directory / name))
@@ -78,9 +88,21 @@ def convnext_adapters(tmp_path_factory):
     }
 
 
-@pytest.fixture
-def pool(convnext_adapters):
+@pytest.fixture(scope="module")
+def shared_pool(convnext_adapters):
+    """One pool for the module: building one traces its graphs (about a second)."""
     return AdapterPool(convnext(MAX_RANK, convnext_adapters["base"]), capacity=4, max_rank=MAX_RANK)
+
+
+@pytest.fixture
+def pool(shared_pool):
+    """The module's pool, emptied: nothing merged, nothing resident, "off" active."""
+    if shared_pool.merged is not None:
+        shared_pool.unmerge()
+    for name in shared_pool.names():
+        shared_pool.unload(name)
+    assert shared_pool.names() == [] and shared_pool.active == "off"
+    return shared_pool
 
 
 def test_pool_outputs_match_the_saved_models_for_ranks_1_to_4(pool, convnext_adapters):
@@ -150,7 +172,10 @@ def test_mixed_batch_equals_per_sample_conv2d(tmp_path):
 
 def test_switching_loading_evicting_never_retrace(pool, convnext_adapters):
     x = convnext_adapters["x"]
-    assert pool.trace_count == 2  # one graph per kind of request, traced at construction
+    # One graph per kind of request (one adapter, batch of 1, mixed), traced
+    # when the pool is built and never again.
+    assert pool.trace_count == 3
+    evictions = pool.stats["evictions"]
     for name in [
         "task0",
         "task1",
@@ -164,25 +189,33 @@ def test_switching_loading_evicting_never_retrace(pool, convnext_adapters):
         pool.activate(name)
         pool.predict(x[:2])
         pool.predict(x[:3], adapters=[name, "off", name])
-    assert pool.stats["evictions"] == 3
-    assert pool.trace_count == 2
+    assert pool.stats["evictions"] - evictions == 3
+    assert pool.trace_count == 3
 
 
-def test_merge_unmerge_1000_cycles_restore_base_bitwise(pool, convnext_adapters):
+# The benchmark (benchmarks/run.py) runs 1000 cycles; a handful catch drift here.
+MERGE_CYCLES = 6
+
+
+def test_merge_unmerge_cycles_restore_base_bitwise(pool, convnext_adapters):
     x = convnext_adapters["x"]
-    for name in ["task1", "task3", "task4"]:
+    names = ["task1", "task3", "task4"]
+    for name in names:
         pool.load(name, convnext_adapters["adapters"][name])
     layers = [layer for _, layer in lora_ckpt.lora_layers(pool.model)]
     kernels = [layer.kernel.numpy().copy() for layer in layers]
     biases = [layer.bias.numpy().copy() for layer in layers]
-    unmerged = {name: pool.predict(x, adapter=name) for name in ["task1", "task3", "task4"]}
-    for cycle in range(1000):
-        name = ["task1", "task3", "task4"][cycle % 3]
+    unmerged = {name: pool.predict(x, adapter=name) for name in names}
+    for cycle in range(MERGE_CYCLES):
+        name = names[cycle % len(names)]
         pool.merge(name)
-        if cycle < 3:
-            np.testing.assert_allclose(
-                pool.predict(x, adapter=name), unmerged[name], rtol=1e-5, atol=1e-5
-            )
+        np.testing.assert_allclose(
+            pool.predict(x, adapter=name), unmerged[name], rtol=1e-5, atol=1e-5
+        )
+        assert any(
+            not np.array_equal(layer.kernel.numpy(), kernel)
+            for layer, kernel in zip(layers, kernels, strict=True)
+        ), "merge left every kernel as it was"
         pool.unmerge()
     for layer, kernel, bias in zip(layers, kernels, biases, strict=True):
         np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
@@ -194,16 +227,17 @@ def test_merged_pool_refuses_other_adapters(pool, convnext_adapters):
     for name in ["task1", "task2"]:
         pool.load(name, convnext_adapters["adapters"][name])
     pool.merge("task1")
-    with pytest.raises(lora_ckpt.PoolStateError, match="merged"):
+    with pytest.raises(MergeStateError, match="merged"):
         pool.predict(convnext_adapters["x"], adapter="task2")
-    with pytest.raises(lora_ckpt.MergeStateError, match="already merged"):
+    with pytest.raises(MergeStateError, match="already merged"):
         pool.merge("task2")
     pool.unmerge()
-    with pytest.raises(lora_ckpt.MergeStateError, match="nothing to unmerge"):
+    with pytest.raises(MergeStateError, match="nothing to unmerge"):
         pool.unmerge()
     pool.predict(convnext_adapters["x"], adapter="task2")
 
 
+@pytest.mark.slow
 def test_concurrent_requests_while_loading(convnext_adapters):
     """8 threads x 200 requests over 6 adapters, capacity 3, while a loader
     thread keeps loading: every answer equals the single-threaded one."""
@@ -226,10 +260,10 @@ def test_concurrent_requests_while_loading(convnext_adapters):
                 try:
                     out = pool.predict(x, adapter=name)
                     break
-                except lora_ckpt.AdapterNotLoadedError:
+                except AdapterNotLoadedError:
                     try:
                         pool.load(name, adapters[name])
-                    except lora_ckpt.PoolFullError:
+                    except PoolFullError:
                         time.sleep(0.001)
                 if time.monotonic() > deadline:
                     errors.append("timeout")
@@ -243,7 +277,7 @@ def test_concurrent_requests_while_loading(convnext_adapters):
             name = rng.choice(names)
             try:
                 pool.load(name, adapters[name])
-            except lora_ckpt.PoolFullError:
+            except PoolFullError:
                 pass
 
     loader_thread = threading.Thread(target=loader)
@@ -258,7 +292,7 @@ def test_concurrent_requests_while_loading(convnext_adapters):
     assert errors == []
     assert pool.stats["requests"] >= 8 * 200 + len(adapters)
     assert pool.stats["evictions"] > 0
-    assert pool.trace_count == 2
+    assert pool.trace_count == 3
 
 
 def test_bad_requests_raise_and_the_pool_keeps_serving(pool, convnext_adapters, tmp_path):
@@ -266,16 +300,17 @@ def test_bad_requests_raise_and_the_pool_keeps_serving(pool, convnext_adapters, 
     pool.load("task1", convnext_adapters["adapters"]["task1"])
     expected = pool.predict(x, adapter="task1")
 
-    with pytest.raises(lora_ckpt.AdapterNotLoadedError, match="'nope' is not loaded.*task1"):
+    with pytest.raises(AdapterNotLoadedError, match="'nope' is not loaded.*task1"):
         pool.predict(x, adapter="nope")
-    with pytest.raises(lora_ckpt.PoolRequestError, match="one adapter name per sample"):
+    with pytest.raises(LoRAConfigError, match="one adapter name per sample"):
         pool.predict(x, adapters=["task1", "off"])
-    with pytest.raises(lora_ckpt.PoolRequestError, match="Expected a batch of shape"):
+    with pytest.raises(LoRAConfigError, match="Expected a batch of shape"):
         pool.predict(x[:, :16])
 
-    small = AdapterPool(convnext(2, convnext_adapters["base"]), capacity=2, max_rank=2)
-    with pytest.raises(lora_ckpt.AdapterMismatchError, match="max_rank=2"):
-        small.load("big", convnext_adapters["adapters"]["task3"])  # rank 4
+    too_big = convnext(MAX_RANK + 1, convnext_adapters["base"])
+    lora_ckpt.save_lora_state(too_big, str(tmp_path / "rank5"))
+    with pytest.raises(AdapterMismatchError, match=f"max_rank={MAX_RANK}"):
+        pool.load("big", str(tmp_path / "rank5"))
 
     other = lora_ckpt.create_model(
         "convnext_tiny",
@@ -286,42 +321,44 @@ def test_bad_requests_raise_and_the_pool_keeps_serving(pool, convnext_adapters, 
     )  # fresh base, not the file
     fill_adapter(other, seed=5)
     lora_ckpt.save_lora_state(other, str(tmp_path / "other_base"))
-    with pytest.raises(lora_ckpt.BaseModelMismatchError, match="other base weights"):
+    with pytest.raises(BaseModelMismatchError, match="other base weights"):
         pool.load("other", str(tmp_path / "other_base"))
-    with pytest.raises(lora_ckpt.AdapterMismatchError, match="was trained on a"):
+    with pytest.raises(AdapterMismatchError, match="was trained on a"):
         model = conv_net(2)
         lora_ckpt.save_lora_state(model, str(tmp_path / "conv"))
         pool.load("conv", str(tmp_path / "conv"))
-    with pytest.raises(lora_ckpt.AdapterNotFoundError):
+    with pytest.raises(AdapterNotFoundError):
         pool.load("missing", str(tmp_path / "does_not_exist"))
-    with pytest.raises(lora_ckpt.LoRAConfigError, match="other than 'off'"):
+    with pytest.raises(LoRAConfigError, match="other than 'off'"):
         pool.load("off", convnext_adapters["adapters"]["task1"])
 
-    full = AdapterPool(convnext(MAX_RANK, convnext_adapters["base"]), capacity=2, max_rank=MAX_RANK)
-    full.load("task0", convnext_adapters["adapters"]["task0"])
-    full.load("task1", convnext_adapters["adapters"]["task1"])
-    # Both slots busy with running requests:
-    with (
-        full.using(["task0", "task1"]),
-        pytest.raises(lora_ckpt.PoolFullError, match="nothing can be evicted"),
-    ):
-        full.load("task2", convnext_adapters["adapters"]["task2"])
-    full.load("task2", convnext_adapters["adapters"]["task2"])  # now one can be evicted
-
-    for error in (
-        lora_ckpt.AdapterNotLoadedError,
-        lora_ckpt.PoolRequestError,
-        lora_ckpt.PoolFullError,
-    ):
-        assert issubclass(error, lora_ckpt.LoRAError)
     np.testing.assert_array_equal(pool.predict(x, adapter="task1"), expected)  # still serving
     assert pool.names() == ["task1"]
+
+    busy = ["task0", "task1", "task2", "task3"]  # capacity 4
+    for name in busy:
+        pool.load(name, convnext_adapters["adapters"][name])
+    # Every slot busy with running requests:
+    with pool.using(busy), pytest.raises(PoolFullError, match="nothing can be evicted"):
+        pool.load("task5", convnext_adapters["adapters"]["task5"])
+    assert pool.names() == busy
+    pool.load("task5", convnext_adapters["adapters"]["task5"])  # now one can be evicted
+    assert len(pool.names()) == 4 and "task5" in pool.names()
+    np.testing.assert_allclose(
+        pool.predict(x, adapter="task5"),
+        convnext_adapters["reference"]["task5"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_adapter_with_full_layers_is_refused(pool, convnext_adapters, tmp_path):
     model = convnext(2, convnext_adapters["base"])
     lora_ckpt.save_lora_state(model, str(tmp_path / "with_head"), extra_layers=["fc"])
-    with pytest.raises(lora_ckpt.AdapterMismatchError, match="cannot serve per request"):
+    # Only a pool built with full_layers=[...] keeps per-adapter heads.
+    with pytest.raises(
+        AdapterMismatchError, match="fc/kernel: a pool keeps per-adapter copies only of LoRA layers"
+    ):
         pool.load("with_head", str(tmp_path / "with_head"))
 
 
@@ -330,7 +367,7 @@ def test_unload_and_reload(pool, convnext_adapters):
     pool.activate("task1")
     pool.unload("task1")
     assert pool.names() == [] and pool.active == "off"
-    with pytest.raises(lora_ckpt.AdapterNotLoadedError):
+    with pytest.raises(AdapterNotLoadedError):
         pool.predict(convnext_adapters["x"], adapter="task1")
     pool.load("task1", convnext_adapters["adapters"]["task2"])  # a name can be reused
     np.testing.assert_allclose(
@@ -342,9 +379,7 @@ def test_unload_and_reload(pool, convnext_adapters):
 
 
 def test_vit_pool_with_attention_lora(tmp_path):
-    config = dict(
-        input_size=(32, 32), patch_size=8, embed_dim=16, nb_blocks=2, nb_heads=2, nb_classes=4
-    )
+    config = TINY_VIT
     tf.keras.utils.set_random_seed(0)
     tfimm.create_model("vit_tiny_patch16_224", **config).save_weights(str(tmp_path / "base.h5"))
 

@@ -3,6 +3,8 @@
 import os
 import re
 
+import pytest
+
 README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
 
 
@@ -12,6 +14,7 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow  # the examples train models
 def test_readme_examples_run(capsys):
     blocks = python_blocks()
     assert len(blocks) >= 4
