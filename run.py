@@ -40,7 +40,7 @@ COMMANDS = {
     ],
 }
 # Optional dependencies each command needs (setup.cfg extras).
-EXTRAS = {"test": "test", "demo": "test", "bench": "test,bench", "lint": "test"}
+EXTRAS = {"test": "test,scale", "demo": "test", "bench": "test,bench,scale", "lint": "test"}
 # Options run.py itself understands, per command, and what they become.
 OPTIONS = {"test": {"--fast": ["-m", "not slow"]}}
 
@@ -62,7 +62,10 @@ def ensure_environment(extras: str) -> None:
         print(f"Creating virtual environment in {VENV} ...", flush=True)
         venv.create(VENV, with_pip=True)
     fingerprint = _install_fingerprint(extras)
-    if STAMP.exists() and STAMP.read_text() in (fingerprint, _install_fingerprint("test,bench")):
+    if STAMP.exists() and STAMP.read_text() in (
+        fingerprint,
+        _install_fingerprint("test,bench,scale"),
+    ):
         return
     print(
         "Installing lora_ckpt and its dependencies (first run takes a few minutes) ...", flush=True

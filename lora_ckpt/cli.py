@@ -15,9 +15,49 @@ def _demo(args) -> int:
     return 0
 
 
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _serve_ray(args) -> int:
+    from .serving.ray_app import run_ray_service
+
+    service_options = dict(
+        model_name=args.model,
+        base_weights=args.base_weights,
+        max_rank=args.max_rank,
+        max_classes=args.max_classes,
+        queue_timeout=args.queue_timeout,
+        load_timeout=args.load_timeout,
+    )
+    limits = dict(
+        max_body_bytes=args.max_body_bytes,
+        max_pixels=args.max_pixels,
+        request_timeout=args.request_timeout,
+        max_instances=64,
+        top_k=5,
+        call_timeout=args.request_timeout + args.queue_timeout + args.load_timeout,
+    )
+    return run_ray_service(
+        args.store,
+        replicas=args.replicas,
+        capacity=args.capacity,
+        service_options=service_options,
+        limits=limits,
+        host=args.host,
+        port=args.port,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        replica_cpus=args.replica_cpus,
+        verbose=args.log_level.lower() in ("debug", "info"),
+    )
+
+
 def _serve(args) -> int:
     import socket
 
+    if args.ray:
+        return _serve_ray(args)
     import uvicorn
 
     from .serving.app import create_app
@@ -50,7 +90,8 @@ def _serve(args) -> int:
         timeout_keep_alive=args.timeout_keep_alive,
         limit_concurrency=args.limit_concurrency,
     )
-    print(f"Serving {os.path.abspath(args.store)} on http://{args.host}:{args.port}", flush=True)
+    where = args.store if _is_url(args.store) else os.path.abspath(args.store)
+    print(f"Serving {where} on http://{args.host}:{args.port}", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -65,8 +106,9 @@ def _human_size(size: int) -> str:
 
 def _inspect(args) -> int:
     from .state import inspect_adapter
+    from .state.object_store import inspect_remote_adapter, is_object_store
 
-    info = inspect_adapter(args.path)
+    info = (inspect_remote_adapter if is_object_store(args.path) else inspect_adapter)(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -95,15 +137,19 @@ def _inspect(args) -> int:
 def _list(args) -> int:
     from .errors import StoreError
     from .state import list_adapters
+    from .state.object_store import adapters_root, is_object_store, list_remote_adapters
 
-    if not os.path.isdir(args.store):
-        raise StoreError(f"{args.store} is not a directory of adapters or a store.")
-    root = (
-        os.path.join(args.store, "adapters")
-        if os.path.isdir(os.path.join(args.store, "adapters"))
-        else args.store
-    )
-    adapters = list_adapters(root)
+    if is_object_store(args.store):
+        adapters = list_remote_adapters(adapters_root(args.store))
+    else:
+        if not os.path.isdir(args.store):
+            raise StoreError(f"{args.store} is not a directory of adapters or a store.")
+        root = (
+            os.path.join(args.store, "adapters")
+            if os.path.isdir(os.path.join(args.store, "adapters"))
+            else args.store
+        )
+        adapters = list_adapters(root)
     if args.json:
         print(json.dumps(adapters, indent=2))
         return 0
@@ -122,11 +168,13 @@ def _export(args) -> int:
     from .export import export_merged_savedmodel
     from .serving.store import adapter_path, build_base_model
     from .state import load_lora_state, read_lora_state
+    from .state.object_store import localize
 
     is_path = os.path.sep in args.adapter or os.path.isdir(args.adapter)
     path = args.adapter if is_path else adapter_path(args.store, args.adapter)
     name = os.path.basename(os.path.normpath(path))
     print(f"[1/3] reading adapter {path}", flush=True)
+    path = localize(path)  # an s3:// adapter: its verified copy in the local cache
     config = read_lora_state(path).config
     width = (config.base_model.config or {}).get("nb_classes")
     print("[2/3] building the base model and loading the adapter", flush=True)
@@ -143,10 +191,14 @@ def _export(args) -> int:
 
 
 def _gc(args) -> int:
+    from .state import object_store
     from .state.atomic import collect_garbage
 
-    root = os.path.join(args.store, "adapters")
-    touched = collect_garbage(root if os.path.isdir(root) else args.store)
+    if object_store.is_object_store(args.store):
+        touched = object_store.collect_garbage(object_store.adapters_root(args.store))
+    else:
+        root = os.path.join(args.store, "adapters")
+        touched = collect_garbage(root if os.path.isdir(root) else args.store)
     for path in touched:
         print(f"cleaned {path}")
     print(f"{len(touched)} leftover(s) of interrupted saves cleaned")
@@ -172,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     serve = commands.add_parser("serve", help="the HTTP inference service")
-    serve.add_argument("--store", default=DEFAULT_STORE, help="the adapter store to serve")
+    serve.add_argument(
+        "--store", default=DEFAULT_STORE, help="the adapter store to serve (a directory or s3://)"
+    )
     serve.add_argument(
         "--model", default=None, help="tfimm model name (default: the store's base.json)"
     )
@@ -214,19 +268,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections and tasks at once; more get 503",
     )
     serve.add_argument("--startup-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    scale = serve.add_argument_group(
+        "scaling out (Ray Serve; needs the scale extra: pip install 'lora_ckpt[scale]')"
+    )
+    scale.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: replicas with adapters multiplexed by name",
+    )
+    scale.add_argument("--replicas", type=int, default=2, help="replicas with --ray (default 2)")
+    scale.add_argument(
+        "--address",
+        default=None,
+        help="a Ray cluster to join ('auto', HEAD:6379); default: start a local one",
+    )
+    scale.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)"
+    )
+    scale.add_argument(
+        "--replica-cpus", type=float, default=None, help="Ray CPUs reserved per replica"
+    )
     serve.add_argument("--log-level", default="warning", help="uvicorn's log level")
     serve.set_defaults(run=_serve)
 
     inspect = commands.add_parser(
         "inspect", help="an adapter's config, variables, size and base identity"
     )
-    inspect.add_argument("path", help="the adapter directory")
+    inspect.add_argument("path", help="the adapter directory (or its s3:// URL)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_inspect)
 
     listing = commands.add_parser("list", help="the adapters of a store or directory")
     listing.add_argument(
-        "store", nargs="?", default=DEFAULT_STORE, help="a store or a directory of adapters"
+        "store",
+        nargs="?",
+        default=DEFAULT_STORE,
+        help="a store or a directory of adapters (local or s3://)",
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=_list)

@@ -32,7 +32,6 @@ time limit).
 
 import time
 
-import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -47,48 +46,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import (
-    AdapterError,
-    AdapterNotFoundError,
-    AdapterNotLoadedError,
-    LoRAConfigError,
-    LoRAError,
-    MergeStateError,
-    PoolFullError,
+# Parsing, answers and error statuses are shared with the Ray Serve ingress.
+from .http_common import (
+    PREPROCESSING,  # noqa: F401  (where it was defined before)
+    adapter_name,
+    answer,
+    error_parts,
+    error_response,
+    predict_image,
+    tfs_instances,
+    tfs_metadata,
+    tfs_status,
 )
-from .inputs import (
-    HTTPError,
-    decode_base64,
-    decode_image,
-    multipart_image,
-    parse_json,
-    parse_tensor,
-    read_body,
-)
+from .inputs import HTTPError, read_body
 from .pool import OFF
 from .service import ServiceState
-from .store import validate_adapter_name
-
-PREPROCESSING = "RGB, resized to the model's input size (bilinear), pixel / 127.5 - 1"
-
-_STATUS = [  # most specific first
-    (AdapterNotLoadedError, 404),
-    (AdapterNotFoundError, 404),
-    (PoolFullError, 503),
-    (LoRAConfigError, 400),
-    (MergeStateError, 409),
-    (AdapterError, 422),
-    (LoRAError, 400),
-]
-
-
-def _error_response(status: int, kind: str, message: str) -> JSONResponse:
-    # After a body refused unread (too large, too slow) the connection must close:
-    # the rest of that body is not read, so nothing else can follow on it.
-    headers = {"connection": "close"} if status in (408, 413) else None
-    return JSONResponse(
-        {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
-    )
 
 
 class _Metrics:
@@ -130,31 +102,6 @@ class _Metrics:
             self.evictions.set(stats["evictions"])
             self.resident.set(len(state.pool.names()))
         self.failed.set(len(state.failed))
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max())
-    return shifted / shifted.sum()
-
-
-def _answer(name: str, logits: np.ndarray, labels, top_k: int) -> dict:
-    probabilities = _softmax(logits.astype(np.float64))
-    order = np.argsort(-logits)[:top_k]
-
-    def label(index: int):
-        return labels[index] if labels and index < len(labels) else None
-
-    best = int(order[0])
-    return {
-        "adapter": name,
-        "class": best,
-        "label": label(best),
-        "top_k": [
-            {"class": int(i), "label": label(int(i)), "probability": float(probabilities[i])}
-            for i in order
-        ],
-        "logits": logits.tolist(),
-    }
 
 
 def create_app(
@@ -217,37 +164,16 @@ def create_app(
         async def wrapped(request: Request):
             try:
                 return await endpoint(request)
-            except HTTPError as exc:
-                return _error_response(exc.status, exc.kind, exc.message)
-            except LoRAError as exc:
-                status = next(code for cls, code in _STATUS if isinstance(exc, cls))
-                return _error_response(status, type(exc).__name__, str(exc))
+            except Exception as exc:
+                parts = error_parts(exc)  # HTTPError and LoRAError: JSON with a status
+                if parts is None:
+                    raise
+                return error_response(*parts)
 
         return wrapped
 
-    def adapter_name(request) -> str:
-        name = request.path_params["name"]
-        return name if name == OFF else validate_adapter_name(name)
-
     async def body_of(request) -> bytes:
         return await read_body(request, max_body_bytes, request_timeout)
-
-    async def run(name: str, images: np.ndarray) -> list[np.ndarray]:
-        deadline = time.monotonic() + queue_timeout
-        while True:
-            await state.ensure_resident(name)
-            try:
-                # Holding the slot until answered: it cannot be evicted under the
-                # request, and a load that needs a slot waits (queue timeout).
-                with state.pool.using([name]):
-                    return await state.batcher.predict_many(images, name)
-            except AdapterNotLoadedError:
-                # Evicted between its load and the hold: load it again, while
-                # the request may still wait.
-                if time.monotonic() > deadline:
-                    raise HTTPError(
-                        503, "Busy", f"Adapter {name!r} keeps being evicted; retry later."
-                    ) from None
 
     async def observed(name: str, work):
         started, status = time.perf_counter(), "error"
@@ -292,44 +218,15 @@ def create_app(
         name = adapter_name(request)
         pool = state.require_pool()
         body = await body_of(request)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            image = await multipart_image(request, body, pool.input_shape, max_pixels)
-        else:
-            payload = parse_json(body)
-            if not isinstance(payload, dict) or not ({"tensor", "image_base64"} & set(payload)):
-                raise HTTPError(
-                    400, "BadRequest", "Send {'tensor': [...]} or {'image_base64': '...'}."
-                )
-            if "tensor" in payload:
-                image = parse_tensor(payload["tensor"], pool.input_shape)
-            else:
-                data = decode_base64(payload["image_base64"])
-                image = decode_image(data, pool.input_shape, max_pixels)
-        (logits,) = await observed(name, run(name, image[None]))
-        return JSONResponse(_answer(name, logits, state.labels.get(name), top_k))
-
-    def instance(value, shape) -> np.ndarray:
-        if isinstance(value, dict):
-            if set(value) != {"b64"}:
-                raise HTTPError(400, "BadRequest", "An image instance is {'b64': '<base64>'}.")
-            return decode_image(decode_base64(value["b64"]), shape, max_pixels)
-        return parse_tensor(value, shape)
+        image = await predict_image(request, body, pool.input_shape, max_pixels)
+        (logits,) = await observed(name, state.predict(name, image[None]))
+        return JSONResponse(answer(name, logits, state.labels.get(name), top_k))
 
     async def tfs_predict(request):
         name = adapter_name(request)
         pool = state.require_pool()
-        payload = parse_json(await body_of(request))
-        instances = payload.get("instances") if isinstance(payload, dict) else None
-        if not isinstance(instances, list) or not instances:
-            raise HTTPError(400, "BadRequest", "Send {'instances': [...]}, one or more samples.")
-        if len(instances) > max_instances:
-            raise HTTPError(
-                413,
-                "TooManyInstances",
-                f"{len(instances)} instances; the limit is {max_instances}.",
-            )
-        images = np.stack([instance(value, pool.input_shape) for value in instances])
-        rows = await observed(name, run(name, images))
+        images = tfs_instances(await body_of(request), pool.input_shape, max_pixels, max_instances)
+        rows = await observed(name, state.predict(name, images))
         return JSONResponse({"predictions": [row.tolist() for row in rows]})
 
     def known_adapter(name: str) -> None:
@@ -337,41 +234,20 @@ def create_app(
         if name != OFF and name not in pool.names() and name not in state.describe()["store"]:
             raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
 
-    async def tfs_status(request):
+    async def tfs_status_endpoint(request):
         name = adapter_name(request)
         known_adapter(name)
         failed = state.failed.get(name)
-        status = {"error_code": "OK", "error_message": ""}
-        if failed is not None:
-            status = {"error_code": "FAILED_PRECONDITION", "error_message": failed[1]}
-        model_state = "END" if failed is not None else "AVAILABLE"
-        return JSONResponse(
-            {"model_version_status": [{"version": "1", "state": model_state, "status": status}]}
-        )
+        return JSONResponse(tfs_status(failed[1] if failed is not None else None))
 
-    async def tfs_metadata(request):
+    async def tfs_metadata_endpoint(request):
         name = adapter_name(request)
         known_adapter(name)
         pool = state.pool
         if name != OFF:
             await state.ensure_resident(name)
-        classes = pool.classes(name)
-        shape = [-1, *pool.input_shape]
         return JSONResponse(
-            {
-                "model_spec": {"name": name, "signature_name": "serving_default", "version": "1"},
-                "metadata": {
-                    "signature_def": {
-                        "inputs": {"images": {"dtype": "DT_FLOAT", "shape": shape}},
-                        "outputs": {"logits": {"dtype": "DT_FLOAT", "shape": [-1, classes]}},
-                    },
-                    "input_shape": list(pool.input_shape),
-                    "dtype": "float32",
-                    "classes": classes,
-                    "labels": state.labels.get(name),
-                    "preprocessing": PREPROCESSING,
-                },
-            }
+            tfs_metadata(name, pool.input_shape, pool.classes(name), state.labels.get(name))
         )
 
     async def metrics_endpoint(request):
@@ -386,13 +262,13 @@ def create_app(
         Route("/adapters/{name}", handle(unload_adapter), methods=["DELETE"]),
         Route("/predict/{name}", handle(predict), methods=["POST"]),
         Route("/v1/models/{name}:predict", handle(tfs_predict), methods=["POST"]),
-        Route("/v1/models/{name}/metadata", handle(tfs_metadata)),
-        Route("/v1/models/{name}", handle(tfs_status)),
+        Route("/v1/models/{name}/metadata", handle(tfs_metadata_endpoint)),
+        Route("/v1/models/{name}", handle(tfs_status_endpoint)),
         Route("/metrics", handle(metrics_endpoint)),
     ]
 
     async def http_exception(request, exc):  # unknown routes and methods, as JSON too
-        return _error_response(exc.status_code, "HTTPError", str(exc.detail))
+        return error_response(exc.status_code, "HTTPError", str(exc.detail))
 
     app = Starlette(routes=routes, exception_handlers={StarletteHTTPException: http_exception})
     app.state.service = state

@@ -33,8 +33,9 @@ from .._tf import tf
 from ..errors import LayerNotFoundError, LoRAConfigError, MergeStateError
 from ..models import lora_layers
 from ..selection import classifier_paths, lora_settings, match_layers
-from ..state import AdapterState, ModelSignature, check_base, check_fit, read_lora_state
+from ..state import AdapterState, ModelSignature, check_base, check_fit
 from ..state.fit import SlotLimits
+from ..state.object_store import read_adapter
 from ..traversal import named_layers
 from .slot_table import OFF, SlotTable
 from .slots import BASE_ONLY, FullLayerSlots, LoRASlots, Routing
@@ -326,7 +327,8 @@ class AdapterPool:
 
         Args:
             name: The name requests use; any string but ``"off"``.
-            path: The adapter directory.
+            path: The adapter directory, or its ``s3://`` URL (fetched through
+                the local cache of :mod:`lora_ckpt.state.object_store`).
 
         Returns:
             The slot index.
@@ -350,7 +352,7 @@ class AdapterPool:
             raise MergeStateError(
                 f"Adapter {name!r} is merged; call unmerge() before reloading it."
             )
-        state = read_lora_state(path)
+        state = read_adapter(path)
         update = self._prepare(state)
         reservation = self._table.reserve(timeout=self.load_timeout)
         slot = reservation.slot

@@ -16,14 +16,26 @@ import logging
 import threading
 import time
 
-from ..errors import AdapterError, AdapterMismatchError, AdapterNotFoundError, LoRAError
-from ..state.files import MAX_CONFIG_BYTES, read_bounded, resolve_adapter
-from ..state.format import CONFIG_FILE
-from ..state.load import read_config
+import numpy as np
+
+from ..errors import (
+    AdapterError,
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    AdapterNotLoadedError,
+    LoRAError,
+)
+from ..state.format import AdapterConfig
 from .batching import MicroBatcher
 from .inputs import HTTPError
 from .pool import OFF, AdapterPool
-from .store import adapter_path, build_base_model, store_adapters, validate_adapter_name
+from .store import (
+    adapter_config_bytes,
+    adapter_path,
+    build_base_model,
+    store_adapters,
+    validate_adapter_name,
+)
 
 log = logging.getLogger("lora_ckpt.serving")
 
@@ -36,7 +48,7 @@ class ServiceState:
     """The pool, its batcher and the store's adapters, built in the background.
 
     Args:
-        store: The adapter store directory.
+        store: The adapter store directory, or its ``s3://`` URL.
         model_name, base_weights: Override the store's base model.
         capacity, max_rank, max_classes: Of the :class:`AdapterPool`.
         preload: Load the store's adapters (up to ``capacity``) after start-up.
@@ -134,16 +146,17 @@ class ServiceState:
         Raises:
             AdapterNotFoundError: If the store has no such adapter.
             CorruptAdapterError: If its config cannot be read.
+            StoreError: If an object store cannot be reached.
         """
-        path = adapter_path(self.store, name)
-        directory = resolve_adapter(path)
-        return hashlib.sha256(read_bounded(directory, CONFIG_FILE, MAX_CONFIG_BYTES)).hexdigest()
+        return hashlib.sha256(adapter_config_bytes(self.store, name)).hexdigest()
 
     def _load(self, name: str, reload: bool = False) -> str:
         """Loads (or reloads) ``name`` from the store; runs on a loader thread."""
         pool = self.require_pool()
         try:
-            version = self.store_version(name)
+            # One read of the config: its hash is the version, its metadata the labels.
+            raw = adapter_config_bytes(self.store, name)
+            version = hashlib.sha256(raw).hexdigest()
             resident = name in pool.names()
             if resident and (not reload or pool.version(name) == version):
                 return "resident"
@@ -151,7 +164,7 @@ class ServiceState:
             if failed is not None and failed[0] == version:
                 raise AdapterFailedError(failed[1])
             path = adapter_path(self.store, name)
-            _, config = read_config(path)
+            config = AdapterConfig.from_json(raw, path)
             pool.load(name, path)
             self.labels[name] = _labels(config.metadata)
             self.failed.pop(name, None)
@@ -205,6 +218,30 @@ class ServiceState:
                 "LoadTimeout",
                 f"Loading adapter {name!r} took longer than {self.load_timeout:g} s.",
             ) from None
+
+    async def predict(self, name: str, images: np.ndarray) -> list[np.ndarray]:
+        """Outputs of ``images`` through adapter ``name`` (loaded first if need be),
+        through the dynamic batcher.
+
+        Raises:
+            HTTPError: 404, 503 (an adapter evicted again and again), 504.
+            LoRAError: As :meth:`ensure_resident`.
+        """
+        deadline = time.monotonic() + self._options["queue_timeout"]
+        while True:
+            await self.ensure_resident(name)
+            try:
+                # Holding the slot until answered: it cannot be evicted under the
+                # request, and a load that needs a slot waits (queue timeout).
+                with self.pool.using([name]):
+                    return await self.batcher.predict_many(images, name)
+            except AdapterNotLoadedError:
+                # Evicted between its load and the hold: load it again, while
+                # the request may still wait.
+                if time.monotonic() > deadline:
+                    raise HTTPError(
+                        503, "Busy", f"Adapter {name!r} keeps being evicted; retry later."
+                    ) from None
 
     def _forget(self, name: str, future) -> None:
         with self._lock:

@@ -7,13 +7,18 @@
       base.h5          the base weights (a regular model's save_weights)
       adapters/NAME/   one adapter directory each (see lora_ckpt.state)
 
-The demo writes a store; ``lora-ckpt serve`` and ``export`` read one.
+The demo writes a store; ``lora-ckpt serve`` and ``export`` read one. A store
+may live in S3-compatible object storage (``s3://bucket/prefix``, same
+layout): adapters and ``base.h5`` are then read through the local cache of
+:mod:`lora_ckpt.state.object_store`, and :func:`upload_store` copies a local
+store there.
 """
 
 import dataclasses
 import json
 import os
 import re
+import tempfile
 
 from tfimm.models import model_config
 
@@ -21,14 +26,16 @@ from .._tf import tf
 from ..errors import BaseWeightsError, LoRAConfigError, StoreError
 from ..models import create_model
 from ..selection import classifier_paths
-from ..state import load_base_weights
-from ..state.files import is_work_directory
+from ..state import load_base_weights, object_store
+from ..state.files import MAX_CONFIG_BYTES, is_work_directory, read_bounded, resolve_adapter
 from ..state.format import CONFIG_FILE
+from ..state.object_store import is_object_store
 
 BASE_CONFIG = "base.json"
 BASE_WEIGHTS = "base.h5"
 ADAPTERS = "adapters"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_BASE_CONFIG_BYTES = 1 << 20
 
 
 def validate_adapter_name(name: str) -> str:
@@ -53,13 +60,47 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
+def _join(store: str, *parts: str) -> str:
+    return (
+        object_store.join(store, *parts) if is_object_store(store) else os.path.join(store, *parts)
+    )
+
+
 def adapter_path(store: str, name: str) -> str:
-    """The directory of adapter ``name`` in ``store`` (the name is validated)."""
-    return os.path.join(store, ADAPTERS, validate_adapter_name(name))
+    """The directory (or URL) of adapter ``name`` in ``store`` (the name is validated)."""
+    return _join(store, ADAPTERS, validate_adapter_name(name))
+
+
+def adapter_config_bytes(store: str, name: str) -> bytes:
+    """The bytes of adapter ``name``'s committed ``adapter_config.json`` (bounded).
+
+    Their SHA-256 is the adapter's version: a service compares it with the
+    version it loaded to pick up a new save.
+
+    Raises:
+        AdapterNotFoundError: If the store has no such committed adapter.
+        CorruptAdapterError: If the config cannot be read.
+        StoreError: If an object store cannot be reached.
+    """
+    path = adapter_path(store, name)
+    if is_object_store(path):
+        return object_store.read_adapter_config(path)
+    return read_bounded(resolve_adapter(path), CONFIG_FILE, MAX_CONFIG_BYTES)
 
 
 def store_adapters(store: str) -> list[str]:
-    """Names of the committed adapters in ``store``, sorted."""
+    """Names of the committed adapters in ``store``, sorted.
+
+    Raises:
+        StoreError: If an object store cannot be reached.
+    """
+    if is_object_store(store):
+        tree = object_store.list_directories(_join(store, ADAPTERS))
+        return sorted(
+            name
+            for name, files in tree.items()
+            if _NAME.fullmatch(name) and not is_work_directory(name) and CONFIG_FILE in files
+        )
     root = os.path.join(store, ADAPTERS)
     if not tf.io.gfile.isdir(root):
         return []
@@ -76,12 +117,21 @@ def write_base(store: str, model_name: str, config: dict, lora: dict, regular_mo
     """Writes ``base.json`` and ``base.h5`` of a store.
 
     Args:
-        store: The store directory (created if needed).
+        store: The store directory (created if needed) or URL.
         model_name: The tfimm model name.
         config: Config overrides the base was built with (JSON-serialisable).
         lora: LoRA fields serving models get (``lora_layer_groups``, ...).
         regular_model: The trained regular base model.
+
+    Raises:
+        StoreError: If an object store cannot be reached.
     """
+    if is_object_store(store):
+        with tempfile.TemporaryDirectory(prefix="lora_ckpt-base-") as tmp:
+            write_base(tmp, model_name, config, lora, regular_model)
+            for name in (BASE_WEIGHTS, BASE_CONFIG):  # base.json last: the store exists
+                object_store.upload_file(os.path.join(tmp, name), _join(store, name))
+        return
     tf.io.gfile.makedirs(os.path.join(store, ADAPTERS))
     regular_model.save_weights(os.path.join(store, BASE_WEIGHTS))
     with tf.io.gfile.GFile(os.path.join(store, BASE_CONFIG), "w") as handle:
@@ -92,16 +142,46 @@ def read_base_config(store: str) -> dict:
     """The parsed ``base.json`` of a store.
 
     Raises:
-        StoreError: If the store has no ``base.json``.
+        StoreError: If the store has no ``base.json`` (or it is not JSON).
     """
-    path = os.path.join(store, BASE_CONFIG)
-    if not tf.io.gfile.exists(path):
-        raise StoreError(
-            f"{store} is not an adapter store (no {BASE_CONFIG}); run `lora-ckpt demo` "
-            "to create one, or pass --model and --base-weights."
-        )
-    with tf.io.gfile.GFile(path) as handle:
-        return json.load(handle)
+    path = _join(store, BASE_CONFIG)
+    missing = StoreError(
+        f"{store} is not an adapter store (no {BASE_CONFIG}); run `lora-ckpt demo` "
+        "to create one (and lora_ckpt.serving.store.upload_store to copy it to object "
+        "storage), or pass --model and --base-weights."
+    )
+    if is_object_store(path):
+        try:
+            text = object_store.read_object(path, MAX_BASE_CONFIG_BYTES)
+        except FileNotFoundError:
+            raise missing from None
+    else:
+        if not tf.io.gfile.exists(path):
+            raise missing
+        with tf.io.gfile.GFile(path, "rb") as handle:
+            text = handle.read()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise StoreError(f"{path} is not valid JSON: {exc}.") from None
+
+
+def _has_base_config(store: str) -> bool:
+    path = _join(store, BASE_CONFIG)
+    return object_store.exists(path) if is_object_store(path) else tf.io.gfile.exists(path)
+
+
+def _local_base_weights(path: str) -> str | None:
+    """A local path to load base weights from (downloaded to the cache for a URL),
+    or ``None`` if there are none."""
+    if is_object_store(path):
+        try:
+            return object_store.fetch_file(path)
+        except FileNotFoundError:
+            return None
+    if tf.io.gfile.exists(path) or tf.io.gfile.exists(path + ".index"):
+        return path
+    return None
 
 
 def build_base_model(
@@ -113,7 +193,8 @@ def build_base_model(
     """Builds the LoRA model of a store with its base weights loaded.
 
     Args:
-        store: The store directory.
+        store: The store directory or URL (``base.h5`` of an object store is
+            downloaded into the local cache once per version).
         model_name: Overrides the store's model (then ``base.json`` is optional).
         base_weights: Overrides the store's ``base.h5``.
         overrides: Config fields to change (e.g. ``nb_classes`` for an
@@ -127,7 +208,7 @@ def build_base_model(
         StoreError: If the store has no ``base.json`` and no model is named.
         BaseWeightsError: If named base weights do not exist or do not fit.
     """
-    if model_name is None or tf.io.gfile.exists(os.path.join(store, BASE_CONFIG)):
+    if model_name is None or _has_base_config(store):
         base = read_base_config(store)
     else:
         base = {"model": model_name, "config": {}, "lora": {}}
@@ -140,9 +221,40 @@ def build_base_model(
     model = create_model(base["model"], **{**config, **changed}, **lora)
     # A classifier of another width keeps its fresh weights (the adapter brings its own).
     skip = classifier_paths(model) if "nb_classes" in changed else None
-    weights = base_weights or os.path.join(store, BASE_WEIGHTS)
-    if tf.io.gfile.exists(weights) or tf.io.gfile.exists(weights + ".index"):
-        load_base_weights(model, weights, skip=skip)
+    local = _local_base_weights(base_weights or _join(store, BASE_WEIGHTS))
+    if local is not None:
+        load_base_weights(model, local, skip=skip)
     elif base_weights is not None:
         raise BaseWeightsError(f"Base weights {base_weights} not found.")
     return model, base
+
+
+def upload_store(local: str, url: str, overwrite: bool = False) -> list[str]:
+    """Copies a local store to object storage: ``base.h5``, then each adapter
+    (committed atomically, see :func:`lora_ckpt.state.object_store.upload_adapter`),
+    then ``base.json`` (which makes the prefix a store).
+
+    Args:
+        local: A local store directory.
+        url: Its destination, e.g. ``s3://bucket/store``.
+        overwrite: Replace adapters that already exist at ``url``.
+
+    Returns:
+        The names of the adapters uploaded.
+
+    Raises:
+        StoreError: If ``local`` is not a store, or the object store cannot be reached.
+        AdapterExistsError: If an adapter exists at ``url`` and not ``overwrite``.
+        CorruptAdapterError: If a local adapter fails its checks (nothing of it is uploaded).
+    """
+    if not os.path.isfile(os.path.join(local, BASE_CONFIG)):
+        raise StoreError(f"{local} is not an adapter store (no {BASE_CONFIG}).")
+    if os.path.isfile(os.path.join(local, BASE_WEIGHTS)):
+        object_store.upload_file(os.path.join(local, BASE_WEIGHTS), _join(url, BASE_WEIGHTS))
+    names = store_adapters(local)
+    for name in names:
+        object_store.upload_adapter(
+            adapter_path(local, name), adapter_path(url, name), overwrite=overwrite
+        )
+    object_store.upload_file(os.path.join(local, BASE_CONFIG), _join(url, BASE_CONFIG))
+    return names

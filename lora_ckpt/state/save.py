@@ -8,6 +8,7 @@ from .._tf import tf
 from ..errors import LoRAConfigError
 from ..selection import StateSelection, select_state
 from ..version import __version__
+from . import object_store
 from .atomic import check_writable, write_directory_atomically
 from .files import file_record
 from .fingerprint import base_fingerprint
@@ -73,7 +74,9 @@ def save_lora_state(
 
     Args:
         model: A built model with LoRA layers (not merged).
-        path: The adapter directory (local, ``ram://``, ``gs://``, ...).
+        path: The adapter directory (local, ``ram://``, ``gs://``, ...) or an
+            object-storage URL (``s3://bucket/...``, through s3fs: see
+            :mod:`lora_ckpt.state.object_store`), committed by one config write.
         include_bias: ``"none"``, ``"lora_only"`` or ``"all"``; defaults to
             the model's ``lora_train_bias``.
         extra_layers: Layers saved in full, by path, name or glob pattern
@@ -96,6 +99,7 @@ def save_lora_state(
             ``extra_layers`` pattern matches nothing.
         MergeStateError: If the model is merged.
         LoRAConfigError: For a bad bias mode or non-JSON metadata.
+        StoreError: For an ``s3://`` path the object store cannot be reached at.
     """
     path = str(path).rstrip("/")
     metadata = dict(metadata or {})
@@ -114,7 +118,8 @@ def save_lora_state(
     except TypeError as exc:
         raise LoRAConfigError(f"metadata must be JSON-serialisable: {exc}.") from exc
     selection = select_state(model, include_bias, extra_layers)
-    check_writable(path, overwrite)
+    remote = object_store.is_object_store(path)
+    (object_store.check_writable if remote else check_writable)(path, overwrite)
     config = build_config(model, selection, metadata)
     checkpoint = tf.train.Checkpoint(**{CHECKPOINT_ROOT: nest_variables(selection.variables)})
 
@@ -127,5 +132,11 @@ def save_lora_state(
         with tf.io.gfile.GFile(f"{directory}/{CONFIG_FILE}", "w") as handle:
             handle.write(config.to_json())
 
-    write_directory_atomically(path, write)
+    if remote:
+        # Saved locally the normal way, then uploaded: data first, the config last.
+        object_store.save_via_local(
+            path, lambda local: write_directory_atomically(local, write), overwrite
+        )
+    else:
+        write_directory_atomically(path, write)
     return path

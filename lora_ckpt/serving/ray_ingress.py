@@ -1,0 +1,304 @@
+"""The Ray Serve ingress: the single-process service's HTTP API in front of
+:class:`~lora_ckpt.serving.ray_replica.AdapterReplica` replicas.
+
+Requests are parsed here exactly as the single-process app parses them
+(:mod:`lora_ckpt.serving.http_common`, :mod:`lora_ckpt.serving.inputs`) and
+forwarded with ``handle.options(multiplexed_model_id=name)``, so Ray's router
+picks a replica that holds the adapter. A call that dies with its replica
+(killed, its node lost) is sent again, to another replica, a few times: a
+prediction has no side effect, so a retry cannot do harm.
+
+Endpoints are those of :mod:`lora_ckpt.serving.app`, plus ``GET /replicas``
+(each live replica: id, pid, node, resident adapters, loads and requests per
+adapter). Predictions carry the header ``x-lora-replica`` (the replica that
+answered). ``GET /adapters`` lists the union of what the replicas hold, and
+``"replicas"``: each replica's resident adapters.
+"""
+
+import asyncio
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .http_common import (
+    adapter_name,
+    answer,
+    error_parts,
+    error_response,
+    predict_image,
+    tfs_instances,
+    tfs_metadata,
+    tfs_status,
+)
+from .inputs import HTTPError, read_body
+from .pool import OFF
+from .store import store_adapters
+
+REPLICA_HEADER = "x-lora-replica"
+RETRIES = 4
+"""Attempts of one call when its replica dies under it."""
+
+
+def _escape(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+@serve.ingress()
+class LoRAIngress:
+    """The HTTP front of the Ray Serve application.
+
+    Args:
+        store: The adapter store (for ``GET /adapters``).
+        replica: A handle to the ``AdapterReplica`` deployment.
+        directory: A handle to the ``ReplicaDirectory`` deployment.
+        limits: ``max_body_bytes``, ``max_pixels``, ``request_timeout``,
+            ``max_instances``, ``top_k``, ``call_timeout`` (seconds a call to a
+            replica may take, loads included).
+    """
+
+    def __init__(self, store: str, replica, directory, limits: dict):
+        self.store = store
+        self.replica = replica
+        self.directory = directory
+        self.limits = dict(limits)
+        self._input_shape = None
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lora_requests", "Prediction requests", ["adapter", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "lora_request_latency_seconds",
+            "Prediction latency",
+            ["adapter"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "lora_replica_retries",
+            "Calls sent again after their replica died",
+            registry=self.registry,
+        )
+
+    # ---- calls to replicas ----------------------------------------------------------------
+
+    async def call(self, method: str, *args, model: str | None = None):
+        """Calls ``method`` on a replica (one holding adapter ``model``, if any),
+        again on another if the replica dies; error answers become HTTPError."""
+        handle = self.replica
+        if model and model != OFF:
+            handle = handle.options(multiplexed_model_id=model)
+        timeout = self.limits["call_timeout"]
+        for attempt in range(RETRIES):
+            try:
+                result = await asyncio.wait_for(
+                    _result(getattr(handle, method).remote(*args)), timeout
+                )
+                break
+            except RayActorError as exc:
+                if attempt == RETRIES - 1:
+                    raise HTTPError(
+                        503, "ReplicaUnavailable", f"No replica could answer; retry later ({exc})."
+                    ) from None
+                self.retries.inc()
+                await asyncio.sleep(0.5 * (attempt + 1))  # the router learns of the death
+            except asyncio.TimeoutError:
+                raise HTTPError(
+                    504, "Timeout", f"A replica did not answer within {timeout:g} s."
+                ) from None
+        if isinstance(result, dict) and "error" in result:
+            raise HTTPError(*result["error"])
+        return result
+
+    async def input_shape(self) -> list:
+        if self._input_shape is None:
+            self._input_shape = (await self.call("info"))["input_shape"]
+        return self._input_shape
+
+    async def replicas(self) -> list[dict]:
+        return await self.directory.replicas.remote()
+
+    # ---- the ASGI app ---------------------------------------------------------------------
+
+    def __serve_build_asgi_app__(self):
+        return build_ingress_app(self)
+
+
+async def _result(response):
+    return await response
+
+
+def build_ingress_app(ingress: LoRAIngress) -> Starlette:
+    """The Starlette app of the ingress (the routes of the single-process app)."""
+    limits = ingress.limits
+
+    def handle(endpoint):
+        async def wrapped(request: Request):
+            try:
+                return await endpoint(request)
+            except RayTaskError as exc:  # a replica's bug: its log has the traceback
+                return error_response(500, "InternalError", f"A replica failed: {exc!s:.300}")
+            except Exception as exc:
+                parts = error_parts(exc)
+                if parts is None:
+                    raise
+                return error_response(*parts)
+
+        return wrapped
+
+    async def body_of(request) -> bytes:
+        return await read_body(request, limits["max_body_bytes"], limits["request_timeout"])
+
+    async def observed(name: str, work):
+        started, status = time.perf_counter(), "error"
+        try:
+            result = await work
+            status = "ok"
+            return result
+        finally:
+            # A name becomes a label only once a replica served it: requests must not grow series.
+            label = name if status == "ok" else "_unknown"
+            ingress.requests.labels(adapter=label, status=status).inc()
+            ingress.latency.labels(adapter=label).observe(time.perf_counter() - started)
+
+    async def health(request):
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request):
+        replicas = await ingress.replicas()
+        if not replicas:
+            return JSONResponse(
+                {"ready": False, "reason": "no replica has loaded the base model yet"},
+                status_code=503,
+            )
+        return JSONResponse(
+            {
+                "ready": True,
+                "replicas": len(replicas),
+                "resident": sorted({n for r in replicas for n in r["resident"]}),
+                "failed": sorted({n for r in replicas for n in r["failed"]}),
+            }
+        )
+
+    async def adapters(request):
+        replicas = await ingress.replicas()
+        store = await asyncio.to_thread(store_adapters, ingress.store)
+        failed = {}
+        for replica in replicas:
+            failed.update(replica["failed"])
+        return JSONResponse(
+            {
+                "resident": sorted({n for r in replicas for n in r["resident"]}),
+                "store": store,
+                "failed": dict(sorted(failed.items())),
+                "active": OFF,
+                "merged": None,
+                "capacity": replicas[0]["capacity"] if replicas else None,
+                "replicas": {r["replica"]: r["resident"] for r in replicas},
+            }
+        )
+
+    async def replicas_endpoint(request):
+        return JSONResponse({"replicas": await ingress.replicas()})
+
+    async def load_adapter(request):
+        name = adapter_name(request)
+        return JSONResponse(await ingress.call("load", name, model=name))
+
+    async def unload_adapter(request):
+        name = adapter_name(request)
+        return JSONResponse(await ingress.call("unload", name, model=name))
+
+    async def predict(request):
+        name = adapter_name(request)
+        shape = await ingress.input_shape()
+        body = await body_of(request)
+        image = await predict_image(request, body, shape, limits["max_pixels"])
+        result = await observed(name, ingress.call("predict", name, image[None], model=name))
+        return JSONResponse(
+            answer(name, result["rows"][0], result["labels"], limits["top_k"]),
+            headers={REPLICA_HEADER: result["replica"]},
+        )
+
+    async def tfs_predict(request):
+        name = adapter_name(request)
+        shape = await ingress.input_shape()
+        images = tfs_instances(
+            await body_of(request), shape, limits["max_pixels"], limits["max_instances"]
+        )
+        result = await observed(name, ingress.call("predict", name, images, model=name))
+        return JSONResponse(
+            {"predictions": [row.tolist() for row in result["rows"]]},
+            headers={REPLICA_HEADER: result["replica"]},
+        )
+
+    async def known_adapter(name: str) -> None:
+        if name == OFF:
+            return
+        if name not in await asyncio.to_thread(store_adapters, ingress.store):
+            raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
+
+    async def tfs_status_endpoint(request):
+        name = adapter_name(request)
+        await known_adapter(name)
+        failed = {}
+        for replica in await ingress.replicas():
+            failed.update(replica["failed"])
+        return JSONResponse(tfs_status(failed.get(name)))
+
+    async def tfs_metadata_endpoint(request):
+        name = adapter_name(request)
+        await known_adapter(name)
+        meta = await ingress.call("metadata", name, model=name)
+        return JSONResponse(
+            tfs_metadata(name, meta["input_shape"], meta["classes"], meta["labels"])
+        )
+
+    async def metrics_endpoint(request):
+        lines = [generate_latest(ingress.registry).decode()]
+        replicas = await ingress.replicas()
+        # Per replica and adapter: which replica loaded (and served) which adapter.
+        for metric, key, text in (
+            ("lora_replica_adapter_loads", "loads", "Adapter loads per replica"),
+            ("lora_replica_requests", "requests", "Requests served per replica and adapter"),
+        ):
+            lines.append(f"# HELP {metric} {text}\n# TYPE {metric} gauge\n")
+            for replica in replicas:
+                for name, count in sorted(replica[key].items()):
+                    lines.append(
+                        f'{metric}{{replica="{_escape(replica["replica"])}",'
+                        f'adapter="{_escape(name)}"}} {count}\n'
+                    )
+        lines.append("# HELP lora_replicas Live replicas\n# TYPE lora_replicas gauge\n")
+        lines.append(f"lora_replicas {len(replicas)}\n")
+        return Response("".join(lines), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/health", handle(health)),
+        Route("/ready", handle(ready)),
+        Route("/replicas", handle(replicas_endpoint)),
+        Route("/adapters", handle(adapters)),
+        Route("/adapters/{name}", handle(load_adapter), methods=["POST"]),
+        Route("/adapters/{name}", handle(unload_adapter), methods=["DELETE"]),
+        Route("/predict/{name}", handle(predict), methods=["POST"]),
+        Route("/v1/models/{name}:predict", handle(tfs_predict), methods=["POST"]),
+        Route("/v1/models/{name}/metadata", handle(tfs_metadata_endpoint)),
+        Route("/v1/models/{name}", handle(tfs_status_endpoint)),
+        Route("/metrics", handle(metrics_endpoint)),
+    ]
+
+    async def http_exception(request, exc):  # unknown routes and methods, as JSON too
+        return error_response(exc.status_code, "HTTPError", str(exc.detail))
+
+    return Starlette(routes=routes, exception_handlers={StarletteHTTPException: http_exception})

@@ -1,0 +1,311 @@
+"""Adapter stores in S3-compatible object storage, against a real S3 server
+(moto's standalone server on 127.0.0.1): listed and loaded like local stores
+(bitwise the same answers), corrupted objects refused like corrupted files,
+saves committed atomically (config last), the local cache keyed by config hash.
+
+Slow: a server and TensorFlow models per module (about half a minute)."""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from lora_ckpt import AdapterPool, read_lora_state, save_lora_state
+from lora_ckpt.cli import main as cli_main
+from lora_ckpt.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    CorruptAdapterError,
+    StoreError,
+)
+from lora_ckpt.serving.store import (
+    adapter_path,
+    build_base_model,
+    store_adapters,
+    upload_store,
+)
+from lora_ckpt.state import object_store
+from lora_ckpt.state.format import CONFIG_FILE
+from tests.helpers.scale import images, make_tiny_store, moto_s3, vary
+
+pytestmark = pytest.mark.slow
+
+pytest.importorskip("s3fs", reason="needs the scale extra: pip install 'lora_ckpt[scale]'")
+pytest.importorskip("moto", reason="needs the scale extra: pip install 'lora_ckpt[scale]'")
+
+REMOTE = "s3://lora/store"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    saved = os.environ.get(object_store.CACHE_ENV)
+    os.environ[object_store.CACHE_ENV] = str(cache)
+    try:
+        with moto_s3() as env:
+            yield {"env": env, "cache": str(cache)}
+    finally:
+        if saved is None:
+            os.environ.pop(object_store.CACHE_ENV, None)
+        else:
+            os.environ[object_store.CACHE_ENV] = saved
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("store") / "store")
+    return {"path": path, "names": make_tiny_store(path)}
+
+
+@pytest.fixture(scope="module")
+def remote_store(s3, local_store):
+    assert upload_store(local_store["path"], REMOTE) == local_store["names"]
+    return REMOTE
+
+
+def _pool(store, names):
+    model, _ = build_base_model(store)
+    pool = AdapterPool(model, capacity=len(names))
+    for name in names:
+        pool.load(name, adapter_path(store, name))
+    return pool
+
+
+def _cli_json(*args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main([*args, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_uploaded_store_is_listed_and_answers_bitwise_like_the_local_one(local_store, remote_store):
+    names = local_store["names"]
+    assert store_adapters(remote_store) == names
+    listed = _cli_json("list", remote_store)
+    assert [a["name"] for a in listed] == names
+    local = {a["name"]: a for a in _cli_json("list", local_store["path"])}
+    for entry in listed:
+        assert entry["path"] == f"{remote_store}/adapters/{entry['name']}"
+        assert entry["num_parameters"] == local[entry["name"]]["num_parameters"]
+        assert entry["metadata"] == local[entry["name"]]["metadata"]
+    inspected = _cli_json("inspect", f"{remote_store}/adapters/{names[0]}")
+    assert inspected["base_fingerprint"] == local[names[0]]["base_fingerprint"]
+
+    local_pool, remote_pool = _pool(local_store["path"], names), _pool(remote_store, names)
+    x = images(4)
+    for name in [*names, "off"]:
+        np.testing.assert_array_equal(
+            remote_pool.predict(x, adapter=name), local_pool.predict(x, adapter=name)
+        )
+    mixed = [names[i % len(names)] for i in range(4)]
+    np.testing.assert_array_equal(
+        remote_pool.predict(x, adapters=mixed), local_pool.predict(x, adapters=mixed)
+    )
+    # The tensors themselves, read through the cache by the hardened loader.
+    remote_state = object_store.read_adapter(adapter_path(remote_store, names[1]))
+    local_state = read_lora_state(adapter_path(local_store["path"], names[1]))
+    assert remote_state.path == adapter_path(remote_store, names[1])
+    assert sorted(remote_state.tensors) == sorted(local_state.tensors)
+    for key, value in local_state.tensors.items():
+        np.testing.assert_array_equal(remote_state.tensors[key], value)
+
+
+def test_the_cache_is_keyed_by_the_config_hash_and_a_hit_downloads_nothing(
+    s3, remote_store, local_store, monkeypatch
+):
+    url = adapter_path(remote_store, local_store["names"][0])
+    local = object_store.fetch_adapter(url)
+    with open(os.path.join(local, CONFIG_FILE), "rb") as handle:
+        sha = hashlib.sha256(handle.read()).hexdigest()
+    assert local == os.path.join(s3["cache"], "adapters", sha, local_store["names"][0])
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a cache hit downloaded a checkpoint object")
+
+    monkeypatch.setattr(object_store, "_download_verified", no_download)
+    assert object_store.fetch_adapter(url) == local
+
+    # The base weights are cached too, once per object version.
+    base = object_store.fetch_file(f"{remote_store}/base.h5")
+    assert base.startswith(os.path.join(s3["cache"], "files"))
+    monkeypatch.setattr(
+        object_store.filesystem().__class__,
+        "get_file",
+        lambda *a, **k: pytest.fail("a cached base.h5 was downloaded again"),
+    )
+    assert object_store.fetch_file(f"{remote_store}/base.h5") == base
+
+
+def _corrupt(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "emptied", "larger", "bad config"])
+def test_a_corrupted_object_is_refused_like_a_corrupted_file(
+    s3, local_store, remote_store, tmp_path, damage
+):
+    name = local_store["names"][2]
+    source = adapter_path(local_store["path"], name)
+    # The same damage to a local copy and to an uploaded copy.
+    local_copy = str(tmp_path / name)
+    shutil.copytree(source, local_copy)
+    url = f"s3://lora/damaged-{damage.replace(' ', '-')}/{name}"
+    object_store.upload_adapter(source, url)
+    remote_config = json.loads(object_store.read_adapter_config(url))
+    data_name = next(n for n in remote_config["checkpoint"]["files"] if ".data-" in n)
+    local_data_name = next(n for n in os.listdir(local_copy) if ".data-" in n)
+    if damage == "bad config":
+        target, local_target, change = CONFIG_FILE, CONFIG_FILE, lambda d: d[: len(d) // 2]
+    else:
+        target, local_target = data_name, local_data_name
+        change = {
+            "flipped byte": _corrupt,
+            "truncated": lambda d: d[:-8],
+            "emptied": lambda d: b"",
+            "larger": lambda d: d + b"\0" * 64,
+        }[damage]
+    remote_bytes = object_store.read_object(f"{url}/{target}", 1 << 20)
+    object_store.write_object(f"{url}/{target}", change(remote_bytes))
+    with open(os.path.join(local_copy, local_target), "rb") as handle:
+        local_bytes = handle.read()
+    with open(os.path.join(local_copy, local_target), "wb") as handle:
+        handle.write(change(local_bytes))
+
+    with pytest.raises(CorruptAdapterError):
+        read_lora_state(local_copy)
+    with pytest.raises(CorruptAdapterError):
+        object_store.read_adapter(url)
+    # Nothing of a refused download stays in the cache.
+    config_sha = hashlib.sha256(object_store.read_adapter_config(url)).hexdigest()
+    assert not os.path.exists(os.path.join(s3["cache"], "adapters", config_sha))
+    # And a pool refuses it the same way, keeping its resident adapters.
+    model, _ = build_base_model(remote_store)
+    pool = AdapterPool(model, capacity=2)
+    pool.load("good", adapter_path(remote_store, local_store["names"][0]))
+    with pytest.raises(CorruptAdapterError):
+        pool.load("bad", url)
+    assert pool.names() == ["good"]
+
+
+def test_missing_adapters_and_stores_say_so(s3, remote_store):
+    with pytest.raises(AdapterNotFoundError):
+        object_store.read_adapter(f"{remote_store}/adapters/nope")
+    with pytest.raises(StoreError, match="not an adapter store"):
+        build_base_model("s3://lora/no-store-here")
+    assert store_adapters("s3://lora/no-store-here") == []
+    with pytest.raises(AdapterNotFoundError):
+        object_store.read_adapter_config("s3://no-such-bucket-anywhere/a")
+
+
+def test_an_unreachable_store_says_what_to_check(s3, monkeypatch):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="AWS_ENDPOINT_URL"):
+        store_adapters("s3://lora/store")
+    assert time.monotonic() - started < 60
+
+
+def test_a_cache_copy_changed_on_disk_is_downloaded_again(local_store, remote_store):
+    url = adapter_path(remote_store, local_store["names"][1])
+    local = object_store.fetch_adapter(url)
+    data = next(n for n in os.listdir(local) if ".data-" in n)
+    with open(os.path.join(local, data), "r+b") as handle:
+        handle.write(b"\xff\xff\xff\xff")
+    state = object_store.read_adapter(url)  # refused from the cache, then fetched again
+    expected = read_lora_state(adapter_path(local_store["path"], local_store["names"][1]))
+    for key, value in expected.tensors.items():
+        np.testing.assert_array_equal(state.tensors[key], value)
+
+
+def _tensors(url):
+    return object_store.read_adapter(url).tensors
+
+
+def test_save_to_s3_commits_atomically(s3, remote_store, monkeypatch):
+    model, _ = build_base_model(remote_store)
+    url = "s3://lora/saves/task"
+    vary(model, 1)
+    save_lora_state(model, url, metadata={"version": 1})
+    first = _tensors(url)
+    with pytest.raises(AdapterExistsError):
+        save_lora_state(model, url)
+
+    # A failure after the new checkpoint is uploaded, before the config (the commit).
+    vary(model, 2)
+
+    def fail(*args):
+        raise OSError("connection lost before the commit")
+
+    monkeypatch.setattr(object_store, "_commit_config", fail)
+    with pytest.raises(OSError, match="before the commit"):
+        save_lora_state(model, url, overwrite=True, metadata={"version": 2})
+    monkeypatch.undo()
+    files = object_store.list_tree(url)
+    assert len(files) == 5  # the old checkpoint, its config, and the uncommitted checkpoint
+    assert json.loads(object_store.read_adapter_config(url))["metadata"] == {"version": 1}
+    for key, value in _tensors(url).items():
+        np.testing.assert_array_equal(value, first[key])
+
+    # The next save commits, and removes the old and the orphaned files.
+    save_lora_state(model, url, overwrite=True, metadata={"version": 2})
+    config = json.loads(object_store.read_adapter_config(url))
+    assert config["metadata"] == {"version": 2}
+    assert sorted(object_store.list_tree(url)) == sorted(
+        [CONFIG_FILE, *config["checkpoint"]["files"]]
+    )
+    second = _tensors(url)
+    changed = [k for k in second if not np.array_equal(second[k], first[k])]
+    assert changed, "the second save holds other values"
+
+
+def test_garbage_of_killed_saves_is_collected(s3, local_store):
+    url = "s3://lora/gc/adapters/task"
+    object_store.upload_adapter(adapter_path(local_store["path"], local_store["names"][0]), url)
+    orphan = f"{url}/adapter-0123456789abcdef.index"
+    object_store.write_object(orphan, b"left by a killed save")
+    assert cli_main(["gc", "s3://lora/gc"]) == 0
+    assert orphan.rsplit("/", 1)[1] not in object_store.list_tree(url)
+    assert len(object_store.list_tree(url)) == 3
+    object_store.read_adapter(url)  # still whole
+
+
+def test_the_single_process_service_serves_an_s3_store(local_store, remote_store):
+    import asyncio
+
+    import httpx
+
+    from lora_ckpt.serving.app import create_app
+
+    reference = _pool(local_store["path"], local_store["names"])
+    x = images(2, seed=3)
+    app = create_app(remote_store, capacity=3)
+
+    async def drive():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            for _ in range(600):
+                if (await client.get("/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await client.get("/adapters")).json()["store"] == local_store["names"]
+            for name in local_store["names"]:
+                expected = reference.predict(x, adapter=name)
+                for image, want in zip(x, expected, strict=True):
+                    response = await client.post(
+                        f"/predict/{name}", json={"tensor": image.tolist()}
+                    )
+                    assert response.status_code == 200, response.text
+                    logits = response.json()["logits"]
+                    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+    asyncio.run(drive())
