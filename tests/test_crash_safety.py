@@ -164,7 +164,13 @@ def test_failure_at_every_step_leaves_old_or_new_adapter(
         fill_version(model, NEW)
         before = [v.numpy().copy() for v in model.weights]
         faults = Faults(fail_at=k, crash=mode == "crash")
-        with monkeypatch.context() as patch, pytest.raises(InjectedFault):
+        # Removing leftovers after the commit may fail without failing the save
+        # (a warning says `lora-ckpt gc` will); every other failure raises.
+        cleanup = k > commit and name in ("gfile.rmtree", "gfile.remove")
+        expectation = (
+            pytest.warns(UserWarning, match="gc") if cleanup else pytest.raises(InjectedFault)
+        )
+        with monkeypatch.context() as patch, expectation:
             faults.install(patch)
             lora_ckpt.save_lora_state(model, path, overwrite=True, metadata={"version": NEW})
         for var, value in zip(model.weights, before, strict=True):
@@ -183,11 +189,6 @@ def test_failure_at_every_step_leaves_old_or_new_adapter(
         assert listed(parent) == ([] if version is None else ["adapter"]), (k, name)
 
         # A retried save repairs whatever the failure left, leftovers included.
-        # (Not after a crash on ram://, which dies with its process anyway:
-        # TensorFlow's RAM file system lists a leftover NAME.tmp-<id> as a
-        # file ".tmp-<id>" of NAME, and the save refuses it as foreign.)
-        if storage == "ram" and mode == "crash":
-            continue
         save(model, path, NEW)
         assert read_version(path) == NEW
         assert sorted(n.rstrip("/") for n in tf.io.gfile.listdir(parent)) == ["adapter"]

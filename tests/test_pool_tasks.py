@@ -215,6 +215,7 @@ def test_unloaded_slots_are_cleared(tasks):
     assert _slot_states(pool) == ["free", "free"]
 
 
+@pytest.mark.slow
 def test_pool_under_mixed_float16(tasks):
     reference = tasks["reference"]["head5"]
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
@@ -295,6 +296,7 @@ def test_routing_of_one_pool_does_not_reach_another_models_layers(conv_adapters)
     assert_close(routed_a, conv_adapters["reference"]["c0"])
 
 
+@pytest.mark.slow
 def test_threads_with_loads_unloads_and_merges_never_lose_a_slot(conv_adapters):
     """8 threads x 200 operations at capacity 3: requests (single and mixed),
     loads, unloads, merges. Every answer matches its adapter; no slot is lost."""

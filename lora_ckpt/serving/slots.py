@@ -222,7 +222,8 @@ class LoRASlots:
         if not self.is_dense:
             base = layer.base_op(x, layer.kernel)
             return grouped_by_slot(x, slot_ids, self.uniform_update, base)
-        rows = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
+        # self.a_shape[0] is static even where x.shape[-1] is not (ViT attention).
+        rows = tf.reshape(x, [tf.shape(x)[0], -1, self.a_shape[0]])
         b = tf.gather(self.b, slot_ids) * tf.gather(self.scale, slot_ids)[:, None, None]
         a = tf.gather(self.a, slot_ids)
         if self._prefers_kernel(x, 1):
@@ -327,7 +328,7 @@ class FullLayerSlots:
             if routing.shape.rank == 0:
                 y = matmul_last_axis(x, tf.cast(kernel, x.dtype))
             else:
-                rows = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
+                rows = tf.reshape(x, [tf.shape(x)[0], -1, layer.kernel.shape[0]])
                 y = tf.matmul(rows, tf.cast(kernel, x.dtype))
                 y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.width]], 0))
             if layer.use_bias:

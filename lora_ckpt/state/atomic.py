@@ -24,6 +24,7 @@ at a time.
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Callable
 
 from .._tf import tf
@@ -39,6 +40,31 @@ _CHECKPOINT_FILE = re.compile(r"adapter(-[0-9a-f]{8,32})?\.(index|data-00000-of-
 def is_adapter_file(name: str) -> bool:
     """Whether ``name`` is a file an adapter directory may hold."""
     return name == CONFIG_FILE or bool(_CHECKPOINT_FILE.fullmatch(name))
+
+
+def _children(path: str) -> list[str]:
+    """Names inside directory ``path``.
+
+    TensorFlow's RAM file system also lists siblings that merely start with
+    the same name (``NAME.tmp-<id>`` shows up as ``.tmp-<id>`` in ``NAME``):
+    off local disks only names that exist inside ``path`` count.
+    """
+    names = [n.rstrip("/") for n in _gfile.listdir(path)]
+    if is_local(path):
+        return names
+    return [n for n in names if _gfile.exists(f"{path}/{n}")]
+
+
+def _clean_up(action: Callable, target: str) -> None:
+    """Removes a leftover after the commit; a failure does not undo the save."""
+    try:
+        action(target)
+    except (OSError, tf.errors.OpError) as exc:
+        warnings.warn(
+            f"The adapter was saved, but removing {target} failed ({exc}); "
+            "`lora-ckpt gc` removes it later.",
+            stacklevel=4,
+        )
 
 
 def _fsync_tree(directory: str) -> None:
@@ -103,22 +129,22 @@ def _commit_local(tmp: str, path: str) -> None:
         old = f"{path}.old-{uuid.uuid4().hex[:8]}"
         os.rename(path, old)
     os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))  # the commit, made durable
     if old is not None:
-        _gfile.rmtree(old)
+        _clean_up(_gfile.rmtree, old)
 
 
 def _commit_by_files(tmp: str, path: str) -> None:
     _gfile.makedirs(path)
-    old_files = [n for n in _gfile.listdir(path) if is_adapter_file(n) and n != CONFIG_FILE]
-    for name in sorted(_gfile.listdir(tmp)):
+    old_files = [n for n in _children(path) if is_adapter_file(n) and n != CONFIG_FILE]
+    for name in sorted(_children(tmp)):
         if name != CONFIG_FILE:  # fresh names: the old adapter stays whole
             _gfile.rename(f"{tmp}/{name}", f"{path}/{name}", overwrite=True)
     # The commit: one object replaced. Before it the old adapter, after it the new.
     _gfile.rename(f"{tmp}/{CONFIG_FILE}", f"{path}/{CONFIG_FILE}", overwrite=True)
     for name in old_files:
-        _gfile.remove(f"{path}/{name}")
-    _gfile.rmtree(tmp)
+        _clean_up(_gfile.remove, f"{path}/{name}")
+    _clean_up(_gfile.rmtree, tmp)
 
 
 def check_writable(path: str, overwrite: bool) -> None:
@@ -140,9 +166,7 @@ def check_writable(path: str, overwrite: bool) -> None:
         return
     if not _gfile.isdir(path):
         raise AdapterExistsError(f"{path} exists and is not a directory; choose another path.")
-    foreign = sorted(
-        n.rstrip("/") for n in _gfile.listdir(path) if not is_adapter_file(n.rstrip("/"))
-    )
+    foreign = sorted(n for n in _children(path) if not is_adapter_file(n))
     if foreign:
         raise AdapterExistsError(
             f"{path} holds files that are not part of an adapter ({foreign[:5]}); "
@@ -209,7 +233,7 @@ def collect_garbage(directory: str) -> list[str]:
             _, config = read_config(path)
         except LoRAError:
             continue  # a broken adapter is the user's to inspect and delete
-        for file_name in _gfile.listdir(path):
+        for file_name in _children(path):
             if (
                 is_adapter_file(file_name)
                 and file_name != CONFIG_FILE
