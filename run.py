@@ -24,9 +24,21 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".lora_ckpt-install-stamp"
+
+
 # tfimm's metadata says Python < 3.11, but it is pure Python and works on 3.11
 # with TF 2.21 + tf_keras: it is installed on its own, ignoring that bound.
-TFIMM = "tfimm==0.2.14"
+def _tfimm_requirement() -> str:
+    """The tfimm pin, read from setup.cfg: the one place it is written."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    requirements = config["options"]["install_requires"].splitlines()
+    return next(r.strip() for r in requirements if r.strip().startswith("tfimm"))
+
+
+TFIMM = _tfimm_requirement()
 
 # Each command is one or more steps; extra arguments go to every step.
 COMMANDS = {
