@@ -124,6 +124,7 @@ def test_tf_serving_predict_with_three_instances_equals_predict(server, store):
         np.testing.assert_allclose(predictions[i], single, rtol=1e-5, atol=1e-6)
     status = httpx.get(f"{server.url}/v1/models/good", timeout=10).json()
     assert status["model_version_status"][0]["state"] == "AVAILABLE"
+    assert predict(server, "nan", x[0]).status_code == 422  # a load was tried and failed
     broken = httpx.get(f"{server.url}/v1/models/nan", timeout=10).json()
     assert broken["model_version_status"][0]["state"] == "END"
     metadata = httpx.get(f"{server.url}/v1/models/labelled/metadata", timeout=30).json()["metadata"]

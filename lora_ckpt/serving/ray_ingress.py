@@ -28,7 +28,6 @@ from prometheus_client import (
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -39,6 +38,7 @@ from .http_common import (
     error_parts,
     error_response,
     predict_image,
+    service_app,
     tfs_instances,
     tfs_metadata,
     tfs_status,
@@ -284,21 +284,16 @@ def build_ingress_app(ingress: LoRAIngress) -> Starlette:
         lines.append(f"lora_replicas {len(replicas)}\n")
         return Response("".join(lines), media_type=CONTENT_TYPE_LATEST)
 
-    routes = [
-        Route("/health", handle(health)),
-        Route("/ready", handle(ready)),
-        Route("/replicas", handle(replicas_endpoint)),
-        Route("/adapters", handle(adapters)),
-        Route("/adapters/{name}", handle(load_adapter), methods=["POST"]),
-        Route("/adapters/{name}", handle(unload_adapter), methods=["DELETE"]),
-        Route("/predict/{name}", handle(predict), methods=["POST"]),
-        Route("/v1/models/{name}:predict", handle(tfs_predict), methods=["POST"]),
-        Route("/v1/models/{name}/metadata", handle(tfs_metadata_endpoint)),
-        Route("/v1/models/{name}", handle(tfs_status_endpoint)),
-        Route("/metrics", handle(metrics_endpoint)),
-    ]
-
-    async def http_exception(request, exc):  # unknown routes and methods, as JSON too
-        return error_response(exc.status_code, "HTTPError", str(exc.detail))
-
-    return Starlette(routes=routes, exception_handlers={StarletteHTTPException: http_exception})
+    endpoints = {
+        "health": health,
+        "ready": ready,
+        "adapters": adapters,
+        "load_adapter": load_adapter,
+        "unload_adapter": unload_adapter,
+        "predict": predict,
+        "tfs_predict": tfs_predict,
+        "tfs_metadata": tfs_metadata_endpoint,
+        "tfs_status": tfs_status_endpoint,
+        "metrics": metrics_endpoint,
+    }
+    return service_app(handle, endpoints, (Route("/replicas", handle(replicas_endpoint)),))
