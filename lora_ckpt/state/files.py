@@ -64,6 +64,17 @@ def _committed(path: str) -> bool:
     return False
 
 
+def _previous_version(candidate: str) -> bool:
+    """Whether ``candidate`` is a complete adapter a save's rename left: a real
+    directory (never a symlink to some other adapter) holding a committed config."""
+    try:
+        if not stat.S_ISDIR(os.lstat(candidate).st_mode):
+            return False
+    except OSError:
+        return False
+    return _committed(candidate)
+
+
 def resolve_adapter(path: str) -> str:
     """The directory to read the adapter at ``path`` from.
 
@@ -79,11 +90,12 @@ def resolve_adapter(path: str) -> str:
         return path
     if is_local(path):
         parent, name = os.path.split(os.path.abspath(path))
+        olds = []
         with contextlib.suppress(OSError):
             olds = sorted(n for n in os.listdir(parent) if n.startswith(f"{name}.old-"))
-            for old in olds:
-                if _committed(os.path.join(parent, old)):
-                    return os.path.join(parent, old)
+        for old in olds:
+            if _previous_version(os.path.join(parent, old)):
+                return os.path.join(parent, old)
     if not _gfile.exists(path):
         raise AdapterNotFoundError(f"No adapter at {path}: the directory does not exist.")
     raise AdapterNotFoundError(
@@ -115,11 +127,25 @@ def _read_local(file_path: str, limit: int) -> bytes:
     except OSError as exc:
         raise CorruptAdapterError(f"Cannot open {file_path}: {exc}.") from exc
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
             raise CorruptAdapterError(f"{file_path} is not a regular file.")
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise CorruptAdapterError(f"{file_path} grew beyond the {limit} bytes expected.")
+        if info.st_size > limit:
+            raise CorruptAdapterError(
+                f"{file_path} has {info.st_size} bytes, more than the {limit} expected."
+            )
+        # Never ask for more than the file holds: ``limit`` comes from the config
+        # and may be any integer (read(10**12) allocates, read(10**30) overflows).
+        data = handle.read(info.st_size + 1)
+    return _same_size(file_path, data, info.st_size)
+
+
+def _same_size(file_path: str, data: bytes, size: int) -> bytes:
+    if len(data) != size:
+        raise CorruptAdapterError(
+            f"{file_path} changed while it was read ({size} bytes, then {len(data)}); "
+            "read the adapter again once its writer is done."
+        )
     return data
 
 
@@ -127,17 +153,16 @@ def _read_remote(file_path: str, limit: int) -> bytes:
     try:
         if _gfile.isdir(file_path):
             raise CorruptAdapterError(f"{file_path} is a directory, not a file.")
-        if _gfile.stat(file_path).length > limit:
+        size = _gfile.stat(file_path).length
+        if size > limit:
             raise CorruptAdapterError(f"{file_path} is larger than the {limit} bytes expected.")
         with _gfile.GFile(file_path, "rb") as handle:
-            data = handle.read(limit + 1)
+            data = handle.read(size + 1)  # never more than the file holds (see _read_local)
     except tf.errors.NotFoundError:
         raise CorruptAdapterError(f"{file_path} is missing.") from None
     except tf.errors.OpError as exc:
         raise CorruptAdapterError(f"Cannot read {file_path}: {exc.message}") from exc
-    if len(data) > limit:
-        raise CorruptAdapterError(f"{file_path} grew beyond the {limit} bytes expected.")
-    return data
+    return _same_size(file_path, data, size)
 
 
 def read_bounded(directory: str, name: str, limit: int) -> bytes:
@@ -212,8 +237,12 @@ def checkpoint_reader(files: dict[str, bytes], prefix: str):
                 handle.write(data)
         try:
             reader = tf.compat.v1.train.NewCheckpointReader(f"{scratch}/{prefix}")
-        except (tf.errors.OpError, RuntimeError, ValueError) as exc:
-            raise CorruptAdapterError(f"The checkpoint cannot be parsed: {exc}") from exc
+        # TensorFlow's status codes arrive as OpError, RuntimeError, ValueError
+        # (INVALID_ARGUMENT) or a bare IndexError (OUT_OF_RANGE, from a damaged index).
+        except (tf.errors.OpError, RuntimeError, ValueError, IndexError) as exc:
+            raise CorruptAdapterError(
+                f"The checkpoint cannot be parsed: {type(exc).__name__} {exc!s:.300}"
+            ) from exc
         yield reader
     finally:
         with contextlib.suppress(tf.errors.OpError):

@@ -127,7 +127,13 @@ class _Fields:
         value = self.get(name, (int, float))
         if value <= 0:
             raise CorruptAdapterError(f"{self.where}.{name} must be positive, got {value}.")
-        return value
+        try:
+            return float(value)
+        except OverflowError:  # an integer literal beyond any float, such as 10**400
+            raise CorruptAdapterError(
+                f"{self.where}.{name} is out of range, got {str(value)[:20]}... "
+                f"({len(str(value))} digits)."
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -363,7 +369,9 @@ def _inconsistency(config: AdapterConfig) -> str:
             return f"layer {layer_path} has rank {layer.rank} and tensors A{list(a.shape)}, B{list(b.shape)}"
         if a.shape[-1] != layer.rank or b.shape[0] != layer.rank:
             return f"layer {layer_path} records rank {layer.rank}, its tensors are A{list(a.shape)}, B{list(b.shape)}"
-        if not math.isclose(layer.scaling, layer.alpha / layer.rank, rel_tol=1e-6):
+        # Exactly: a save writes alpha / rank, and a pool serves the recorded scaling
+        # (a tolerance would let an edited last digit change every output).
+        if layer.scaling != layer.alpha / layer.rank:
             return f"layer {layer_path} records scaling {layer.scaling}, alpha / rank is {layer.alpha / layer.rank}"
     lora_layers = {key.rsplit("/", 1)[0] for key, v in config.variables.items() if v.kind == "lora"}
     if lora_layers - set(config.layers):
@@ -387,8 +395,8 @@ def _layer(fields: _Fields) -> LayerRecord:
     return LayerRecord(
         type=fields.get("type", str),
         rank=fields.count("rank"),
-        alpha=float(fields.positive("alpha")),
-        scaling=float(fields.positive("scaling")),
+        alpha=fields.positive("alpha"),
+        scaling=fields.positive("scaling"),
     )
 
 

@@ -1,7 +1,7 @@
 """Summaries of adapters on disk, for listings and the CLI."""
 
 from .._tf import tf
-from ..errors import LoRAError
+from ..errors import AdapterNotFoundError, LoRAError
 from .files import is_work_directory
 from .format import CONFIG_FILE
 from .load import read_config
@@ -71,6 +71,8 @@ def list_adapters(directory: str) -> list[dict]:
             if name not in recoverable and not tf.io.gfile.exists(f"{path}/{CONFIG_FILE}"):
                 continue
             summary = inspect_adapter(path)
+        except AdapterNotFoundError:
+            continue  # a NAME.old-* leftover with no committed adapter to recover
         except LoRAError as exc:
             summary = {"path": path, "error": str(exc)}
         except tf.errors.OpError as exc:

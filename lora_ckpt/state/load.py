@@ -91,7 +91,7 @@ def read_lora_state(path: str) -> AdapterState:
     with checkpoint_reader(files, config.checkpoint_prefix) as reader:
         try:
             return AdapterState(path, config, _read_tensors(reader, config, path))
-        except (tf.errors.OpError, ValueError, TypeError, IndexError) as exc:
+        except (tf.errors.OpError, RuntimeError, ValueError, TypeError, IndexError) as exc:
             raise CorruptAdapterError(
                 f"The checkpoint of {path} cannot be read: {exc!s:.300}"
             ) from exc
