@@ -250,3 +250,18 @@ def test_killed_save_leaves_previous_or_next_version(tmp_path, after_versions):
     model = build_model()
     save(model, path, 1000)  # the next save replaces whatever the kill left
     assert read_version(path) == 1000
+
+
+def test_leftover_symlinks_are_unlinked_never_followed(tmp_path):
+    """A NAME.tmp-*/NAME.old-* symlink to another adapter: the next save and gc
+    remove the link, and the adapter it points to stays whole."""
+    model = build_model(width=8, rank=2)
+    save(model, str(tmp_path / "kept"), OLD)
+    save(model, str(tmp_path / "other"), OLD)
+    for leftover in ("other.old-1234abcd", "other.tmp-5678abcd", "ghost.tmp-9999abcd"):
+        os.symlink(tmp_path / "kept", tmp_path / leftover)
+    save(model, str(tmp_path / "other"), NEW)
+    assert atomic.collect_garbage(str(tmp_path)) == [str(tmp_path / "ghost.tmp-9999abcd")]
+    assert sorted(os.listdir(tmp_path)) == ["kept", "other"]
+    assert read_version(str(tmp_path / "kept")) == OLD
+    assert read_version(str(tmp_path / "other")) == NEW

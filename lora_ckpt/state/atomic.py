@@ -103,15 +103,23 @@ def _recover_and_clean(path: str, keep: str = "") -> list[str]:
     if is_local(path) and not _gfile.exists(f"{path}/{CONFIG_FILE}"):
         current = resolve_adapter_or_none(path)
         if current is not None and current != path:
-            if _gfile.exists(path):
-                _gfile.rmtree(path)  # an uncommitted directory in the way
+            if os.path.lexists(path):
+                _remove(path)  # an uncommitted directory in the way
             os.rename(current, path)
             touched.append(current)
     for work in _siblings(path, ".tmp-") + _siblings(path, ".old-"):
         if work != keep:
-            _gfile.rmtree(work)
+            _remove(work)
             touched.append(work)
     return touched
+
+
+def _remove(path: str) -> None:
+    """Removes a leftover: a symlink (or file) itself, never what it points to."""
+    if is_local(path) and (os.path.islink(path) or not os.path.isdir(path)):
+        os.unlink(path)  # rmtree would follow a link into another adapter
+    else:
+        _gfile.rmtree(path)
 
 
 def resolve_adapter_or_none(path: str) -> str | None:
