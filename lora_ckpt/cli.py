@@ -106,9 +106,8 @@ def _human_size(size: int) -> str:
 
 def _inspect(args) -> int:
     from .state import inspect_adapter
-    from .state.object_store import inspect_remote_adapter, is_object_store
 
-    info = (inspect_remote_adapter if is_object_store(args.path) else inspect_adapter)(args.path)
+    info = inspect_adapter(args.path)  # a directory or an s3:// URL
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -137,10 +136,10 @@ def _inspect(args) -> int:
 def _list(args) -> int:
     from .errors import StoreError
     from .state import list_adapters
-    from .state.object_store import adapters_root, is_object_store, list_remote_adapters
+    from .state.object_store import adapters_root, is_object_store
 
     if is_object_store(args.store):
-        adapters = list_remote_adapters(adapters_root(args.store))
+        adapters = list_adapters(adapters_root(args.store))
     else:
         if not os.path.isdir(args.store):
             raise StoreError(f"{args.store} is not a directory of adapters or a store.")

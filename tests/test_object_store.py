@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from lora_ckpt import AdapterPool, read_lora_state, save_lora_state
+from lora_ckpt import AdapterPool, inspect_adapter, read_lora_state, save_lora_state
 from lora_ckpt.cli import main as cli_main
 from lora_ckpt.errors import (
     AdapterExistsError,
@@ -108,8 +108,12 @@ def test_uploaded_store_is_listed_and_answers_bitwise_like_the_local_one(local_s
     np.testing.assert_array_equal(
         remote_pool.predict(x, adapters=mixed), local_pool.predict(x, adapters=mixed)
     )
-    # The tensors themselves, read through the cache by the hardened loader.
-    remote_state = object_store.read_adapter(adapter_path(remote_store, names[1]))
+    # The tensors themselves, read through the cache by the hardened loader:
+    # the public read_lora_state and inspect_adapter take the URL as they are.
+    remote_state = read_lora_state(adapter_path(remote_store, names[1]))
+    assert inspect_adapter(adapter_path(remote_store, names[1]))["path"] == (
+        adapter_path(remote_store, names[1])
+    )
     local_state = read_lora_state(adapter_path(local_store["path"], names[1]))
     assert remote_state.path == adapter_path(remote_store, names[1])
     assert sorted(remote_state.tensors) == sorted(local_state.tensors)

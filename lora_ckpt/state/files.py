@@ -31,6 +31,15 @@ WORK_MARKERS = (".tmp-", ".old-")
 _gfile = tf.io.gfile
 
 
+OBJECT_STORE_SCHEMES = ("s3://",)
+"""URLs read through fsspec/s3fs and a local cache (lora_ckpt.state.object_store)."""
+
+
+def is_object_store(path) -> bool:
+    """Whether ``path`` is an object-storage URL (``s3://bucket/key``)."""
+    return isinstance(path, str) and path.startswith(OBJECT_STORE_SCHEMES)
+
+
 def is_local(path: str) -> bool:
     """Whether ``path`` is a plain local path (no ``scheme://``)."""
     return "://" not in path

@@ -2,7 +2,7 @@
 
 from .._tf import tf
 from ..errors import AdapterNotFoundError, LoRAError
-from .files import is_work_directory
+from .files import is_object_store, is_work_directory
 from .format import CONFIG_FILE
 from .load import read_config
 
@@ -23,6 +23,10 @@ def inspect_adapter(path: str) -> dict:
         AdapterNotFoundError, CorruptAdapterError, AdapterVersionError: As
             :func:`read_config`.
     """
+    if is_object_store(path):
+        from .object_store import inspect_remote_adapter  # it inspects through here
+
+        return inspect_remote_adapter(path)
     path = str(path).rstrip("/")
     _, config = read_config(path)
     document = config.to_dict()
@@ -58,6 +62,10 @@ def list_adapters(directory: str) -> list[dict]:
         One :func:`inspect_adapter` summary per adapter (with ``name``), or
         ``{"name", "path", "error"}`` for a broken one, sorted by name.
     """
+    if is_object_store(directory):
+        from .object_store import list_remote_adapters
+
+        return list_remote_adapters(directory)
     directory = str(directory).rstrip("/")
     if not tf.io.gfile.isdir(directory):
         return []

@@ -11,6 +11,7 @@ from .compiled import assign_all
 from .files import (
     MAX_CONFIG_BYTES,
     checkpoint_reader,
+    is_object_store,
     read_bounded,
     read_verified,
     resolve_adapter,
@@ -85,6 +86,10 @@ def read_lora_state(path: str) -> AdapterState:
             the checkpoint disagrees with the config, or a tensor holds NaN/Inf.
         AdapterVersionError: For an unknown format version.
     """
+    if is_object_store(path):
+        from .object_store import read_adapter  # it reads its cached copy through here
+
+        return read_adapter(path)
     directory, config = read_config(path)
     path = str(path).rstrip("/")
     files = {name: read_verified(directory, name, record) for name, record in config.files.items()}

@@ -43,13 +43,18 @@ from ..errors import (
     StoreError,
 )
 from .atomic import is_adapter_file
-from .files import MAX_CONFIG_BYTES, check_file_name, is_work_directory, read_verified
+from .files import (
+    MAX_CONFIG_BYTES,
+    check_file_name,
+    is_object_store,
+    is_work_directory,
+    read_verified,
+)
 from .format import CONFIG_FILE, AdapterConfig, checkpoint_files
 from .load import AdapterState, read_config, read_lora_state
 
 log = logging.getLogger("lora_ckpt.object_store")
 
-SCHEMES = ("s3://",)
 """URL schemes served from object storage."""
 
 CACHE_ENV = "LORA_CKPT_CACHE_DIR"
@@ -67,11 +72,6 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class _MissingFile(Exception):
     """A checkpoint object named by the config is gone (maybe replaced by a newer save)."""
-
-
-def is_object_store(path) -> bool:
-    """Whether ``path`` is an object-storage URL (``s3://bucket/key``)."""
-    return isinstance(path, str) and path.startswith(SCHEMES)
 
 
 def join(url: str, *parts: str) -> str:
