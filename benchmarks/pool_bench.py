@@ -207,9 +207,7 @@ def run(name, config, ranks, batch, repeat, capacity):
 
 def slot_bytes_per_adapter(pool) -> int:
     """Bytes one slot takes in every layer's slot storage (LoRA and full layers)."""
-    variables = [
-        v for s in pool._lora.values() for v in (s.a, s.b, s.scale, s.bias) if v is not None
-    ]
+    variables = [v for s in pool._lora.values() for v in s.slot_variables]
     variables += [v for s in pool._full.values() for v in s.slots.values()]
     return sum(v.shape[1:].num_elements() * v.dtype.size for v in variables)
 

@@ -134,7 +134,7 @@ def _snapshot_pool(pool) -> list:
 def _pool_slots(pool) -> list:
     slots = []
     for path, lora in pool._lora.items():
-        for attr in ("a", "b", "scale", "bias"):
+        for attr in ("a", "b", "bias"):
             var = getattr(lora, attr)
             if var is not None:
                 slots.append((f"lora:{path}:{attr}", var, "lora", path, attr))
@@ -255,10 +255,9 @@ def _expected_slot(w: World, tensors: dict, scalings: dict) -> list:
             a, b = tensors.get(f"{path}/kernel_lora_a"), tensors.get(f"{path}/kernel_lora_b")
             if attr == "a":
                 value = empty if a is None else _pad(a, a.ndim - 1, var.shape[-1])
-            elif attr == "b":
-                value = empty if b is None else _pad(b, 0, var.shape[1])
-            elif attr == "scale":
-                value = empty if a is None else np.float32(scalings[path])
+            elif attr == "b":  # the slot keeps scale * B
+                scaled = None if b is None else b * np.float32(scalings[path])
+                value = empty if b is None else _pad(scaled, 0, var.shape[1])
             else:
                 bias = tensors.get(f"{path}/bias")
                 value = empty if bias is None else bias
