@@ -378,6 +378,7 @@ def test_unload_and_reload(pool, convnext_adapters):
     )
 
 
+@pytest.mark.slow
 def test_vit_pool_with_attention_lora(tmp_path):
     config = TINY_VIT
     tf.keras.utils.set_random_seed(0)

@@ -123,6 +123,7 @@ def test_no_retrace_across_loads_switches_and_mixes(tasks, task_pool):
     assert task_pool.trace_count == traces == 3
 
 
+@pytest.mark.slow
 def test_a_head_wider_than_max_classes_is_refused(tasks):
     pool = AdapterPool(serving_model(tasks["base"]), capacity=2, max_classes=5)
     with pytest.raises(AdapterMismatchError, match="max_classes=5"):
@@ -133,6 +134,7 @@ def test_a_head_wider_than_max_classes_is_refused(tasks):
         AdapterPool(serving_model(tasks["base"]), capacity=2, max_classes=4)
 
 
+@pytest.mark.slow
 def test_merged_mode_serves_the_adapters_head(tasks, task_pool):
     x = tasks["x"]
     task_pool.merge("head10")
@@ -171,6 +173,7 @@ def test_merge_reload_cycles_never_lose_a_slot(tasks):
     assert sorted(_slot_states(pool)) == ["live"] * 3
 
 
+@pytest.mark.slow
 def test_eviction_of_the_active_adapter_resets_active(tasks):
     pool = AdapterPool(serving_model(tasks["base"]), capacity=1, max_classes=10)
     pool.load("first", tasks["paths"]["head3"])
@@ -203,6 +206,7 @@ def test_a_nan_adapter_is_refused_and_good_adapters_keep_serving(tasks, task_poo
     task_pool._table.check_invariants()
 
 
+@pytest.mark.slow
 def test_unloaded_slots_are_cleared(tasks):
     pool = AdapterPool(serving_model(tasks["base"]), capacity=2, max_classes=10)
     slot = pool.load("a", tasks["paths"]["head10"])
@@ -285,6 +289,7 @@ def test_conv_layers_and_batchnorm_per_slot_in_mixed_batches(conv_adapters):
         assert_close(out[row], conv_adapters["reference"][name][row])
 
 
+@pytest.mark.slow
 def test_routing_of_one_pool_does_not_reach_another_models_layers(conv_adapters):
     model_a, model_b = conv_net(rank=2), conv_net(rank=2)
     pool_a = AdapterPool(model_a, capacity=1)
