@@ -30,8 +30,6 @@ image too large), 422 (an adapter that failed to load, with the reason), 503
 time limit).
 """
 
-import time
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -47,6 +45,7 @@ from starlette.responses import JSONResponse, Response
 # Parsing, answers and error statuses are shared with the Ray Serve ingress.
 from .http_common import (
     PREPROCESSING,  # noqa: F401  (where it was defined before)
+    RequestMetrics,
     adapter_name,
     answer,
     error_parts,
@@ -65,15 +64,7 @@ from .service import ServiceState
 class _Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "lora_requests", "Prediction requests", ["adapter", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "lora_request_latency_seconds",
-            "Prediction latency",
-            ["adapter"],
-            registry=self.registry,
-        )
+        self.requests = RequestMetrics(self.registry)
         self.batch_size = Histogram(
             "lora_batch_size",
             "Samples per pool batch",
@@ -174,18 +165,11 @@ def create_app(
     async def body_of(request) -> bytes:
         return await read_body(request, max_body_bytes, request_timeout)
 
+    def known(name: str, status: str) -> bool:
+        return name == OFF or (state.pool is not None and name in state.pool.names())
+
     async def observed(name: str, work):
-        started, status = time.perf_counter(), "error"
-        try:
-            result = await work
-            status = "ok"
-            return result
-        finally:
-            # Label only known adapters: names from requests must not grow the series.
-            known = name == OFF or (state.pool is not None and name in state.pool.names())
-            label = name if known else "_unknown"
-            metrics.requests.labels(adapter=label, status=status).inc()
-            metrics.latency.labels(adapter=label).observe(time.perf_counter() - started)
+        return await metrics.requests.observed(name, work, known)
 
     async def health(request):
         return JSONResponse({"status": "ok"})

@@ -6,7 +6,10 @@ Both fronts call these functions, so a request is parsed, and answered, the
 same way whichever process runs the model.
 """
 
+import time
+
 import numpy as np
+from prometheus_client import Counter, Histogram
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -204,3 +207,28 @@ def service_app(handle, endpoints: dict, extra_routes: tuple = ()) -> Starlette:
         return error_response(exc.status_code, "HTTPError", str(exc.detail))
 
     return Starlette(routes=routes, exception_handlers={StarletteHTTPException: http_exception})
+
+
+class RequestMetrics:
+    """Prediction requests and their latency per adapter, in one Prometheus registry."""
+
+    def __init__(self, registry):
+        self.requests = Counter(
+            "lora_requests", "Prediction requests", ["adapter", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "lora_request_latency_seconds", "Prediction latency", ["adapter"], registry=registry
+        )
+
+    async def observed(self, name: str, work, known):
+        """Awaits ``work``, counting it under ``name`` if ``known(name, status)``
+        says so, else under ``_unknown``: names from requests must not grow the series."""
+        started, status = time.perf_counter(), "error"
+        try:
+            result = await work
+            status = "ok"
+            return result
+        finally:
+            label = name if known(name, status) else "_unknown"
+            self.requests.labels(adapter=label, status=status).inc()
+            self.latency.labels(adapter=label).observe(time.perf_counter() - started)

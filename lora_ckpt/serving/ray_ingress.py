@@ -16,13 +16,11 @@ answered). ``GET /adapters`` lists the union of what the replicas hold, and
 """
 
 import asyncio
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Histogram,
     generate_latest,
 )
 from ray import serve
@@ -33,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .http_common import (
+    RequestMetrics,
     adapter_name,
     answer,
     error_parts,
@@ -76,15 +75,7 @@ class LoRAIngress:
         self.limits = dict(limits)
         self._input_shape = None
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "lora_requests", "Prediction requests", ["adapter", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "lora_request_latency_seconds",
-            "Prediction latency",
-            ["adapter"],
-            registry=self.registry,
-        )
+        self.requests = RequestMetrics(self.registry)
         self.retries = Counter(
             "lora_replica_retries",
             "Calls sent again after their replica died",
@@ -161,16 +152,8 @@ def build_ingress_app(ingress: LoRAIngress) -> Starlette:
         return await read_body(request, limits["max_body_bytes"], limits["request_timeout"])
 
     async def observed(name: str, work):
-        started, status = time.perf_counter(), "error"
-        try:
-            result = await work
-            status = "ok"
-            return result
-        finally:
-            # A name becomes a label only once a replica served it: requests must not grow series.
-            label = name if status == "ok" else "_unknown"
-            ingress.requests.labels(adapter=label, status=status).inc()
-            ingress.latency.labels(adapter=label).observe(time.perf_counter() - started)
+        # A name becomes a label only once a replica served it.
+        return await ingress.requests.observed(name, work, lambda _, status: status == "ok")
 
     async def health(request):
         return JSONResponse({"status": "ok"})
