@@ -214,7 +214,8 @@ def test_config_records_identity_and_variables(trained_adapter):
     model, path = trained_adapter
     with open(os.path.join(path, "adapter_config.json")) as handle:
         config = json.load(handle)
-    assert config["format_version"] == lora_ckpt.state.FORMAT_VERSION
+    # Without DoRA or rsLoRA layers an adapter stays readable by version-1 readers.
+    assert config["format_version"] == 1
     assert config["base_model"]["architecture"] == "tfimm.architectures.convnext.ConvNeXt"
     assert config["base_model"]["config"]["embed_dim"] == [8, 16]
     assert config["base_model"]["fingerprint"].startswith("sampled-blake2b:")

@@ -26,7 +26,10 @@ from typing import Any
 from ..errors import AdapterVersionError, CorruptAdapterError
 
 FORMAT_NAME = "lora_ckpt.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 has no DoRA or rsLoRA layers; adapters without them are still
+# written as version 1, so older readers keep reading them.
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "adapter_config.json"
 CHECKPOINT_PREFIX = "adapter"
 CHECKPOINT_ROOT = "lora"
@@ -165,12 +168,39 @@ class SavedRecord:
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """One LoRA layer of the adapter: ``scaling == alpha / rank``."""
+    """One LoRA layer of the adapter.
+
+    Attributes:
+        type: The LoRA layer class name.
+        rank: Its rank.
+        alpha: Its alpha.
+        scaling: ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
+        dora: Whether the layer is DoRA (a ``lora_magnitude`` per output).
+        rslora: Whether the scaling is rsLoRA's ``alpha / sqrt(rank)``.
+    """
 
     type: str
     rank: int
     alpha: float
     scaling: float
+    dora: bool = False
+    rslora: bool = False
+
+    def expected_scaling(self) -> float:
+        """The scaling a layer of this rank, alpha and rsLoRA flag computes."""
+        return lora_scaling(self.alpha, self.rank, self.rslora)
+
+    def to_dict(self) -> dict:
+        """The JSON record; version-1 fields only unless DoRA/rsLoRA is used."""
+        record = {"type": self.type, "rank": self.rank, "alpha": self.alpha}
+        record["scaling"] = self.scaling
+        record.update({k: True for k in ("dora", "rslora") if getattr(self, k)})
+        return record
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """LoRA's ``alpha / rank``, or rsLoRA's ``alpha / sqrt(rank)``, as a Python float."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 @dataclass(frozen=True)
@@ -221,6 +251,11 @@ class AdapterConfig:
     json_sha256: str = field(default="", compare=False)  # and its SHA-256: the version
 
     @property
+    def needed_version(self) -> int:
+        """The oldest format version that holds this adapter."""
+        return 2 if any(r.dora or r.rslora for r in self.layers.values()) else 1
+
+    @property
     def rank(self) -> int:
         """The largest LoRA rank of any layer."""
         return max(layer.rank for layer in self.layers.values())
@@ -234,12 +269,12 @@ class AdapterConfig:
         """The JSON document, in the field order of format version 1."""
         return {
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": self.needed_version,
             "library_version": self.library_version,
             "created": self.created,
             "base_model": asdict(self.base_model),
             "saved": {**asdict(self.saved), "extra_layers": list(self.saved.extra_layers)},
-            "layers": {path: asdict(layer) for path, layer in self.layers.items()},
+            "layers": {path: layer.to_dict() for path, layer in self.layers.items()},
             "variables": {
                 key: {"shape": list(v.shape), "dtype": v.dtype, "kind": v.kind}
                 for key, v in self.variables.items()
@@ -287,11 +322,11 @@ class AdapterConfig:
             )
         top = _Fields(document, "config")
         version = top.get("format_version", int)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             hint = "Upgrade lora_ckpt to load it." if version > FORMAT_VERSION else "Re-save it."
             raise AdapterVersionError(
-                f"{path} uses adapter format version {version}; this lora_ckpt reads version "
-                f"{FORMAT_VERSION}. {hint}"
+                f"{path} uses adapter format version {version}; this lora_ckpt reads versions "
+                f"{list(READABLE_VERSIONS)}. {hint}"
             )
         base = _Fields(top.get("base_model", dict), "config.base_model")
         saved = _Fields(top.get("saved", dict), "config.saved")
@@ -371,8 +406,15 @@ def _inconsistency(config: AdapterConfig) -> str:
             return f"layer {layer_path} records rank {layer.rank}, its tensors are A{list(a.shape)}, B{list(b.shape)}"
         # Exactly: a save writes alpha / rank, and a pool serves the recorded scaling
         # (a tolerance would let an edited last digit change every output).
-        if layer.scaling != layer.alpha / layer.rank:
-            return f"layer {layer_path} records scaling {layer.scaling}, alpha / rank is {layer.alpha / layer.rank}"
+        if layer.scaling != layer.expected_scaling():
+            return f"layer {layer_path} records scaling {layer.scaling}, not {layer.expected_scaling()}"
+        magnitude = config.variables.get(f"{layer_path}/lora_magnitude")
+        if layer.dora != (magnitude is not None):
+            return f"layer {layer_path} has dora={layer.dora} but {'no ' if magnitude is None else 'a '}lora_magnitude"
+        if magnitude is not None and (magnitude.kind != "lora" or magnitude.shape != b.shape[1:]):
+            return f"layer {layer_path} has a lora_magnitude of shape {list(magnitude.shape)}, not [{b.shape[1]}]"
+        if (layer.dora or layer.rslora) and config.format_version < 2:
+            return f"layer {layer_path} uses DoRA/rsLoRA in a version-{config.format_version} config"
     lora_layers = {key.rsplit("/", 1)[0] for key, v in config.variables.items() if v.kind == "lora"}
     if lora_layers - set(config.layers):
         return (
@@ -397,6 +439,8 @@ def _layer(fields: _Fields) -> LayerRecord:
         rank=fields.count("rank"),
         alpha=fields.positive("alpha"),
         scaling=fields.positive("scaling"),
+        dora=bool(fields.get("dora", bool, optional=True)),
+        rslora=bool(fields.get("rslora", bool, optional=True)),
     )
 
 
