@@ -16,6 +16,14 @@ class KerasVersionError(LoRAError, ImportError):
     """TensorFlow runs with Keras 3, or tf_keras is missing."""
 
 
+class KerasObjectError(LoRAError, TypeError):
+    """A Keras 3 layer or model was passed; lora_ckpt works with tf_keras (Keras 2) objects."""
+
+
+class MissingDependencyError(LoRAError, ImportError):
+    """An optional package a call needs (such as timm for pretrained weights) is missing."""
+
+
 class LoRAConfigError(LoRAError, ValueError):
     """An argument is invalid: a LoRA hyper-parameter, a name, a request's shape."""
 

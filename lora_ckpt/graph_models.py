@@ -102,16 +102,19 @@ def convert_graph_model(
 
     def clone(layer):
         if layer.name in targets:
-            return convert_to_lora_layer(layer, **kwargs)
+            return convert_to_lora_layer(
+                layer,
+                lora_freeze_base=True,
+                lora_bias_trainable=train_bias == "lora_only",
+                **kwargs,
+            )
         return layer.__class__.from_config(layer.get_config())
 
     converted = tf.keras.models.clone_model(model, clone_function=clone)
     for src, dst in zip(model.layers, converted.layers, strict=True):
         if not is_lora_layer(dst):
             dst.set_weights(src.get_weights())
-        if is_lora_layer(dst):
-            dst.lora_bias_trainable = train_bias == "lora_only"
-        else:
+        if not is_lora_layer(dst):
             # Frozen layers; a frozen BatchNorm also runs in inference mode,
             # so the base's moving statistics stay as they are.
             dst.trainable = dst.name in trainable
@@ -147,7 +150,7 @@ def graph_model_to_regular(model: tf.keras.Model) -> tf.keras.Model:
         if is_lora_layer(src):
             _copy_weights(src, dst)
             if not src.merged:
-                dst.kernel.assign(src.kernel + tf.cast(src.lora_delta(), src.kernel.dtype))
+                dst.kernel.assign(src.merged_kernel())
         else:
             dst.set_weights(src.get_weights())
     return regular

@@ -1,24 +1,89 @@
 """LoRA layers: drop-in subclasses of Keras' ``Dense`` and ``Conv2D``.
 
 Each layer computes ``base(x) + scaling * B(A(dropout(x)))`` before bias and
-activation, with ``scaling = lora_alpha / lora_rank`` and ``B`` initialised to
-zero, so a fresh LoRA layer computes exactly what its base layer computes.
+activation, with ``scaling = lora_alpha / lora_rank`` (rsLoRA:
+``lora_alpha / sqrt(lora_rank)``) and ``B`` initialised to zero, so a fresh
+LoRA layer computes exactly what its base layer computes. With DoRA the sum is
+multiplied per output channel by ``magnitude / ||W0 + scaling * A @ B||``
+(the column norm over every kernel axis but the last), with the magnitude
+trainable and initialised to the base kernel's column norms.
 
 The low-rank update is a separate branch of the forward pass, never written
 into the kernel inside ``call``: gradients reach ``kernel_lora_a`` and
 ``kernel_lora_b``, and concurrent calls never see a half-updated kernel.
-Merging folds ``scaling * A @ B`` into the kernel for inference; it is computed
-from a pristine copy of the base kernel, so unmerging restores it bit for bit.
+Merging folds the update into the kernel for inference; it is computed from a
+pristine copy of the base kernel, so unmerging restores it bit for bit.
+
+As in tfimm, a freshly constructed LoRA layer freezes nothing: all its
+variables are trainable. Converting a model (``create_model``,
+``convert_to_lora_model``) freezes the base, which sets ``lora_freeze_base``.
+
+Merged and enabled state live in a small variable that checkpoints save
+(``save_weights``, ``model.save``, ``tf.train.Checkpoint``) but that is not
+one of the layer's Keras weights (parameter counts stay tfimm's): a merged or
+disabled model saved and reloaded computes what it computed before.
 """
+
+import math
 
 from ._tf import tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
 
-LORA_WEIGHT_NAMES = ["kernel_lora_a", "kernel_lora_b"]
+try:  # Keras 2 has no public way to tell a SavedModel export's traces from training.
+    from tf_keras.src.engine.base_layer_utils import call_context as _keras_call_context
+except ImportError:  # pragma: no cover - other tf_keras layouts
+    _keras_call_context = None
+
+LORA_STATE_NAME = "lora_state"
+"""The checkpoint name of a LoRA layer's ``[merged, enabled]`` state variable."""
+
+LORA_WEIGHT_NAMES = ["kernel_lora_a", "kernel_lora_b", "lora_magnitude", LORA_STATE_NAME]
 """
 Patterns that match the LoRA weights, so they can be left out of weight
 transfers between a model and its LoRA variant (tfimm's ``transfer_weights``).
 """
+
+LORA_INITIALIZERS = ("gaussian", "kaiming_uniform")
+"""PEFT's names for ``A``'s initialisation, accepted besides Keras initializers."""
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """LoRA's ``alpha / rank``, or rsLoRA's ``alpha / sqrt(rank)``, as a Python float.
+
+    Adapter configs record this value and loaders compare it exactly, so every
+    place computes it with this one function.
+    """
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def resolve_lora_initializer(spec, rank: int) -> tf.keras.initializers.Initializer:
+    """The Keras initializer for ``A`` from a Keras spec or one of PEFT's names.
+
+    Args:
+        spec: A Keras initializer (object, name or config), ``"gaussian"``
+            (normal with standard deviation ``1 / rank``, PEFT's ``"gaussian"``)
+            or ``"kaiming_uniform"`` (PEFT's default for ``A``: uniform within
+            ``1 / sqrt(fan_in)``).
+        rank: The LoRA rank.
+
+    Returns:
+        The initializer.
+
+    Raises:
+        LoRAConfigError: If Keras does not know ``spec``.
+    """
+    if spec == "gaussian":
+        return tf.keras.initializers.RandomNormal(stddev=1.0 / rank)
+    if spec in ("kaiming_uniform", "kaiming"):
+        # torch's kaiming_uniform_(a=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)).
+        return tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+    try:
+        return tf.keras.initializers.get(spec)
+    except ValueError as exc:
+        raise LoRAConfigError(
+            f"Unknown lora_initializer {spec!r}: use a Keras initializer or one of "
+            f"{list(LORA_INITIALIZERS)}."
+        ) from exc
 
 
 def validate_lora_args(lora_rank, lora_alpha, lora_dropout=0.0) -> None:
@@ -38,10 +103,10 @@ def validate_lora_args(lora_rank, lora_alpha, lora_dropout=0.0) -> None:
         )
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
         raise LoRAConfigError(f"lora_alpha must be a number, got {lora_alpha!r}.")
-    if lora_alpha <= 0:
+    if not lora_alpha > 0 or not math.isfinite(lora_alpha):
         raise LoRAConfigError(
-            f"lora_alpha must be positive, got {lora_alpha!r}; the update is scaled "
-            "by lora_alpha / lora_rank."
+            f"lora_alpha must be positive and finite, got {lora_alpha!r}; the update is "
+            "scaled by lora_alpha / lora_rank."
         )
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise LoRAConfigError(f"lora_dropout must be a rate in [0, 1), got {lora_dropout!r}.")
@@ -58,6 +123,12 @@ def matmul_last_axis(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
     return y
 
 
+def column_norm(kernel: tf.Tensor) -> tf.Tensor:
+    """The norm of each output channel of a kernel: over every axis but the last."""
+    axes = list(range(kernel.shape.rank - 1))
+    return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=axes))
+
+
 class LoRALayerMixin:
     """What every LoRA layer shares: weights, scaling, merge state, config.
 
@@ -68,34 +139,67 @@ class LoRALayerMixin:
 
     is_lora_layer: bool = True
 
-    def _init_lora(self, lora_rank, lora_alpha, lora_dropout, lora_initializer, lora_regularizer):
+    def _init_lora(
+        self,
+        lora_rank=4,
+        lora_alpha=1.0,
+        lora_dropout=0.0,
+        lora_initializer="glorot_uniform",
+        lora_regularizer=None,
+        lora_use_dora=False,
+        lora_use_rslora=False,
+        lora_freeze_base=False,
+        lora_bias_trainable=False,
+        lora_enabled=True,
+    ):
         validate_lora_args(lora_rank, lora_alpha, lora_dropout)
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
-        self.lora_initializer = tf.keras.initializers.get(lora_initializer)
+        self.lora_use_dora = bool(lora_use_dora)
+        self.lora_use_rslora = bool(lora_use_rslora)
+        self._lora_initializer_spec = (
+            lora_initializer if lora_initializer in LORA_INITIALIZERS else None
+        )
+        self.lora_initializer = resolve_lora_initializer(lora_initializer, lora_rank)
         self.lora_regularizer = tf.keras.regularizers.get(lora_regularizer)
-        self.lora_enabled = True
-        # Whether Keras sees the bias as trainable (next to A and B).
-        self.lora_bias_trainable = False
+        # Set by model conversion: the base kernel (and bias, unless
+        # lora_bias_trainable) stop being trainable weights.
+        self.lora_freeze_base = bool(lora_freeze_base)
+        self.lora_bias_trainable = bool(lora_bias_trainable)
+        self._lora_enabled = bool(lora_enabled)
         self.kernel_lora_a = None
         self.kernel_lora_b = None
+        self.lora_magnitude = None
+        self._lora_state = None
         # The one serving hook: a callable ``hook(layer, x)`` that returns the
         # pre-activation output (bias included) or None for the plain forward.
         # Set by a serving pool on its own layers; this module never imports it.
         self.lora_hook = None
         self._pristine_kernel = None
         self._pristine_bias = None
+        # Merged in a saved model that was reloaded: no pristine copy exists.
+        self._merged_without_copy = False
 
     @property
     def scaling(self) -> float:
-        """The factor ``lora_alpha / lora_rank`` applied to ``B(A(x))``."""
-        return self.lora_alpha / self.lora_rank
+        """The factor ``lora_alpha / lora_rank`` (rsLoRA: over ``sqrt(rank)``)."""
+        return lora_scaling(self.lora_alpha, self.lora_rank, self.lora_use_rslora)
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the LoRA update is applied (kept in the layer's saved state)."""
+        return self._lora_enabled
+
+    @lora_enabled.setter
+    def lora_enabled(self, value: bool) -> None:
+        self._lora_enabled = bool(value)
+        self._write_lora_state()
 
     @property
     def merged(self) -> bool:
         """Whether the LoRA update is currently folded into the kernel."""
-        return self._pristine_kernel is not None
+        return self._pristine_kernel is not None or self._merged_without_copy
 
     def _build_lora(self, a_shape, out_dim):
         self.kernel_lora_a = self.add_weight(
@@ -114,6 +218,50 @@ class LoRALayerMixin:
             dtype=self.dtype,
             trainable=True,
         )
+        if self.lora_use_dora:
+            self.lora_magnitude = self.add_weight(
+                "lora_magnitude",
+                shape=(out_dim,),
+                initializer=lambda shape, dtype=None: column_norm(self.kernel),
+                dtype=self.dtype,
+                trainable=True,
+            )
+        # Tracked for checkpoints only: not a Keras weight, so parameter counts
+        # and weight lists stay those of plain LoRA (and of tfimm).
+        with tf.init_scope():
+            state = tf.Variable(
+                [int(self.merged), int(self._lora_enabled)],
+                dtype=tf.int32,
+                trainable=False,
+                name=LORA_STATE_NAME,
+            )
+        object.__setattr__(self, "_lora_state", state)  # past Keras' weight tracking
+        self._track_trackable(state, name=LORA_STATE_NAME)
+
+    def reset_lora_magnitude(self) -> None:
+        """Sets a DoRA magnitude to the kernel's column norms, so the layer
+        computes its base again (call after the base kernel was replaced)."""
+        if self.lora_magnitude is not None:
+            self.lora_magnitude.assign(column_norm(self.kernel))
+
+    def _write_lora_state(self) -> None:
+        if self._lora_state is not None:
+            self._lora_state.assign([int(self.merged), int(self._lora_enabled)])
+
+    def _sync_lora_state(self) -> None:
+        """Takes the merged/enabled state from the state variable, which a
+        checkpoint restore may have changed behind the layer's back."""
+        if self._lora_state is None:
+            return
+        with tf.init_scope():
+            merged, enabled = (bool(v) for v in self._lora_state.numpy())
+        self._lora_enabled = enabled
+        if merged and not self.merged:
+            self._merged_without_copy = True
+        elif not merged and self.merged:
+            # Unmerged weights were restored over a merged layer.
+            self._pristine_kernel = self._pristine_bias = None
+            self._merged_without_copy = False
 
     def lora_branch_active(self) -> bool:
         """Whether ``call`` adds the low-rank branch (enabled and not merged)."""
@@ -124,59 +272,101 @@ class LoRALayerMixin:
         delta = matmul_last_axis(self.kernel_lora_a, self.kernel_lora_b)
         return tf.cast(self.scaling, delta.dtype) * delta
 
+    def dora_output_scale(self, kernel=None) -> tf.Tensor:
+        """DoRA's per-output factor ``magnitude / ||W0 + scaling * A @ B||``.
+
+        Args:
+            kernel: The base kernel ``W0``; the layer's own by default.
+        """
+        kernel = self.kernel if kernel is None else kernel
+        updated = tf.convert_to_tensor(kernel) + tf.cast(self.lora_delta(), kernel.dtype)
+        return self.lora_magnitude / column_norm(updated)
+
+    def merged_kernel(self) -> tf.Tensor:
+        """The kernel with the update folded in: what merging assigns.
+
+        ``W0 + scaling * A @ B``; with DoRA, that times :meth:`dora_output_scale`.
+        """
+        base = self._pristine_kernel if self._pristine_kernel is not None else self.kernel
+        base = tf.convert_to_tensor(base)
+        updated = base + tf.cast(self.lora_delta(), base.dtype)
+        if self.lora_use_dora:
+            updated = updated * self.lora_magnitude / column_norm(updated)
+        return updated
+
     def _dropout_lora_input(self, x, training):
         if training and self.lora_dropout > 0.0:
             return tf.nn.dropout(x, rate=self.lora_dropout)
         return x
 
     def merge_weights(self) -> None:
-        """Folds the LoRA update into the kernel: ``W = W0 + scaling * A @ B``.
+        """Folds the LoRA update into the kernel (:meth:`merged_kernel`).
 
         While merged, ``call`` uses the kernel alone, so inference costs what
-        the base layer costs. The LoRA weights are not trained while merged.
+        the base layer costs. A merged layer cannot be trained.
 
         Raises:
             MergeStateError: If the layer is already merged.
         """
-        self.merge_update(self.lora_delta())
+        self._require_unmerged()
+        self._merge_kernel(self.merged_kernel())
 
-    def merge_update(self, delta: tf.Tensor, bias=None) -> None:
-        """Assigns ``kernel = W0 + delta`` (and ``bias``, if given) from kept copies.
+    def merge_update(self, delta: tf.Tensor, bias=None, output_scale=None) -> None:
+        """Assigns ``kernel = (W0 + delta) * output_scale`` and ``bias`` from kept copies.
 
         Args:
             delta: An update in the shape of the kernel.
             bias: A bias to use while merged, or ``None`` to keep the base bias.
+            output_scale: A per-output factor (DoRA), or ``None``.
 
         Raises:
             MergeStateError: If the layer is already merged.
         """
+        self._require_unmerged()
+        kernel = tf.convert_to_tensor(self.kernel) + tf.cast(delta, self.kernel.dtype)
+        if output_scale is not None:
+            kernel = kernel * tf.cast(output_scale, kernel.dtype)
+        self._merge_kernel(kernel, bias)
+
+    def _require_unmerged(self) -> None:
         if self.merged:
             raise MergeStateError(
                 f"Layer '{self.name}' is already merged; call unmerge_weights() "
                 "before merging again."
             )
+
+    def _merge_kernel(self, kernel, bias=None) -> None:
         pristine = tf.identity(self.kernel)
-        self.kernel.assign(pristine + tf.cast(delta, pristine.dtype))
+        self.kernel.assign(kernel)
         if bias is not None:
             self._pristine_bias = tf.identity(self.bias)
             self.bias.assign(bias)
         self._pristine_kernel = pristine
+        self._write_lora_state()
 
     def unmerge_weights(self) -> None:
         """Restores the base kernel exactly as it was before :meth:`merge_weights`.
 
         Raises:
-            MergeStateError: If the layer is not merged.
+            MergeStateError: If the layer is not merged, or was merged when
+                its model was saved (the base kernel is not in that save).
         """
         if not self.merged:
             raise MergeStateError(
                 f"Layer '{self.name}' is not merged; there is nothing to unmerge."
+            )
+        if self._pristine_kernel is None:
+            raise MergeStateError(
+                f"Layer '{self.name}' was merged when its model was saved; the save holds "
+                "only the merged kernel, so it cannot be unmerged. Load the model saved "
+                "before merging (or load an adapter into its base) to train or swap adapters."
             )
         self.kernel.assign(self._pristine_kernel)
         if self._pristine_bias is not None:
             self.bias.assign(self._pristine_bias)
         self._pristine_kernel = None
         self._pristine_bias = None
+        self._write_lora_state()
 
     def lora_trainable_weights(self, train_bias: bool) -> list[tf.Variable]:
         """The weights LoRA training updates in this layer.
@@ -185,21 +375,23 @@ class LoRALayerMixin:
             train_bias: Whether to include the layer's bias.
 
         Returns:
-            ``[kernel_lora_a, kernel_lora_b]``, plus the bias if asked for and
-            the layer has one.
+            ``[kernel_lora_a, kernel_lora_b]`` (and DoRA's ``lora_magnitude``),
+            plus the bias if asked for and the layer has one.
         """
         weights = [self.kernel_lora_a, self.kernel_lora_b]
+        if self.lora_magnitude is not None:
+            weights.append(self.lora_magnitude)
         if train_bias and self.use_bias:
             weights.append(self.bias)
         return weights
 
-    # Keras decides trainability per layer, LoRA per variable: the kernel of a
-    # LoRA layer is frozen, A and B train. Overriding these properties makes
-    # Keras' own `fit`, `summary` and optimizers see exactly that, in any
-    # model (subclassed, functional, Sequential).
+    # Keras decides trainability per layer, LoRA per variable: once a model
+    # conversion froze the base, the kernel of a LoRA layer is frozen and A
+    # and B train. Overriding these properties makes Keras' own `fit`,
+    # `summary` and optimizers see exactly that, in any model.
     @property
     def trainable_weights(self):
-        if not self.trainable or self.kernel_lora_a is None:
+        if not self.trainable or not self.lora_freeze_base or self.kernel_lora_a is None:
             return super().trainable_weights
         return self.lora_trainable_weights(self.lora_bias_trainable)
 
@@ -211,13 +403,40 @@ class LoRALayerMixin:
     @property
     def weights(self):
         # Keras' order (kernel, bias, A, B), whatever is trainable.
-        return super().trainable_weights + super().non_trainable_weights
+        weights = super().trainable_weights + super().non_trainable_weights
+        # A merged or disabled layer lists its state too, so that HDF5 weight
+        # files (which save exactly these lists) carry it; a fresh layer
+        # then refuses such a file instead of silently applying LoRA twice.
+        if self._lora_state is not None and (self.merged or not self.lora_enabled):
+            weights.append(self._lora_state)
+        return weights
+
+    def save_own_variables(self, store):
+        """Keras' ``.keras`` format: the layer's variables, then its LoRA state."""
+        super().save_own_variables(store)
+        if self._lora_state is not None:
+            store[LORA_STATE_NAME] = self._lora_state.numpy()
+
+    def load_own_variables(self, store):
+        """Keras' ``.keras`` format: restores the variables and the LoRA state."""
+        keys = [k for k in store.keys() if k != LORA_STATE_NAME]
+        super().load_own_variables({k: store[k] for k in keys})
+        if self._lora_state is not None and LORA_STATE_NAME in store.keys():
+            self._lora_state.assign(store[LORA_STATE_NAME])
+            self._sync_lora_state()
 
     def base_op(self, x, kernel):
         """The base layer's linear map (matmul or convolution) with ``kernel``."""
         raise NotImplementedError
 
     def call(self, inputs, training=None):
+        self._sync_lora_state()
+        saving = _keras_call_context is not None and _keras_call_context().saving
+        if training and self.merged and self.trainable and not saving:
+            raise MergeStateError(
+                f"LoRA layer '{self.name}' is merged and cannot be trained (its update is "
+                "folded into the frozen kernel); call unmerge_lora_weights(model) first."
+            )
         x = tf.cast(inputs, self.compute_dtype)
         outputs = self.lora_hook(self, x) if self.lora_hook is not None else None
         if outputs is None:
@@ -225,6 +444,8 @@ class LoRALayerMixin:
             if self.lora_branch_active():
                 z = self.base_op(self._dropout_lora_input(x, training), self.kernel_lora_a)
                 outputs += matmul_last_axis(z, self.scaling * self.kernel_lora_b)
+                if self.lora_use_dora:
+                    outputs *= tf.cast(self.dora_output_scale(), outputs.dtype)
             if self.use_bias:
                 outputs = tf.nn.bias_add(outputs, self.bias)
         if self.activation is not None:
@@ -233,49 +454,74 @@ class LoRALayerMixin:
 
     def get_config(self):
         config = super().get_config()
+        initializer = self._lora_initializer_spec or tf.keras.initializers.serialize(
+            self.lora_initializer
+        )
         config.update(
             {
                 "lora_rank": self.lora_rank,
                 "lora_alpha": self.lora_alpha,
                 "lora_dropout": self.lora_dropout,
-                "lora_initializer": tf.keras.initializers.serialize(self.lora_initializer),
+                "lora_initializer": initializer,
                 "lora_regularizer": tf.keras.regularizers.serialize(self.lora_regularizer),
+                "lora_use_dora": self.lora_use_dora,
+                "lora_use_rslora": self.lora_use_rslora,
+                "lora_freeze_base": self.lora_freeze_base,
+                "lora_bias_trainable": self.lora_bias_trainable,
+                "lora_enabled": self.lora_enabled,
             }
         )
         return config
 
 
+LORA_LAYER_ARGS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_initializer",
+    "lora_regularizer",
+    "lora_use_dora",
+    "lora_use_rslora",
+    "lora_freeze_base",
+    "lora_bias_trainable",
+    "lora_enabled",
+)
+"""Keyword arguments a LoRA layer takes besides those of its base layer."""
+
+
 class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
     """LoRA version of ``tf.keras.layers.Dense``.
 
+    Positional arguments are ``Dense``'s, in Keras' order
+    (``LoRADense(16, "relu")``); the LoRA arguments are keywords.
+
     Args:
-        units: As for ``Dense``.
+        units, *args: As for ``Dense``.
         lora_rank: Rank ``R`` of the update ``A[in, R] @ B[R, units]``.
         lora_alpha: The update is scaled by ``lora_alpha / lora_rank``.
         lora_dropout: Dropout rate applied to the input of the LoRA branch
             during training.
-        lora_initializer: Initializer of ``A`` (``B`` starts at zero).
+        lora_initializer: Initializer of ``A`` (``B`` starts at zero): a Keras
+            initializer, ``"gaussian"`` or ``"kaiming_uniform"`` (PEFT's).
         lora_regularizer: Regularizer of ``A`` and ``B``.
+        lora_use_dora: DoRA: a trainable magnitude per output channel.
+        lora_use_rslora: rsLoRA: scale by ``lora_alpha / sqrt(lora_rank)``.
+        lora_freeze_base: Report only the LoRA weights (and the bias, with
+            ``lora_bias_trainable``) as trainable; model conversion sets it.
+        lora_bias_trainable: With ``lora_freeze_base``, the bias trains too.
+        lora_enabled: Whether the update is applied.
         **kwargs: Every other ``Dense`` argument.
 
     Raises:
-        LoRAConfigError: For an invalid rank, alpha or dropout.
+        LoRAConfigError: For an invalid rank, alpha, dropout or initializer.
     """
 
     base_layer_class = tf.keras.layers.Dense
 
-    def __init__(
-        self,
-        units,
-        lora_rank: int = 4,
-        lora_alpha: float = 1.0,
-        lora_dropout: float = 0.0,
-        lora_initializer="glorot_uniform",
-        lora_regularizer=None,
-        **kwargs,
-    ):
-        super().__init__(units=units, **kwargs)
-        self._init_lora(lora_rank, lora_alpha, lora_dropout, lora_initializer, lora_regularizer)
+    def __init__(self, units, *args, **kwargs):
+        lora_kwargs = {k: kwargs.pop(k) for k in LORA_LAYER_ARGS if k in kwargs}
+        super().__init__(units, *args, **kwargs)
+        self._init_lora(**lora_kwargs)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -295,30 +541,20 @@ class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
     ``A @ B``, which is what merging folds in.
 
     Args:
-        filters, kernel_size: As for ``Conv2D``.
-        lora_rank, lora_alpha, lora_dropout, lora_initializer,
-        lora_regularizer: As for :class:`LoRADense`.
-        **kwargs: Every other ``Conv2D`` argument.
+        filters, kernel_size, *args: As for ``Conv2D``, in Keras' order.
+        **kwargs: The LoRA arguments of :class:`LoRADense`, and every other
+            ``Conv2D`` argument.
 
     Raises:
-        LoRAConfigError: For an invalid rank, alpha or dropout.
+        LoRAConfigError: For an invalid rank, alpha, dropout or initializer.
         UnsupportedLayerError: For grouped convolutions or channels_first.
     """
 
     base_layer_class = tf.keras.layers.Conv2D
 
-    def __init__(
-        self,
-        filters,
-        kernel_size,
-        lora_rank: int = 4,
-        lora_alpha: float = 1.0,
-        lora_dropout: float = 0.0,
-        lora_initializer="glorot_uniform",
-        lora_regularizer=None,
-        **kwargs,
-    ):
-        super().__init__(filters=filters, kernel_size=kernel_size, **kwargs)
+    def __init__(self, filters, kernel_size, *args, **kwargs):
+        lora_kwargs = {k: kwargs.pop(k) for k in LORA_LAYER_ARGS if k in kwargs}
+        super().__init__(filters, kernel_size, *args, **kwargs)
         if self.groups != 1:
             raise UnsupportedLayerError(
                 f"LoRAConv2D does not support grouped convolutions (groups="
@@ -329,7 +565,7 @@ class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
                 f"LoRAConv2D supports data_format='channels_last' only, got "
                 f"{self.data_format!r} for layer '{self.name}'."
             )
-        self._init_lora(lora_rank, lora_alpha, lora_dropout, lora_initializer, lora_regularizer)
+        self._init_lora(**lora_kwargs)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -361,8 +597,8 @@ def convert_to_lora_layer(layer: tf.keras.layers.Layer, **kwargs) -> tf.keras.la
     Args:
         layer: The layer to convert; its exact type must be supported
             (subclasses such as ``DepthwiseConv2D`` have other semantics).
-        **kwargs: LoRA arguments: ``lora_rank``, ``lora_alpha``,
-            ``lora_dropout``, ``lora_initializer``, ``lora_regularizer``.
+        **kwargs: LoRA arguments (:data:`LORA_LAYER_ARGS`): ``lora_rank``,
+            ``lora_alpha``, ``lora_use_dora``, ``lora_freeze_base``, ...
 
     Returns:
         The LoRA layer.
@@ -377,9 +613,12 @@ def convert_to_lora_layer(layer: tf.keras.layers.Layer, **kwargs) -> tf.keras.la
             f"Layer '{layer.name}' of type {type(layer).__name__} has no LoRA "
             f"counterpart; supported types are {supported_layer_types()}."
         )
-    unknown = sorted(k for k in kwargs if not k.startswith("lora_"))
+    unknown = sorted(set(kwargs) - set(LORA_LAYER_ARGS))
     if unknown:
-        raise LoRAConfigError(f"convert_to_lora_layer takes only lora_* arguments, got {unknown}.")
+        raise LoRAConfigError(
+            f"convert_to_lora_layer takes only lora_* arguments {list(LORA_LAYER_ARGS)}, "
+            f"got {unknown}."
+        )
     lora_layer = lora_cls(**layer.get_config(), **kwargs)
     if layer.built:
         kernel_in = layer.kernel.shape[-2]
@@ -388,6 +627,7 @@ def convert_to_lora_layer(layer: tf.keras.layers.Layer, **kwargs) -> tf.keras.la
         lora_layer.kernel.assign(layer.kernel)
         if layer.use_bias:
             lora_layer.bias.assign(layer.bias)
+        lora_layer.reset_lora_magnitude()
     return lora_layer
 
 
@@ -397,12 +637,18 @@ def is_lora_layer(layer) -> bool:
 
 
 __all__ = [
+    "LORA_INITIALIZERS",
+    "LORA_LAYER_ARGS",
+    "LORA_STATE_NAME",
     "LORA_WEIGHT_NAMES",
     "LoRAConv2D",
     "LoRADense",
     "LoRALayerMixin",
+    "column_norm",
     "convert_to_lora_layer",
     "is_lora_layer",
+    "lora_scaling",
+    "resolve_lora_initializer",
     "supported_layer_types",
     "validate_lora_args",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from ._tf import tf
 from .errors import LoRAError
+from .layers import LORA_STATE_NAME, is_lora_layer
 
 
 def _is_graph_network(layer) -> bool:
@@ -27,7 +28,9 @@ def _direct(layer) -> tuple[list[tuple[str, tf.keras.layers.Layer]], list[tf.Var
     def visit(obj, prefix):
         for name, child in tf.train.TrackableView(obj).children(obj).items():
             if isinstance(child, tf.Variable):
-                variables.append(child)
+                # A LoRA layer's merged/enabled flags: runtime state, not a weight.
+                if not (name == LORA_STATE_NAME and is_lora_layer(obj)):
+                    variables.append(child)
             elif isinstance(child, tf.keras.layers.Layer):
                 layers.append((prefix + name, child))
             elif isinstance(child, (list, tuple, dict)):  # Keras' tracked containers

@@ -238,8 +238,9 @@ def test_tfimm_transfer_weights_interplay(images):
     tf.keras.utils.set_random_seed(0)
     regular = tfimm.create_model("convnext_tiny", **TINY_CONVNEXT)
     lora = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    names = list(lora_ckpt.LORA_WEIGHT_NAMES)
     transfer_weights(regular, lora, weights_to_ignore=lora_ckpt.LORA_WEIGHT_NAMES)
-    assert lora_ckpt.LORA_WEIGHT_NAMES == ["kernel_lora_a", "kernel_lora_b"]
+    assert lora_ckpt.LORA_WEIGHT_NAMES == names  # tfimm appends to the list it is given
     randomize_lora(lora)
     expected = lora(images).numpy()
     lora_ckpt.merge_weights(lora)
@@ -310,7 +311,9 @@ def test_tfimm_api_names_and_signatures():
     assert lora_ckpt.lora_architecture(tfimm.architectures.ConvNeXt) is LoRAConvNeXt
     assert lora_ckpt.lora_config(tfimm.architectures.ConvNeXt) is LoRAConvNeXtConfig
     assert lora_ckpt.lora_base_architecture(LoRAConvNeXt) is tfimm.architectures.ConvNeXt
-    assert lora_ckpt.LORA_WEIGHT_NAMES == tfimm_lora.LORA_WEIGHT_NAMES
+    # tfimm's two names first; DoRA's magnitude and the merged/enabled state follow.
+    assert lora_ckpt.LORA_WEIGHT_NAMES[:2] == tfimm_lora.LORA_WEIGHT_NAMES
+    assert lora_ckpt.LORA_WEIGHT_NAMES[2:] == ["lora_magnitude", "lora_state"]
     assert lora_ckpt.merge_weights is lora_ckpt.merge_lora_weights
 
 

@@ -91,6 +91,7 @@ class LoRAModelMixin:
             "lora_rank": self.cfg.lora_rank,
             "lora_alpha": self.cfg.lora_alpha,
             "lora_dropout": self.cfg.lora_dropout,
+            "lora_freeze_base": True,
         }
         block_groups = tuple(g for g in groups if g in self.LAYER_GROUPS)
         targets = [
