@@ -419,9 +419,9 @@ class LoRALayerMixin:
 
     def load_own_variables(self, store):
         """Keras' ``.keras`` format: restores the variables and the LoRA state."""
-        keys = [k for k in store.keys() if k != LORA_STATE_NAME]
-        super().load_own_variables({k: store[k] for k in keys})
-        if self._lora_state is not None and LORA_STATE_NAME in store.keys():
+        stored = list(store.keys())  # an H5 entry: keys() is its only listing
+        super().load_own_variables({k: store[k] for k in stored if k != LORA_STATE_NAME})
+        if self._lora_state is not None and LORA_STATE_NAME in stored:
             self._lora_state.assign(store[LORA_STATE_NAME])
             self._sync_lora_state()
 

@@ -240,7 +240,7 @@ def test_tfimm_transfer_weights_interplay(images):
     lora = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
     names = list(lora_ckpt.LORA_WEIGHT_NAMES)
     transfer_weights(regular, lora, weights_to_ignore=lora_ckpt.LORA_WEIGHT_NAMES)
-    assert lora_ckpt.LORA_WEIGHT_NAMES == names  # tfimm appends to the list it is given
+    assert names == lora_ckpt.LORA_WEIGHT_NAMES  # tfimm appends to the list it is given
     randomize_lora(lora)
     expected = lora(images).numpy()
     lora_ckpt.merge_weights(lora)
