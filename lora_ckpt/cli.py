@@ -204,6 +204,25 @@ def _gc(args) -> int:
     return 0
 
 
+def _combine(args) -> int:
+    from .state import inspect_adapter
+    from .state.combine import COMBINED_KEY, combine_adapters
+
+    out = combine_adapters(
+        args.sources,
+        args.weights,
+        args.out,
+        method=args.method,
+        rank=args.rank,
+        overwrite=args.overwrite,
+    )
+    print(f"Combined {len(args.sources)} adapter(s) ({args.method}) into {out}")
+    if args.method == "svd":
+        error = inspect_adapter(out)["metadata"][COMBINED_KEY]["max_svd_relative_error"]
+        print(f"rank-{args.rank} SVD: max relative error {error:.3g} (per layer in its metadata)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lora-ckpt``."""
     parser = argparse.ArgumentParser(
@@ -333,6 +352,31 @@ def build_parser() -> argparse.ArgumentParser:
     gc = commands.add_parser("gc", help="clean what interrupted saves left in a store")
     gc.add_argument("store", nargs="?", default=DEFAULT_STORE, help="a store or adapter directory")
     gc.set_defaults(run=_gc)
+
+    combine = commands.add_parser(
+        "combine", help="a new adapter from a weighted combination of adapters of one base"
+    )
+    combine.add_argument("out", help="the new adapter's directory (or its s3:// URL)")
+    combine.add_argument("sources", nargs="+", help="the adapters to combine")
+    combine.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        required=True,
+        help="one weight per source adapter, in their order",
+    )
+    combine.add_argument(
+        "--method",
+        choices=("cat", "linear", "svd"),
+        default="cat",
+        help="cat: exact weighted sum, ranks add up (default); linear: PEFT's sum of the "
+        "factors (equal ranks, adds cross terms); svd: the weighted sum truncated to --rank",
+    )
+    combine.add_argument("--rank", type=int, default=None, help="the rank of --method svd")
+    combine.add_argument(
+        "--overwrite", action="store_true", help="replace an adapter already at OUT"
+    )
+    combine.set_defaults(run=_combine)
     return parser
 
 
