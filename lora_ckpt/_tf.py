@@ -9,12 +9,26 @@ every module of the package imports ``tf`` from here.
 import os
 import sys
 
-from .errors import KerasVersionError
+from .errors import KerasObjectError, KerasVersionError
 
+_ENV_BEFORE = os.environ.get("TF_USE_LEGACY_KERAS")
 if "tensorflow" not in sys.modules:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import tensorflow as tf
+
+def _restore_environment() -> None:
+    # lora_ckpt could not come up: leave the user's process as it found it.
+    if _ENV_BEFORE is None:
+        os.environ.pop("TF_USE_LEGACY_KERAS", None)
+    else:
+        os.environ["TF_USE_LEGACY_KERAS"] = _ENV_BEFORE
+
+
+try:
+    import tensorflow as tf
+except BaseException:
+    _restore_environment()
+    raise
 
 
 def _check_keras_2() -> None:
@@ -37,6 +51,31 @@ def _check_keras_2() -> None:
         )
 
 
-_check_keras_2()
+try:
+    _check_keras_2()
+except KerasVersionError:
+    _restore_environment()
+    raise
 
-__all__ = ["tf"]
+
+def require_tf_keras(obj, what: str = "lora_ckpt") -> None:
+    """Refuses Keras 3 layers and models with a clear error.
+
+    Args:
+        obj: What a caller passed as a model or layer.
+        what: The function it was passed to, for the message.
+
+    Raises:
+        KerasObjectError: If ``obj`` is a Keras 3 object.
+    """
+    if isinstance(obj, tf.keras.layers.Layer):
+        return
+    if any(cls.__module__.split(".")[0] == "keras" for cls in type(obj).__mro__):
+        raise KerasObjectError(
+            f"{what} got a Keras 3 {type(obj).__name__}; lora_ckpt works with tf_keras "
+            "(Keras 2) models such as tfimm's. Build the model with `lora_ckpt.tf.keras` "
+            "(or `import tf_keras`), not `import keras`."
+        )
+
+
+__all__ = ["require_tf_keras", "tf"]

@@ -12,11 +12,88 @@ from collections.abc import Iterable
 from ._tf import tf
 from .errors import LoRAConfigError, UnregisteredArchitectureError
 from .layers import LoRALayerMixin, convert_to_lora_layer, is_lora_layer, supported_layer_types
-from .selection import LoRASettings, match_layers
-from .traversal import variable_short_name
+from .selection import LoRASettings, layer_matches, match_layers
+from .traversal import named_layers, variable_short_name
 
-_LORA_KWARGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_initializer", "lora_regularizer")
-_OPTIONS = ("lora_train_bias", "lora_trainable_layers")
+_LORA_KWARGS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_initializer",
+    "lora_regularizer",
+    "lora_use_dora",
+    "lora_use_rslora",
+)
+_PATTERNS = ("lora_rank_pattern", "lora_alpha_pattern")
+_OPTIONS = ("lora_train_bias", "lora_trainable_layers", *_PATTERNS)
+
+
+def lora_layer_arguments(path: str, layer, kwargs: dict) -> dict:
+    """The LoRA arguments for one layer: ``kwargs`` with its rank and alpha
+    taken from ``lora_rank_pattern``/``lora_alpha_pattern`` (first match wins)."""
+    arguments = {k: v for k, v in kwargs.items() if k in _LORA_KWARGS}
+    for name, field in (("lora_rank_pattern", "lora_rank"), ("lora_alpha_pattern", "lora_alpha")):
+        for pattern, value in (kwargs.get(name) or {}).items():
+            if layer_matches(path, layer, pattern):
+                arguments[field] = value
+                break
+    return arguments
+
+
+def check_conversion_arguments(model, kwargs: dict) -> str:
+    """Validates generic conversion arguments and returns the bias mode.
+
+    Raises:
+        LoRAConfigError: For unknown arguments or a bias mode a frozen Keras
+            layer cannot train.
+    """
+    unknown = sorted(set(kwargs) - set(_LORA_KWARGS) - set(_OPTIONS))
+    if unknown:
+        raise LoRAConfigError(
+            f"Unknown argument(s) {unknown} for converting a {type(model).__name__} model; "
+            f"valid: {sorted(_LORA_KWARGS + _OPTIONS)}."
+        )
+    train_bias = kwargs.get("lora_train_bias", "none")
+    if train_bias not in ("none", "lora_only"):
+        raise LoRAConfigError(
+            f"lora_train_bias={train_bias!r} is not available for models converted by "
+            "target_layers (frozen Keras layers cannot train their bias alone); use 'none' "
+            "or 'lora_only', or train with lora_trainable_weights(model, 'all') in a custom loop."
+        )
+    return train_bias
+
+
+def match_targets(model, target_layers, layers) -> list[str]:
+    """Paths of the convertible layers among ``layers`` that ``target_layers`` names.
+
+    Raises:
+        LayerNotFoundError: If a pattern matches no convertible layer.
+    """
+    patterns = [target_layers] if isinstance(target_layers, str) else list(target_layers)
+    convertible = [(path, layer) for path, layer in layers if is_convertible(layer)]
+    return match_layers(
+        model,
+        patterns,
+        convertible,
+        f"target_layers pattern (over {'/'.join(supported_layer_types())} layers, groups=1)",
+    )
+
+
+def convert_target_layer(path: str, layer, kwargs: dict):
+    """The frozen-base LoRA layer for one target of a generic conversion."""
+    return convert_to_lora_layer(
+        layer,
+        lora_freeze_base=True,
+        lora_bias_trainable=kwargs.get("lora_train_bias", "none") == "lora_only",
+        **lora_layer_arguments(path, layer, kwargs),
+    )
+
+
+def copy_layer_weights(src, dst) -> None:
+    """Copies every variable of ``src`` into the same-named variable of ``dst``."""
+    by_name = {variable_short_name(v): v for v in src.weights}
+    for var in dst.weights:
+        var.assign(by_name[variable_short_name(var)])
 
 
 def is_graph_model(model) -> bool:
@@ -24,17 +101,12 @@ def is_graph_model(model) -> bool:
     return isinstance(model, tf.keras.Model) and getattr(model, "_is_graph_network", False)
 
 
-def _convertible(layer) -> bool:
+def is_convertible(layer) -> bool:
+    """Whether a layer can become a LoRA layer: exactly Dense, or Conv2D with groups=1."""
     return (
         type(layer) in (tf.keras.layers.Dense, tf.keras.layers.Conv2D)
         and getattr(layer, "groups", 1) == 1
     )
-
-
-def _copy_weights(src, dst) -> None:
-    by_name = {variable_short_name(v): v for v in src.weights}
-    for var in dst.weights:
-        var.assign(by_name[variable_short_name(var)])
 
 
 def _require_graph_model(model, what: str):
@@ -53,12 +125,16 @@ def convert_graph_model(
 
     Args:
         model: A built functional or Sequential model.
-        target_layers: Layer names or ``fnmatch`` patterns (``"block_*_project"``,
-            ``"Conv1"``); every pattern must match a Dense or Conv2D layer.
+        target_layers: Layer paths, names or ``fnmatch`` patterns
+            (``"block_*_project"``, ``"backbone/conv1"`` inside a nested
+            functional model); each must match a Dense or Conv2D layer. LoRA
+            layers the model already has are kept, with their weights.
         **kwargs: ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
-            ``lora_initializer``, ``lora_regularizer``; ``lora_train_bias``
-            (``"none"`` or ``"lora_only"``) and ``lora_trainable_layers``
-            (names or patterns of layers trained in full, e.g. the head).
+            ``lora_initializer``, ``lora_regularizer``, ``lora_use_dora``,
+            ``lora_use_rslora``, ``lora_rank_pattern``, ``lora_alpha_pattern``;
+            ``lora_train_bias`` (``"none"`` or ``"lora_only"``) and
+            ``lora_trainable_layers`` (names or patterns of layers trained in
+            full, e.g. the head).
 
     Returns:
         A new model of the same kind with LoRA layers, all weights copied.
@@ -69,56 +145,57 @@ def convert_graph_model(
         LoRAConfigError: For unknown or invalid arguments.
     """
     _require_graph_model(model, "converted by target_layers")
-    unknown = sorted(set(kwargs) - set(_LORA_KWARGS) - set(_OPTIONS))
-    if unknown:
-        raise LoRAConfigError(
-            f"Unknown argument(s) {unknown} for converting a {type(model).__name__} model; "
-            f"valid: {sorted(_LORA_KWARGS + _OPTIONS)}."
-        )
-    train_bias = kwargs.pop("lora_train_bias", "none")
-    if train_bias not in ("none", "lora_only"):
-        raise LoRAConfigError(
-            f"lora_train_bias={train_bias!r} is not available for functional/Sequential "
-            "models (frozen layers cannot train their bias alone in Keras); use 'none' or "
-            "'lora_only', or train with lora_trainable_weights(model, 'all') in a custom loop."
-        )
-    trainable_patterns = list(kwargs.pop("lora_trainable_layers", []))
-    patterns = [target_layers] if isinstance(target_layers, str) else list(target_layers)
+    train_bias = check_conversion_arguments(model, kwargs)
+    # Paths reach into nested functional models ("backbone/conv1").
+    layers = list(named_layers(model))
+    targets = match_targets(model, target_layers, layers)
+    chosen = [(path, layer) for path, layer in layers if path in targets]
+    for name in _PATTERNS:
+        match_layers(model, list(kwargs.get(name) or {}), chosen, f"{name} key")
+    trainable = match_layers(
+        model, list(kwargs.get("lora_trainable_layers", [])), layers, "lora_trainable_layers entry"
+    )
+    converted = convert_graph_targets(model, targets, trainable, kwargs)
+    converted.lora_settings = LoRASettings(train_bias, tuple(trainable))
+    return converted
 
-    # In a functional/Sequential model a layer's path is its name.
-    layers = [(layer.name, layer) for layer in model.layers]
-    convertible = [(name, layer) for name, layer in layers if _convertible(layer)]
-    targets = set(
-        match_layers(
-            model,
-            patterns,
-            convertible,
-            f"target_layers pattern (over {'/'.join(supported_layer_types())} layers, groups=1)",
-        )
-    )
-    trainable = set(
-        match_layers(model, trainable_patterns, layers, "lora_trainable_layers pattern")
-    )
+
+def convert_graph_targets(model, targets: list[str], trainable: list[str], kwargs: dict):
+    """Clones a functional/Sequential model with LoRA at the exact layer paths ``targets``.
+
+    Args:
+        model: The functional or Sequential model.
+        targets: Paths of convertible layers (nested models' layers included).
+        trainable: Paths of the layers that stay trainable; others freeze.
+        kwargs: Checked LoRA arguments, as :func:`convert_graph_model` takes them.
+
+    Returns:
+        The converted model, with every weight of ``model``.
+    """
+
+    def inside(path, prefix):
+        return [p.split("/", 1)[1] for p in path if p.startswith(prefix + "/")]
 
     def clone(layer):
         if layer.name in targets:
-            return convert_to_lora_layer(
-                layer,
-                lora_freeze_base=True,
-                lora_bias_trainable=train_bias == "lora_only",
-                **kwargs,
+            return convert_target_layer(layer.name, layer, kwargs)
+        if is_graph_model(layer) and inside(targets, layer.name):
+            return convert_graph_targets(
+                layer, inside(targets, layer.name), inside(trainable, layer.name), kwargs
             )
         return layer.__class__.from_config(layer.get_config())
 
     converted = tf.keras.models.clone_model(model, clone_function=clone)
     for src, dst in zip(model.layers, converted.layers, strict=True):
-        if not is_lora_layer(dst):
-            dst.set_weights(src.get_weights())
-        if not is_lora_layer(dst):
-            # Frozen layers; a frozen BatchNorm also runs in inference mode,
-            # so the base's moving statistics stay as they are.
-            dst.trainable = dst.name in trainable
-    converted.lora_settings = LoRASettings(train_bias, tuple(sorted(trainable)))
+        if src.name in targets or (is_graph_model(src) and inside(targets, src.name)):
+            continue  # converted with its weights
+        if is_lora_layer(src):
+            copy_layer_weights(src, dst)  # a LoRA layer stays one, with its weights
+            continue
+        dst.set_weights(src.get_weights())
+        # Frozen layers; a frozen BatchNorm also runs in inference mode, so
+        # the base's moving statistics stay as they are.
+        dst.trainable = dst.name in trainable
     return converted
 
 
@@ -148,8 +225,8 @@ def graph_model_to_regular(model: tf.keras.Model) -> tf.keras.Model:
     for src, dst in zip(model.layers, regular.layers, strict=True):
         dst.trainable = True
         if is_lora_layer(src):
-            _copy_weights(src, dst)
-            if not src.merged:
+            copy_layer_weights(src, dst)
+            if not src.merged and src.lora_enabled:
                 dst.kernel.assign(src.merged_kernel())
         else:
             dst.set_weights(src.get_weights())

@@ -26,7 +26,7 @@ disabled model saved and reloaded computes what it computed before.
 
 import math
 
-from ._tf import tf
+from ._tf import require_tf_keras, tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
 
 try:  # Keras 2 has no public way to tell a SavedModel export's traces from training.
@@ -607,6 +607,7 @@ def convert_to_lora_layer(layer: tf.keras.layers.Layer, **kwargs) -> tf.keras.la
         UnsupportedLayerError: If the layer type has no LoRA counterpart.
         LoRAConfigError: For invalid LoRA arguments.
     """
+    require_tf_keras(layer, "convert_to_lora_layer")
     lora_cls = _LORA_LAYER_CLASSES.get(type(layer))
     if lora_cls is None:
         raise UnsupportedLayerError(

@@ -4,6 +4,7 @@ The names and signatures are those of ``tfimm.architectures.lora``, so code
 written against it works after changing the import.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import warnings
@@ -11,12 +12,14 @@ import warnings
 import tfimm
 from tfimm.models import model_class, model_config, transfer_weights
 
-from ._tf import tf
+from ._tf import require_tf_keras, tf
 from .errors import (
     LayerNotFoundError,
     LoRAConfigError,
     MergeStateError,
+    MissingDependencyError,
     UnknownModelError,
+    UnregisteredArchitectureError,
 )
 from .graph_models import convert_graph_model, graph_model_to_regular, is_graph_model
 from .layers import LORA_WEIGHT_NAMES, is_lora_layer, supported_layer_types
@@ -27,6 +30,7 @@ from .registry import (
     lora_config,
     registered_architectures,
 )
+from .subclassed_models import convert_subclassed_model, convert_subclassed_model_to_regular
 from .traversal import named_layers
 
 # tfimm's LoRAConvNeXtConfig spells this field `lora_train_classifer`.
@@ -62,6 +66,32 @@ def _build(model: tf.keras.Model) -> tf.keras.Model:
     return model
 
 
+def _reset_magnitudes(model) -> None:
+    # DoRA magnitudes start as the column norms of the kernels the model holds
+    # now (after building or after the base weights were transferred).
+    for _, layer in lora_layers(model):
+        layer.reset_lora_magnitude()
+
+
+def _lora_cfg_class(model_cls: type) -> type:
+    # tfimm allows `cfg_class = None` on a LoRA class: it takes the base's config.
+    return lora_config(model_cls) or model_cls.cfg_class
+
+
+def _tfimm_create(model_name: str, **kwargs) -> tf.keras.Model:
+    try:
+        return tfimm.create_model(model_name, **kwargs)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("timm", "torch"):
+            raise
+        raise MissingDependencyError(
+            f"tfimm converts the pretrained weights of '{model_name}' from timm (PyTorch), "
+            f"and {exc.name} is not installed: `pip install timm torch` (the first call also "
+            "downloads the weights), or pass model_path= with weights saved by "
+            "tfimm/Keras, or load base weights with lora_ckpt.load_base_weights."
+        ) from exc
+
+
 def _transfer(src: tf.keras.Model, dst: tf.keras.Model) -> None:
     # tfimm's transfer_weights appends to the list it is given: pass a copy.
     transfer_weights(src_model=src, dst_model=dst, weights_to_ignore=list(LORA_WEIGHT_NAMES))
@@ -81,12 +111,14 @@ def create_model(
 
     Args:
         model_name: A tfimm model name, e.g. ``"convnext_tiny"``.
-        pretrained: Load tfimm's pretrained weights (from its cache or the
-            network).
+        pretrained: Load tfimm's pretrained weights (tfimm converts them from
+            timm, which must be installed; from its cache or the network).
         model_path: Path of a saved regular model to load; takes precedence
             over ``pretrained``.
         **kwargs: LoRA fields (``lora_rank``, ``lora_alpha``, ``lora_dropout``,
-            ``lora_train_bias``, ``lora_train_classifier``) and overrides of the
+            ``lora_train_bias``, ``lora_train_classifier``, ``lora_layer_groups``,
+            ``lora_use_dora``, ``lora_use_rslora``, ``lora_rank_pattern``,
+            ``lora_alpha_pattern``, ``lora_initializer``) and overrides of the
             model config (``nb_classes``, ``embed_dim``, ...).
 
     Returns:
@@ -96,6 +128,7 @@ def create_model(
         UnknownModelError: If tfimm does not know ``model_name``.
         UnregisteredArchitectureError: If the architecture has no LoRA variant.
         LoRAConfigError: For unknown config fields or invalid LoRA values.
+        MissingDependencyError: For ``pretrained=True`` without timm.
     """
     if not tfimm.models.is_model(model_name):
         close = difflib.get_close_matches(model_name, tfimm.list_models(), n=5)
@@ -109,25 +142,29 @@ def create_model(
     if pretrained or model_path:
         lora_kwargs = {k: v for k, v in kwargs.items() if k.startswith("lora_")}
         full_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("lora_")}
-        full_model = tfimm.create_model(
+        full_model = _tfimm_create(
             model_name, pretrained=pretrained, model_path=model_path, **full_kwargs
         )
         return convert_to_lora_model(full_model, **lora_kwargs)
 
     base_cfg = dataclasses.asdict(model_config(model_name))
-    cfg = _config_with_overrides(lora_config(cls), base_cfg, kwargs, model_name)
-    return _build(lora_cls(cfg=cfg))
+    cfg = _config_with_overrides(_lora_cfg_class(cls), base_cfg, kwargs, model_name)
+    model = _build(lora_cls(cfg=cfg))
+    _reset_magnitudes(model)
+    return model
 
 
 def convert_to_lora_model(model: tf.keras.Model, **kwargs) -> tf.keras.Model:
     """Creates the LoRA version of a model and transfers all its weights.
 
-    A model of a registered architecture (tfimm's ConvNeXt, ViT, ...) becomes
-    its LoRA class; a functional or Sequential Keras model gets LoRA on the
-    layers that ``target_layers`` names (see :func:`lora_ckpt.graph_models.convert_graph_model`).
+    A model of a registered architecture (every tfimm family) becomes its LoRA
+    class; any other Keras model (functional, Sequential or subclassed) gets
+    LoRA on the layers that ``target_layers`` names (see
+    :func:`lora_ckpt.graph_models.convert_graph_model` and
+    :func:`lora_ckpt.subclassed_models.convert_subclassed_model`).
 
     Args:
-        model: A registered architecture, or a functional/Sequential model.
+        model: A registered architecture, or any tf_keras model.
         **kwargs: LoRA fields (``lora_rank``, ``lora_alpha``, ...); for a
             registered architecture also config overrides such as
             ``nb_classes`` (a classifier of another size keeps its fresh
@@ -140,59 +177,94 @@ def convert_to_lora_model(model: tf.keras.Model, **kwargs) -> tf.keras.Model:
         what ``model`` computes.
 
     Raises:
-        UnregisteredArchitectureError: If the model is neither registered
-            nor functional/Sequential.
+        UnregisteredArchitectureError: If the model is not registered and no
+            ``target_layers`` are given.
         LayerNotFoundError: If a ``target_layers`` pattern matches nothing.
-        LoRAConfigError: For unknown config fields or invalid LoRA values.
+        LoRAConfigError: For unknown config fields or invalid LoRA values, or
+            a model that is already a LoRA architecture.
+        KerasObjectError: For a Keras 3 model.
     """
+    require_tf_keras(model, "convert_to_lora_model")
     target_layers = kwargs.pop("target_layers", None)
-    if is_graph_model(model) and not is_lora_architecture(type(model)):
-        if target_layers is None:
-            raise LoRAConfigError(
-                f"Choose the layers of this {type(model).__name__} model that get LoRA "
-                "with target_layers=[names or glob patterns], e.g. target_layers=['*conv*']."
-            )
-        return convert_graph_model(model, target_layers, **kwargs)
-    if target_layers is not None:
+    model_cls = type(model)
+    registered = model_cls in registered_architectures()
+    if is_lora_architecture(model_cls) and lora_base_architecture(model_cls) is not model_cls:
         raise LoRAConfigError(
-            f"{type(model).__name__} is a registered architecture: choose its LoRA layers "
-            "with lora_layer_groups, not target_layers."
+            f"{model_cls.__name__} is already a LoRA model; converting it again would "
+            "re-initialise its LoRA weights. Use it as it is, or convert_to_regular_model first."
         )
-    lora_cls = lora_architecture(type(model))
+    if target_layers is not None or not registered:
+        if target_layers is None:
+            if not is_graph_model(model) and getattr(model, "cfg", None) is None:
+                raise UnregisteredArchitectureError(
+                    f"{model_cls.__name__} is not a registered LoRA architecture: choose the "
+                    "layers that get LoRA with target_layers=[paths, names or glob patterns]. "
+                    f"Registered architectures: {sorted(c.__name__ for c in registered_architectures())}."
+                )
+            raise LoRAConfigError(
+                f"Choose the layers of this {model_cls.__name__} model that get LoRA "
+                "with target_layers=[paths, names or glob patterns], e.g. ['*conv*']."
+            )
+        if registered:
+            raise LoRAConfigError(
+                f"{model_cls.__name__} is a registered architecture: choose its LoRA layers "
+                "with lora_layer_groups, not target_layers."
+            )
+        if is_graph_model(model):
+            return convert_graph_model(model, target_layers, **kwargs)
+        return convert_subclassed_model(model, target_layers, **kwargs)
+    lora_cls = lora_architecture(model_cls)
     kwargs = _normalize_kwargs(kwargs)
     cfg = _config_with_overrides(
-        lora_config(type(model)), dataclasses.asdict(model.cfg), kwargs, lora_cls.__name__
+        _lora_cfg_class(model_cls), dataclasses.asdict(model.cfg), kwargs, lora_cls.__name__
     )
     lora_model = _build(lora_cls(cfg=cfg))
     _transfer(_build(model), lora_model)
+    _reset_magnitudes(lora_model)
     return lora_model
 
 
-def convert_to_regular_model(model: tf.keras.Model) -> tf.keras.Model:
-    """Converts a LoRA model into its regular architecture, updates folded in.
+def convert_to_regular_model(model: tf.keras.Model, merge: bool = True) -> tf.keras.Model:
+    """Converts a LoRA model into its regular architecture.
 
     The LoRA model itself is left as it was (layers merged for the transfer
     are unmerged afterwards, bit for bit).
 
     Args:
         model: An instance of a registered LoRA architecture, or a
-            functional/Sequential model with LoRA layers.
+            functional/Sequential/subclassed model with LoRA layers.
+        merge: ``True``: fold the updates in (the result computes what
+            ``model`` computes with LoRA enabled). ``False``: the base model
+            without the updates (PEFT's ``unload``).
 
     Returns:
-        A built regular model computing what ``model`` computes with LoRA
-        enabled.
+        A built regular model.
 
     Raises:
         UnregisteredArchitectureError: If the class is not a LoRA variant.
+        MergeStateError: With ``merge=False`` for a model merged when it was
+            saved (its base kernel is not known).
     """
-    if is_graph_model(model) and not is_lora_architecture(type(model)):
-        return graph_model_to_regular(model)
+    require_tf_keras(model, "convert_to_regular_model")
+    if not merge:
+        with _base_kernels(model):
+            return convert_to_regular_model(model, merge=True)
+    if not is_lora_architecture(type(model)):
+        if not lora_layers(model):
+            raise UnregisteredArchitectureError(
+                f"{type(model).__name__} model '{model.name}' is neither a registered LoRA "
+                "architecture nor a model with LoRA layers: there is nothing to convert back."
+            )
+        if is_graph_model(model):
+            return graph_model_to_regular(model)
+        return convert_subclassed_model_to_regular(model)
     base_cls = lora_base_architecture(type(model))
     base_cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if not k.startswith("lora_")}
     base_cfg = _config_with_overrides(base_cls.cfg_class, base_cfg, {}, base_cls.__name__)
     base_model = _build(base_cls(cfg=base_cfg))
 
-    to_merge = [layer for _, layer in lora_layers(model) if not layer.merged]
+    # A disabled layer adds nothing, so its base kernel is what the model computes with.
+    to_merge = [layer for _, layer in lora_layers(model) if not layer.merged and layer.lora_enabled]
     try:
         for layer in to_merge:
             layer.merge_weights()
@@ -289,6 +361,75 @@ def set_lora_enabled(model: tf.keras.layers.Layer, enabled: bool) -> None:
     for layer in _require_lora_layers(model):
         layer.lora_enabled = bool(enabled)
     _forget_compiled_functions(model)
+
+
+@contextlib.contextmanager
+def _base_kernels(model):
+    """Within the block, every LoRA layer holds its base kernel and adds no update."""
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge_weights()
+    try:
+        with lora_disabled(model):
+            yield
+    finally:
+        for layer in merged:
+            layer.merge_weights()
+
+
+@contextlib.contextmanager
+def lora_disabled(model: tf.keras.layers.Layer):
+    """Runs the base model inside the ``with`` block (PEFT's ``disable_adapter()``).
+
+    Every LoRA layer stops adding its update; on leaving the block, even by
+    an exception, each layer gets back the enabled state it had.
+
+    Args:
+        model: A model with LoRA layers, not merged.
+
+    Raises:
+        LayerNotFoundError: If the model has no LoRA layers.
+        MergeStateError: If a LoRA layer is merged (its kernel then holds the
+            update, so disabling could not give the base).
+    """
+    layers = _require_lora_layers(model)
+    merged = [layer.name for layer in layers if layer.merged]
+    if merged:
+        raise MergeStateError(
+            f"LoRA layer '{merged[0]}' is merged, so the base cannot be run by disabling "
+            "LoRA; call unmerge_lora_weights(model) first."
+        )
+    before = [layer.lora_enabled for layer in layers]
+    set_lora_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, before, strict=True):
+            layer.lora_enabled = enabled
+        _forget_compiled_functions(model)
+
+
+def trainable_parameter_counts(model: tf.keras.layers.Layer) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts, as Keras' ``summary`` counts them."""
+    trainable = sum(int(v.shape.num_elements()) for v in model.trainable_weights)
+    total = trainable + sum(int(v.shape.num_elements()) for v in model.non_trainable_weights)
+    return trainable, total
+
+
+def print_trainable_parameters(model: tf.keras.layers.Layer) -> None:
+    """Prints PEFT's one-line summary of what trains.
+
+    ``trainable params: 132,480 || all params: 28,721,608 || trainable%: 0.4613``
+
+    Args:
+        model: Any built Keras model.
+    """
+    trainable, total = trainable_parameter_counts(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+    )
 
 
 def supported_architectures() -> dict:

@@ -9,6 +9,7 @@ import warnings
 from functools import partial
 
 from .errors import UnregisteredArchitectureError
+from .selection import LoRATrainableMixin
 
 _lora_model_class: dict[type, type] = {}
 _lora_model_base_class: dict[type, type] = {}  # inverse of _lora_model_class
@@ -29,16 +30,21 @@ def register_lora_architecture(lora_cls=None, *, base_cls: type | None = None):
 
         register_lora_architecture(FlexibleModel, base_cls=FlexibleModel)
 
+    A class that does not inherit :class:`lora_ckpt.selection.LoRATrainableMixin`
+    gets its ``trainable_weights``/``non_trainable_weights`` override here, so
+    that ``fit`` trains what an adapter of it saves (the LoRA weights, the
+    biases of ``cfg.lora_train_bias``, the classifier if
+    ``cfg.lora_train_classifier``).
+
     Args:
-        lora_cls: The LoRA model class; it must have a ``cfg_class`` attribute.
+        lora_cls: The LoRA model class; its ``cfg_class`` attribute names its
+            config dataclass, or is ``None`` (as tfimm allows): the base
+            class's config is used then.
         base_cls: The regular model class; defaults to ``lora_cls``'s direct
             base class.
 
     Returns:
-        ``lora_cls`` unchanged (or a decorator, if called with keywords only).
-
-    Raises:
-        UnregisteredArchitectureError: If ``lora_cls`` has no ``cfg_class``.
+        ``lora_cls`` (or a decorator, if called with keywords only).
     """
     if lora_cls is None:
         return partial(register_lora_architecture, base_cls=base_cls)
@@ -46,11 +52,6 @@ def register_lora_architecture(lora_cls=None, *, base_cls: type | None = None):
     if base_cls is None:
         base_cls = lora_cls.__base__
     lora_cfg = getattr(lora_cls, "cfg_class", None)
-    if lora_cfg is None:
-        raise UnregisteredArchitectureError(
-            f"{lora_cls.__name__} cannot be registered: it has no `cfg_class` "
-            "attribute naming its config dataclass."
-        )
     if base_cls in _lora_model_class and _lora_model_class[base_cls] is not lora_cls:
         warnings.warn(
             f"Model class {base_cls.__name__} has already registered a LoRA version "
@@ -59,6 +60,11 @@ def register_lora_architecture(lora_cls=None, *, base_cls: type | None = None):
             stacklevel=2,
         )
 
+    # A self-registered class is its own base: its regular use keeps Keras' rules.
+    if base_cls is not lora_cls and not issubclass(lora_cls, LoRATrainableMixin):
+        for name, member in vars(LoRATrainableMixin).items():
+            if not name.startswith("__"):
+                setattr(lora_cls, name, member)
     _lora_model_class[base_cls] = lora_cls
     _lora_model_base_class[lora_cls] = base_cls
     _lora_model_config[base_cls] = lora_cfg
@@ -100,8 +106,9 @@ def lora_base_architecture(lora_cls: type) -> type:
     return _lora_model_base_class[lora_cls]
 
 
-def lora_config(model_cls: type) -> type:
-    """Returns the LoRA config class registered for a base model class.
+def lora_config(model_cls: type) -> type | None:
+    """Returns the LoRA config class registered for a base model class
+    (``None`` if the LoRA class declared ``cfg_class = None``).
 
     Raises:
         UnregisteredArchitectureError: If no LoRA variant is registered.

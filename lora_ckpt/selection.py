@@ -53,6 +53,46 @@ class LoRASettings:
     trainable_layers: tuple[str, ...] = ()
 
 
+class LoRATrainableMixin:
+    """Makes ``model.trainable_weights`` what LoRA trains, for a subclassed model.
+
+    Settings come from the model's config: ``cfg.lora_train_bias`` (default
+    ``"none"``) and, if ``cfg.lora_train_classifier``, the layers named by
+    ``cfg.classifier``. Every registered LoRA architecture has this override:
+    :func:`lora_ckpt.register_lora_architecture` gives it to classes that do
+    not inherit it, so Keras' ``fit`` trains exactly what an adapter saves.
+    """
+
+    def lora_trainable_layers(self) -> list[str]:
+        """Paths of the layers trained in full: the classifier, if the config asks."""
+        cfg = getattr(self, "cfg", None)
+        if not getattr(cfg, "lora_train_classifier", False):
+            return []
+        if "head" in tuple(getattr(cfg, "lora_layer_groups", ()) or ()):
+            return []  # the head has LoRA instead
+        classifier = getattr(cfg, "classifier", None)
+        names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+        existing = {name for path, layer in named_layers(self) for name in (path, layer.name)}
+        # A model built with nb_classes=0 has no classifier layer to train.
+        return [name for name in names if name in existing]
+
+    @property
+    def lora_settings(self) -> LoRASettings:
+        """Bias mode and fully trained layers, from the config."""
+        train_bias = getattr(getattr(self, "cfg", None), "lora_train_bias", "none")
+        return LoRASettings(train_bias, tuple(self.lora_trainable_layers()))
+
+    @property
+    def trainable_weights(self) -> list[tf.Variable]:
+        settings = self.lora_settings
+        return lora_trainable_weights(self, settings.train_bias, settings.trainable_layers)
+
+    @property
+    def non_trainable_weights(self) -> list[tf.Variable]:
+        settings = self.lora_settings
+        return lora_non_trainable_weights(self, settings.train_bias, settings.trainable_layers)
+
+
 def lora_settings(model) -> LoRASettings:
     """The training settings of a LoRA model (registered, converted or plain).
 
@@ -162,7 +202,7 @@ def lora_trainable_weights(
     for path, layer in layers:
         variables = trained_biases(layer, train_bias)
         if is_lora_layer(layer):
-            variables = [layer.kernel_lora_a, layer.kernel_lora_b, *variables]
+            variables = [*layer.lora_trainable_weights(train_bias=False), *variables]
         if path in full:
             variables += tf.keras.layers.Layer.trainable_weights.fget(layer)
         for variable in variables:
@@ -201,8 +241,8 @@ class StateSelection:
     Attributes:
         variables: ``key -> variable`` for every variable in the adapter.
         kinds: ``key -> "lora" | "bias" | "extra"``.
-        layers: ``layer path -> {"type", "rank", "alpha", "scaling"}`` for
-            every LoRA layer.
+        layers: ``layer path -> {"type", "rank", "alpha", "scaling", "dora",
+            "rslora"}`` for every LoRA layer.
         bias: The bias mode that chose the biases.
         extra_layers: Paths of the extra layers saved in full.
         model_variables: ``key -> variable`` for the whole model.
@@ -268,7 +308,7 @@ def select_state(
 
     kinds: dict[str, str] = {}
     for _, layer in layers:
-        for var in (layer.kernel_lora_a, layer.kernel_lora_b):
+        for var in layer.lora_trainable_weights(train_bias=False):  # A, B (, magnitude)
             kinds[key_of[id(var)]] = KIND_LORA
     for prefix in extra:
         for key in all_vars:
@@ -285,6 +325,8 @@ def select_state(
             "rank": int(layer.lora_rank),
             "alpha": float(layer.lora_alpha),
             "scaling": float(layer.scaling),
+            "dora": bool(layer.lora_use_dora),
+            "rslora": bool(layer.lora_use_rslora),
         }
         for path, layer in layers
     }

@@ -11,8 +11,8 @@ architecture: they key weight selection and saved adapters.
 
 from collections.abc import Iterator
 
-from ._tf import tf
-from .errors import LoRAError
+from ._tf import require_tf_keras, tf
+from .errors import LoRAError, UnsupportedLayerError
 from .layers import LORA_STATE_NAME, is_lora_layer
 
 
@@ -44,6 +44,7 @@ def _direct(layer) -> tuple[list[tuple[str, tf.keras.layers.Layer]], list[tf.Var
 
 def _walk(model) -> Iterator[tuple[str, tf.keras.layers.Layer, list[tf.Variable]]]:
     """``(path, layer, own variables)`` for the model ("") and every layer below, depth first."""
+    require_tf_keras(model)
     seen = {id(model)}
 
     def walk(layer, path):
@@ -119,3 +120,32 @@ def layers_and_variables(model) -> tuple[list, dict[str, tf.Variable]]:
                 )
             result[key] = variable
     return layers, result
+
+
+def replace_layer(model, path: str, new_layer) -> None:
+    """Puts ``new_layer`` where ``path`` reaches in a subclassed model (or layer).
+
+    Args:
+        model: The model.
+        path: A path as :func:`named_layers` gives it (``stages/0/blocks/1/mlp/fc1``).
+        new_layer: The layer to put there.
+
+    Raises:
+        UnsupportedLayerError: If the path passes through a functional or
+            Sequential model, whose graph an attribute assignment would not change.
+    """
+    *parents, leaf = path.split("/")
+    owner = model
+    for name in [*parents, None]:
+        if _is_graph_network(owner):
+            raise UnsupportedLayerError(
+                f"Layer '{path}' sits inside the functional model '{owner.name}', whose "
+                "graph cannot be changed in place; convert that model with target_layers."
+            )
+        if name is None:
+            break
+        owner = owner[int(name)] if isinstance(owner, (list, tuple)) else getattr(owner, name)
+    if isinstance(owner, list) or type(owner).__name__ == "ListWrapper":
+        owner[int(leaf)] = new_layer
+    else:
+        setattr(owner, leaf, new_layer)

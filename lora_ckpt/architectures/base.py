@@ -8,18 +8,14 @@ mixin converts the chosen groups, validates the LoRA config, and overrides
 """
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._tf import tf
 from ..errors import LoRAConfigError
+from ..graph_models import is_convertible
 from ..layers import convert_to_lora_layer, validate_lora_args
-from ..selection import (
-    LoRASettings,
-    check_train_bias,
-    lora_non_trainable_weights,
-    lora_trainable_weights,
-)
-from ..traversal import named_layers
+from ..selection import LoRATrainableMixin, check_train_bias, layer_matches, match_layers
+from ..traversal import named_layers, replace_layer
 
 
 @dataclass
@@ -27,7 +23,8 @@ class LoRAConfigFields:
     """LoRA fields added to an architecture's config dataclass.
 
     Attributes:
-        lora_rank: Rank of every LoRA update.
+        lora_rank: Rank of every LoRA update (unless ``lora_rank_pattern``
+            names another for a layer).
         lora_alpha: Updates are scaled by ``lora_alpha / lora_rank``.
         lora_dropout: Dropout on the LoRA branch input during training.
         lora_train_bias: ``"none"``, ``"lora_only"`` or ``"all"``.
@@ -36,6 +33,13 @@ class LoRAConfigFields:
             defines its groups and their default. The ``head`` group gives the
             classifier LoRA instead of training it in full (what an
             AdapterPool can serve per request).
+        lora_use_dora: DoRA layers (a trainable magnitude per output channel).
+        lora_use_rslora: rsLoRA scaling, ``lora_alpha / sqrt(rank)``.
+        lora_rank_pattern: ``{layer path, name or glob: rank}`` (PEFT's
+            ``rank_pattern``); the first matching pattern wins.
+        lora_alpha_pattern: ``{layer path, name or glob: alpha}``, likewise.
+        lora_initializer: Initializer of ``A``: a Keras initializer name,
+            ``"gaussian"`` or ``"kaiming_uniform"``.
     """
 
     lora_rank: int = 4
@@ -44,32 +48,70 @@ class LoRAConfigFields:
     lora_train_bias: str = "none"
     lora_train_classifier: bool = True
     lora_layer_groups: tuple[str, ...] = ()
+    lora_use_dora: bool = False
+    lora_use_rslora: bool = False
+    lora_rank_pattern: dict = field(default_factory=dict)
+    lora_alpha_pattern: dict = field(default_factory=dict)
+    lora_initializer: str = "glorot_uniform"
 
 
-class LoRAModelMixin:
+def _pattern_value(path: str, layer, patterns: dict, default):
+    for pattern, value in patterns.items():
+        if layer_matches(path, layer, pattern):
+            return value
+    return default
+
+
+class LoRAModelMixin(LoRATrainableMixin):
     """Mixed into a LoRA architecture, before its tfimm base class.
 
-    Subclasses set :attr:`LAYER_GROUPS` and implement :meth:`lora_blocks`,
-    then call :meth:`apply_lora` at the end of ``__init__``.
+    A subclass names its layer groups either per block (:attr:`LAYER_GROUPS`
+    with :meth:`lora_blocks`) or by glob patterns over layer paths
+    (:attr:`GROUP_PATTERNS`), then calls :meth:`apply_lora` at the end of
+    ``__init__``.
     """
 
     #: group name -> attribute paths, inside one block, of the layers to convert.
     LAYER_GROUPS: dict[str, tuple[str, ...]] = {}
     #: group name -> attribute paths, from the model, of layers outside the blocks.
     MODEL_LAYER_GROUPS: dict[str, tuple[str, ...]] = {}
+    #: group name -> globs over layer paths (``stages/*/blocks/*/mlp/fc1``).
+    GROUP_PATTERNS: dict[str, tuple[str, ...]] = {}
 
     @classmethod
     def layer_groups(cls) -> dict[str, tuple[str, ...]]:
         """Every layer group the architecture offers, block and model level."""
-        return {**cls.LAYER_GROUPS, **cls.MODEL_LAYER_GROUPS}
+        return {**cls.LAYER_GROUPS, **cls.MODEL_LAYER_GROUPS, **cls.GROUP_PATTERNS}
 
     def lora_blocks(self) -> Iterable[tf.keras.layers.Layer]:
         """The blocks whose group layers get LoRA."""
-        raise NotImplementedError
+        return []
 
     def block_layer_paths(self, block, groups: tuple[str, ...]) -> list[str]:
         """Attribute paths, inside ``block``, of the layers the groups convert."""
         return [path for group in groups for path in self.LAYER_GROUPS[group]]
+
+    def lora_target_paths(self, groups: tuple[str, ...]) -> list[str]:
+        """Paths of the layers that the layer groups give LoRA, in model order.
+
+        Raises:
+            LayerNotFoundError: If a pattern group matches no convertible layer.
+        """
+        layers = list(named_layers(self))
+        path_of = {id(layer): path for path, layer in layers}
+        wanted = []
+        block_groups = tuple(g for g in groups if g in self.LAYER_GROUPS)
+        for block in self.lora_blocks():
+            for attr in self.block_layer_paths(block, block_groups):
+                wanted.append(f"{path_of[id(block)]}/{attr.replace('.', '/')}")
+        for group in groups:
+            wanted += [attr.replace(".", "/") for attr in self.MODEL_LAYER_GROUPS.get(group, ())]
+        patterns = [p for g in groups for p in self.GROUP_PATTERNS.get(g, ())]
+        if patterns:
+            candidates = [(path, layer) for path, layer in layers if is_convertible(layer)]
+            wanted += match_layers(self, patterns, candidates, "layer group pattern")
+        order = {path: i for i, (path, _) in enumerate(layers)}
+        return sorted(set(wanted), key=lambda path: order.get(path, -1))
 
     def apply_lora(self) -> None:
         """Replaces the layers of the configured groups with LoRA layers.
@@ -77,62 +119,36 @@ class LoRAModelMixin:
         Raises:
             LoRAConfigError: For invalid LoRA values or an unknown group.
             UnsupportedLayerError: If a group layer cannot be converted.
+            LayerNotFoundError: If a rank or alpha pattern matches no LoRA layer.
         """
-        validate_lora_args(self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_dropout)
-        check_train_bias(self.cfg.lora_train_bias)
-        groups = tuple(self.cfg.lora_layer_groups)
+        cfg = self.cfg
+        validate_lora_args(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        check_train_bias(cfg.lora_train_bias)
+        groups = tuple(cfg.lora_layer_groups)
         unknown = [g for g in groups if g not in self.layer_groups()]
         if unknown or not groups:
             raise LoRAConfigError(
                 f"lora_layer_groups {list(groups)} is invalid for {type(self).__name__}: "
                 f"choose one or more of {sorted(self.layer_groups())}."
             )
-        kwargs = {
-            "lora_rank": self.cfg.lora_rank,
-            "lora_alpha": self.cfg.lora_alpha,
-            "lora_dropout": self.cfg.lora_dropout,
-            "lora_freeze_base": True,
-        }
-        block_groups = tuple(g for g in groups if g in self.LAYER_GROUPS)
-        targets = [
-            (block, path)
-            for block in self.lora_blocks()
-            for path in self.block_layer_paths(block, block_groups)
-        ]
-        targets += [
-            (self, path)
-            for g in groups
-            if g in self.MODEL_LAYER_GROUPS
-            for path in self.MODEL_LAYER_GROUPS[g]
-        ]
-        for owner, attr_path in targets:
-            *parents, attr = attr_path.split(".")
-            for name in parents:
-                owner = getattr(owner, name)
-            setattr(owner, attr, convert_to_lora_layer(getattr(owner, attr), **kwargs))
-
-    def lora_trainable_layers(self) -> list[str]:
-        """Paths of the layers trained in full: the classifier, if asked for
-        (and not given LoRA through the ``head`` layer group)."""
-        if not self.cfg.lora_train_classifier or "head" in self.cfg.lora_layer_groups:
-            return []
-        classifier = getattr(self.cfg, "classifier", None)
-        names = [classifier] if isinstance(classifier, str) else list(classifier or [])
-        existing = {name for path, layer in named_layers(self) for name in (path, layer.name)}
-        # A model built with nb_classes=0 has no classifier layer to train.
-        return [name for name in names if name in existing]
-
-    @property
-    def lora_settings(self) -> LoRASettings:
-        """Bias mode and fully trained layers, from the config."""
-        return LoRASettings(self.cfg.lora_train_bias, tuple(self.lora_trainable_layers()))
-
-    @property
-    def trainable_weights(self) -> list[tf.Variable]:
-        return lora_trainable_weights(self, self.cfg.lora_train_bias, self.lora_trainable_layers())
-
-    @property
-    def non_trainable_weights(self) -> list[tf.Variable]:
-        return lora_non_trainable_weights(
-            self, self.cfg.lora_train_bias, self.lora_trainable_layers()
-        )
+        layers = dict(named_layers(self))
+        targets = [(path, layers[path]) for path in self.lora_target_paths(groups)]
+        for name in ("lora_rank_pattern", "lora_alpha_pattern"):
+            patterns = dict(getattr(cfg, name, None) or {})
+            if patterns:
+                match_layers(self, list(patterns), targets, f"{name} key")
+        for path, layer in targets:
+            rank = _pattern_value(path, layer, cfg.lora_rank_pattern or {}, cfg.lora_rank)
+            alpha = _pattern_value(path, layer, cfg.lora_alpha_pattern or {}, cfg.lora_alpha)
+            validate_lora_args(rank, alpha, cfg.lora_dropout)
+            lora_layer = convert_to_lora_layer(
+                layer,
+                lora_rank=rank,
+                lora_alpha=alpha,
+                lora_dropout=cfg.lora_dropout,
+                lora_use_dora=cfg.lora_use_dora,
+                lora_use_rslora=cfg.lora_use_rslora,
+                lora_initializer=cfg.lora_initializer,
+                lora_freeze_base=True,
+            )
+            replace_layer(self, path, lora_layer)

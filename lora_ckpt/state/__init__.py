@@ -1,6 +1,7 @@
 """The partial-state subsystem: adapters as small tf.train.Checkpoint directories."""
 
 from .base_weights import load_base_weights
+from .combine import combine_adapters, write_lora_state
 from .fit import LoadReport, ModelSignature, check_base, check_fit
 from .format import CONFIG_FILE, FORMAT_VERSION, AdapterConfig
 from .inspect import inspect_adapter, list_adapters
@@ -19,6 +20,7 @@ __all__ = [
     "ModelSignature",
     "check_base",
     "check_fit",
+    "combine_adapters",
     "inspect_adapter",
     "list_adapters",
     "load_base_weights",
@@ -27,4 +29,5 @@ __all__ = [
     "read_lora_state",
     "restore_training_checkpoint",
     "save_lora_state",
+    "write_lora_state",
 ]

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import AdapterVersionError, CorruptAdapterError
+from ..layers import lora_scaling
 
 FORMAT_NAME = "lora_ckpt.adapter"
 FORMAT_VERSION = 2
@@ -196,11 +197,6 @@ class LayerRecord:
         record["scaling"] = self.scaling
         record.update({k: True for k in ("dora", "rslora") if getattr(self, k)})
         return record
-
-
-def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
-    """LoRA's ``alpha / rank``, or rsLoRA's ``alpha / sqrt(rank)``, as a Python float."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 @dataclass(frozen=True)
@@ -414,7 +410,9 @@ def _inconsistency(config: AdapterConfig) -> str:
         if magnitude is not None and (magnitude.kind != "lora" or magnitude.shape != b.shape[1:]):
             return f"layer {layer_path} has a lora_magnitude of shape {list(magnitude.shape)}, not [{b.shape[1]}]"
         if (layer.dora or layer.rslora) and config.format_version < 2:
-            return f"layer {layer_path} uses DoRA/rsLoRA in a version-{config.format_version} config"
+            return (
+                f"layer {layer_path} uses DoRA/rsLoRA in a version-{config.format_version} config"
+            )
     lora_layers = {key.rsplit("/", 1)[0] for key, v in config.variables.items() if v.kind == "lora"}
     if lora_layers - set(config.layers):
         return (
