@@ -11,7 +11,13 @@ from collections.abc import Iterable
 
 from ._tf import tf
 from .errors import LoRAConfigError, UnregisteredArchitectureError
-from .layers import LoRALayerMixin, convert_to_lora_layer, is_lora_layer, supported_layer_types
+from .layers import (
+    LoRALayerMixin,
+    convert_to_lora_layer,
+    has_lora_counterpart,
+    is_lora_layer,
+    supported_layer_types,
+)
 from .selection import LoRASettings, layer_matches, match_layers
 from .traversal import named_layers, variable_short_name
 
@@ -102,11 +108,8 @@ def is_graph_model(model) -> bool:
 
 
 def is_convertible(layer) -> bool:
-    """Whether a layer can become a LoRA layer: exactly Dense, or Conv2D with groups=1."""
-    return (
-        type(layer) in (tf.keras.layers.Dense, tf.keras.layers.Conv2D)
-        and getattr(layer, "groups", 1) == 1
-    )
+    """Whether a layer can become a LoRA layer (exactly a type with a LoRA class, groups=1)."""
+    return has_lora_counterpart(layer)
 
 
 def _require_graph_model(model, what: str):

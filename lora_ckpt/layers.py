@@ -429,6 +429,9 @@ class LoRALayerMixin:
         """The base layer's linear map (matmul or convolution) with ``kernel``."""
         raise NotImplementedError
 
+    def adopt_base_layer(self, layer) -> None:
+        """Takes over what the base layer's config does not carry (none here)."""
+
     def call(self, inputs, training=None):
         self._sync_lora_state()
         saving = _keras_call_context is not None and _keras_call_context().saving
@@ -577,10 +580,35 @@ class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
         return self.convolution_op(x, kernel)
 
 
+_OBJECT_ARGUMENTS = (
+    "kernel_initializer",
+    "bias_initializer",
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+)
+
 _LORA_LAYER_CLASSES = {
     tf.keras.layers.Dense: LoRADense,
     tf.keras.layers.Conv2D: LoRAConv2D,
 }
+
+
+def register_lora_layer(base_cls: type, lora_cls: type) -> None:
+    """Makes :func:`convert_to_lora_layer` turn layers of exactly ``base_cls`` into ``lora_cls``.
+
+    Args:
+        base_cls: A Keras layer class (for example tfimm's ``PadConv2D``).
+        lora_cls: Its LoRA class: a subclass of it with :class:`LoRALayerMixin`.
+    """
+    _LORA_LAYER_CLASSES[base_cls] = lora_cls
+
+
+def has_lora_counterpart(layer) -> bool:
+    """Whether :func:`convert_to_lora_layer` converts ``layer`` (its exact type, groups=1)."""
+    return type(layer) in _LORA_LAYER_CLASSES and getattr(layer, "groups", 1) == 1
 
 
 def supported_layer_types() -> list[str]:
@@ -620,7 +648,14 @@ def convert_to_lora_layer(layer: tf.keras.layers.Layer, **kwargs) -> tf.keras.la
             f"convert_to_lora_layer takes only lora_* arguments {list(LORA_LAYER_ARGS)}, "
             f"got {unknown}."
         )
-    lora_layer = lora_cls(**layer.get_config(), **kwargs)
+    config = layer.get_config()
+    # The objects themselves: a custom initializer (tfimm's FanoutInitializer)
+    # need not be known to Keras' deserialisation.
+    for name in _OBJECT_ARGUMENTS:
+        if name in config and hasattr(layer, name):
+            config[name] = getattr(layer, name)
+    lora_layer = lora_cls(**config, **kwargs)
+    lora_layer.adopt_base_layer(layer)
     if layer.built:
         kernel_in = layer.kernel.shape[-2]
         input_shape = (None, kernel_in) if lora_cls is LoRADense else (None, None, None, kernel_in)
@@ -647,8 +682,10 @@ __all__ = [
     "LoRALayerMixin",
     "column_norm",
     "convert_to_lora_layer",
+    "has_lora_counterpart",
     "is_lora_layer",
     "lora_scaling",
+    "register_lora_layer",
     "resolve_lora_initializer",
     "supported_layer_types",
     "validate_lora_args",

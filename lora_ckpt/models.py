@@ -10,12 +10,13 @@ import difflib
 import warnings
 
 import tfimm
-from tfimm.models import model_class, model_config, transfer_weights
+from tfimm.models import model_class, model_config
 
 from ._tf import require_tf_keras, tf
 from .errors import (
     LayerNotFoundError,
     LoRAConfigError,
+    LoRAError,
     MergeStateError,
     MissingDependencyError,
     UnknownModelError,
@@ -30,8 +31,9 @@ from .registry import (
     lora_config,
     registered_architectures,
 )
+from .selection import classifier_paths
 from .subclassed_models import convert_subclassed_model, convert_subclassed_model_to_regular
-from .traversal import named_layers
+from .traversal import named_layers, named_variables
 
 # tfimm's LoRAConvNeXtConfig spells this field `lora_train_classifer`.
 _DEPRECATED_KWARGS = {"lora_train_classifer": "lora_train_classifier"}
@@ -93,8 +95,27 @@ def _tfimm_create(model_name: str, **kwargs) -> tf.keras.Model:
 
 
 def _transfer(src: tf.keras.Model, dst: tf.keras.Model) -> None:
-    # tfimm's transfer_weights appends to the list it is given: pass a copy.
-    transfer_weights(src_model=src, dst_model=dst, weights_to_ignore=list(LORA_WEIGHT_NAMES))
+    """Copies every variable of ``src`` into ``dst`` by layer path (LoRA's own left out).
+
+    By path, not by TensorFlow variable name as tfimm's ``transfer_weights``
+    does: names depend on when a layer was built, paths only on the model.
+    A classifier whose width differs (an ``nb_classes`` override) keeps its
+    fresh initialisation; any other difference is an error.
+    """
+    source = named_variables(src)
+    heads = tuple(path + "/" for path in classifier_paths(dst))
+    for key, var in named_variables(dst).items():
+        if key.rsplit("/", 1)[-1] in LORA_WEIGHT_NAMES:
+            continue
+        value = source.get(key)
+        if value is not None and value.shape == var.shape:
+            var.assign(value)
+        elif not key.startswith(heads):
+            raise LoRAError(
+                f"Cannot transfer the weights of {type(src).__name__} to "
+                f"{type(dst).__name__}: variable '{key}' "
+                + ("is missing." if value is None else f"has shape {value.shape}, not {var.shape}.")
+            )
 
 
 def create_model(
@@ -437,8 +458,10 @@ def supported_architectures() -> dict:
 
     Returns:
         ``{base class name: {"base", "lora_class", "layer_groups",
-        "default_groups"}}`` for every registered architecture, plus an entry
-        ``"functional/Sequential"`` for generic Keras models.
+        "default_groups", "model_names"}}`` for every registered architecture
+        (every tfimm family), ``"model_names"``: every tfimm model name that
+        ``create_model`` takes, and entries ``"functional/Sequential"`` and
+        ``"subclassed"`` for other Keras models.
     """
     result = {}
     for base_cls, lora_cls in registered_architectures().items():
@@ -450,10 +473,24 @@ def supported_architectures() -> dict:
             "layer_groups": {name: list(paths) for name, paths in groups.items()},
             "default_groups": list(default),
         }
+    names = tfimm.list_models()
+    for entry in result.values():
+        entry["model_names"] = []
+    for name in names:
+        family = model_class(name).__name__
+        if family in result:
+            result[family]["model_names"].append(name)
+    result["model_names"] = [n for n in names if model_class(n) in registered_architectures()]
     result["functional/Sequential"] = {
         "base": "tf.keras.Model (functional or Sequential)",
         "lora_class": "the same kind of model, rebuilt",
         "layer_types": supported_layer_types(),
         "select_with": "target_layers=[layer names or glob patterns]",
+    }
+    result["subclassed"] = {
+        "base": "any subclassed tf.keras.Model with get_config/from_config (or a tfimm cfg)",
+        "lora_class": "the same class, with LoRA layers put where its attributes hold them",
+        "layer_types": supported_layer_types(),
+        "select_with": "target_layers=[layer paths, names or glob patterns]",
     }
     return result

@@ -122,8 +122,20 @@ def layers_and_variables(model) -> tuple[list, dict[str, tf.Variable]]:
     return layers, result
 
 
+def _is_list(obj) -> bool:
+    return isinstance(obj, list) or type(obj).__name__ == "ListWrapper"
+
+
+def _is_dict(obj) -> bool:
+    return isinstance(obj, dict) or type(obj).__name__ == "_DictWrapper"
+
+
 def replace_layer(model, path: str, new_layer) -> None:
     """Puts ``new_layer`` where ``path`` reaches in a subclassed model (or layer).
+
+    Attributes are assigned; a list entry is replaced by assigning a fresh
+    list (Keras' tracked lists stop being checkpointable after an item
+    assignment); dict keys may contain ``/`` (tfimm's ``stage_0/block_0``).
 
     Args:
         model: The model.
@@ -134,18 +146,35 @@ def replace_layer(model, path: str, new_layer) -> None:
         UnsupportedLayerError: If the path passes through a functional or
             Sequential model, whose graph an attribute assignment would not change.
     """
-    *parents, leaf = path.split("/")
-    owner = model
-    for name in [*parents, None]:
+    parts = path.split("/")
+    chain = [(None, model)]  # (how the parent reached it, object)
+    while parts:
+        owner = chain[-1][1]
         if _is_graph_network(owner):
             raise UnsupportedLayerError(
                 f"Layer '{path}' sits inside the functional model '{owner.name}', whose "
                 "graph cannot be changed in place; convert that model with target_layers."
             )
-        if name is None:
-            break
-        owner = owner[int(name)] if isinstance(owner, (list, tuple)) else getattr(owner, name)
-    if isinstance(owner, list) or type(owner).__name__ == "ListWrapper":
-        owner[int(leaf)] = new_layer
-    else:
-        setattr(owner, leaf, new_layer)
+        if _is_dict(owner):
+            # The longest key that the remaining path starts with.
+            size = max(n for n in range(1, len(parts) + 1) if "/".join(parts[:n]) in owner)
+            key, parts = "/".join(parts[:size]), parts[size:]
+            chain.append((key, owner[key]))
+        elif _is_list(owner):
+            chain.append((int(parts[0]), owner[int(parts[0])]))
+            parts = parts[1:]
+        else:
+            chain.append((parts[0], getattr(owner, parts[0])))
+            parts = parts[1:]
+    value = new_layer
+    for i in range(len(chain) - 1, 0, -1):
+        key, parent = chain[i][0], chain[i - 1][1]
+        if _is_list(parent):
+            # A fresh list, put in the list's own place on the next step up.
+            value = [value if j == key else item for j, item in enumerate(parent)]
+            continue
+        if _is_dict(parent):
+            parent[key] = value
+        else:
+            setattr(parent, key, value)
+        return

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .._tf import tf
-from ..errors import LoRAConfigError
+from ..errors import LayerNotFoundError, LoRAConfigError
 from ..graph_models import is_convertible
 from ..layers import convert_to_lora_layer, validate_lora_args
 from ..selection import LoRATrainableMixin, check_train_bias, layer_matches, match_layers
@@ -106,10 +106,22 @@ class LoRAModelMixin(LoRATrainableMixin):
                 wanted.append(f"{path_of[id(block)]}/{attr.replace('.', '/')}")
         for group in groups:
             wanted += [attr.replace(".", "/") for attr in self.MODEL_LAYER_GROUPS.get(group, ())]
-        patterns = [p for g in groups for p in self.GROUP_PATTERNS.get(g, ())]
-        if patterns:
-            candidates = [(path, layer) for path, layer in layers if is_convertible(layer)]
-            wanted += match_layers(self, patterns, candidates, "layer group pattern")
+        candidates = [(path, layer) for path, layer in layers if is_convertible(layer)]
+        for group in groups:
+            # A group's globs cover several block kinds; each model has some of them.
+            patterns = self.GROUP_PATTERNS.get(group, ())
+            matched = [
+                path
+                for path, layer in candidates
+                if any(layer_matches(path, layer, pattern) for pattern in patterns)
+            ]
+            if patterns and not matched:
+                raise LayerNotFoundError(
+                    f"Layer group {group!r} of {type(self).__name__} ({list(patterns)}) "
+                    "matches no LoRA-capable layer of this configuration; choose other "
+                    f"lora_layer_groups from {sorted(self.layer_groups())}."
+                )
+            wanted += matched
         order = {path: i for i, (path, _) in enumerate(layers)}
         return sorted(set(wanted), key=lambda path: order.get(path, -1))
 
@@ -122,6 +134,7 @@ class LoRAModelMixin(LoRATrainableMixin):
             LayerNotFoundError: If a rank or alpha pattern matches no LoRA layer.
         """
         cfg = self.cfg
+        self._lora_applied = True
         validate_lora_args(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         check_train_bias(cfg.lora_train_bias)
         groups = tuple(cfg.lora_layer_groups)
@@ -152,3 +165,19 @@ class LoRAModelMixin(LoRATrainableMixin):
                 lora_freeze_base=True,
             )
             replace_layer(self, path, lora_layer)
+
+
+class BuildTimeLoRAMixin(LoRAModelMixin):
+    """For families that create layers while they first run (PVT's blocks,
+    EfficientNet's squeeze-excite, gMLP's spatial gate): LoRA is applied right
+    after the model's first call, which ``create_model`` and
+    ``convert_to_lora_model`` make when they build it. That call computes the
+    base's output, as a fresh LoRA model would."""
+
+    def __call__(self, *args, **kwargs):
+        outputs = super().__call__(*args, **kwargs)
+        # Not inside a trace: layers made there would belong to that graph.
+        if not getattr(self, "_lora_applied", False) and tf.executing_eagerly():
+            self.apply_lora()
+            outputs = super().__call__(*args, **kwargs)  # builds the new LoRA layers
+        return outputs

@@ -1,13 +1,12 @@
-"""LoRA variant of tfimm's MLP-Mixer (``mixer_block`` blocks)."""
+"""LoRA variant of tfimm's MLP-Mixer class: Mixer, ResMLP and gMLP blocks."""
 
 from dataclasses import dataclass
 
 from tfimm.architectures.mlp_mixer import MLPMixer, MLPMixerConfig
 from tfimm.models import keras_serializable
 
-from ..errors import UnsupportedLayerError
 from ..registry import register_lora_architecture
-from .base import LoRAConfigFields, LoRAModelMixin
+from .base import BuildTimeLoRAMixin, LoRAConfigFields
 
 __all__ = ["LoRAMLPMixer", "LoRAMLPMixerConfig"]
 
@@ -21,26 +20,20 @@ class LoRAMLPMixerConfig(MLPMixerConfig, LoRAConfigFields):
 
 @keras_serializable
 @register_lora_architecture(base_cls=MLPMixer)
-class LoRAMLPMixer(LoRAModelMixin, MLPMixer):
-    """MLP-Mixer with LoRA. Groups: ``token_mixing`` (``mlp_tokens.fc1/fc2``)
-    and ``channel_mixing`` (``mlp_channels.fc1/fc2``) of every mixer block."""
+class LoRAMLPMixer(BuildTimeLoRAMixin, MLPMixer):
+    """MLP-Mixer with LoRA. Groups: ``token_mixing`` (Mixer's ``mlp_tokens``,
+    ResMLP's ``linear_tokens``, gMLP's spatial gate ``mlp_channels.gate.proj``,
+    which exists once the model is built) and ``channel_mixing``
+    (``mlp_channels.fc1/fc2``) of every block."""
 
     cfg_class = LoRAMLPMixerConfig
-    LAYER_GROUPS = {
-        "token_mixing": ("mlp_tokens.fc1", "mlp_tokens.fc2"),
-        "channel_mixing": ("mlp_channels.fc1", "mlp_channels.fc2"),
+    GROUP_PATTERNS = {
+        "token_mixing": (
+            "blocks/*/mlp_tokens/fc1",
+            "blocks/*/mlp_tokens/fc2",
+            "blocks/*/linear_tokens",
+            "blocks/*/mlp_channels/gate/proj",
+        ),
+        "channel_mixing": ("blocks/*/mlp_channels/fc1", "blocks/*/mlp_channels/fc2"),
+        "head": ("head",),
     }
-    MODEL_LAYER_GROUPS = {"head": ("head",)}
-
-    def __init__(self, cfg: LoRAMLPMixerConfig, **kwargs):
-        if cfg.block_layer != "mixer_block" or cfg.mlp_layer != "mlp":
-            raise UnsupportedLayerError(
-                f"LoRAMLPMixer supports block_layer='mixer_block' with mlp_layer='mlp', "
-                f"got {cfg.block_layer!r} / {cfg.mlp_layer!r} (ResMLP and gMLP variants "
-                "are not supported)."
-            )
-        super().__init__(cfg, **kwargs)
-        self.apply_lora()
-
-    def lora_blocks(self):
-        return list(self.blocks)
