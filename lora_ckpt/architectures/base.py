@@ -40,6 +40,9 @@ class LoRAConfigFields:
         lora_alpha_pattern: ``{layer path, name or glob: alpha}``, likewise.
         lora_initializer: Initializer of ``A``: a Keras initializer name,
             ``"gaussian"`` or ``"kaiming_uniform"``.
+        lora_target_layers: Layer paths, names or globs that get LoRA, in
+            place of ``lora_layer_groups`` (PEFT's ``target_modules``; what
+            :func:`lora_ckpt.from_adapter` uses to rebuild an adapter's model).
     """
 
     lora_rank: int = 4
@@ -53,6 +56,7 @@ class LoRAConfigFields:
     lora_rank_pattern: dict = field(default_factory=dict)
     lora_alpha_pattern: dict = field(default_factory=dict)
     lora_initializer: str = "glorot_uniform"
+    lora_target_layers: tuple[str, ...] = ()
 
 
 def _pattern_value(path: str, layer, patterns: dict, default):
@@ -138,14 +142,21 @@ class LoRAModelMixin(LoRATrainableMixin):
         validate_lora_args(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         check_train_bias(cfg.lora_train_bias)
         groups = tuple(cfg.lora_layer_groups)
+        explicit = tuple(getattr(cfg, "lora_target_layers", ()) or ())
         unknown = [g for g in groups if g not in self.layer_groups()]
-        if unknown or not groups:
+        if not explicit and (unknown or not groups):
             raise LoRAConfigError(
                 f"lora_layer_groups {list(groups)} is invalid for {type(self).__name__}: "
                 f"choose one or more of {sorted(self.layer_groups())}."
             )
-        layers = dict(named_layers(self))
-        targets = [(path, layers[path]) for path in self.lora_target_paths(groups)]
+        all_layers = list(named_layers(self))
+        layers = dict(all_layers)
+        if explicit:
+            candidates = [(path, layer) for path, layer in all_layers if is_convertible(layer)]
+            paths = match_layers(self, explicit, candidates, "lora_target_layers entry")
+        else:
+            paths = self.lora_target_paths(groups)
+        targets = [(path, layers[path]) for path in paths]
         for name in ("lora_rank_pattern", "lora_alpha_pattern"):
             patterns = dict(getattr(cfg, name, None) or {})
             if patterns:

@@ -4,6 +4,7 @@ from .base_weights import load_base_weights
 from .combine import combine_adapters, write_lora_state
 from .fit import LoadReport, ModelSignature, check_base, check_fit
 from .format import CONFIG_FILE, FORMAT_VERSION, AdapterConfig
+from .from_adapter import from_adapter
 from .inspect import inspect_adapter, list_adapters
 from .load import AdapterState, load_lora_state, read_config, read_lora_state
 from .save import save_lora_state
@@ -21,6 +22,7 @@ __all__ = [
     "check_base",
     "check_fit",
     "combine_adapters",
+    "from_adapter",
     "inspect_adapter",
     "list_adapters",
     "load_base_weights",
