@@ -10,13 +10,16 @@ the slot ids, so loading, evicting and switching never retrace it. ``merge``
 folds one adapter into the base kernels and ``unmerge`` restores them bit for
 bit.
 
-Adapters may differ in rank (up to ``max_rank``), in which LoRA layers they
-adapt, and in the layers they carry in full (``full_layers``: by default the
-layers the model trains in full, such as its classifier). A classifier head
-may have its own number of classes (up to ``max_classes``):
-``predict(x, adapter=name)`` returns that adapter's classes; a mixed batch
-returns the widest adapter's width with each row padded by ``-inf`` past its
-own classes, so argmax and softmax stay right.
+Adapters may differ in rank (up to ``max_rank``, per layer: a rank pattern
+pads each layer on its own), in scaling (LoRA's ``alpha / rank`` or rsLoRA's
+``alpha / sqrt(rank)``, as each layer recorded it), in method (DoRA adapters
+serve on the pool's plain LoRA layers: their per-output scale is computed
+once at load), in which LoRA layers they adapt, and in the layers they carry
+in full (``full_layers``: by default the layers the model trains in full,
+such as its classifier). A classifier head may have its own number of classes
+(up to ``max_classes``): ``predict(x, adapter=name)`` returns that adapter's
+classes; a mixed batch returns the widest adapter's width with each row
+padded by ``-inf`` past its own classes, so argmax and softmax stay right.
 
 Thread safety: any number of threads may call ``predict`` while others load,
 unload or evict. A slot becomes visible only once completely written, a slot
@@ -283,8 +286,10 @@ class AdapterPool:
         values = []
         for path, slots in self._lora.items():
             a, b = tensors.get(f"{path}/kernel_lora_a"), tensors.get(f"{path}/kernel_lora_b")
+            # The recorded scaling: alpha / rank, or rsLoRA's alpha / sqrt(rank).
             scale = state.config.layers[path].scaling if a is not None else 0.0
-            values += slots.slot_values(a, b, scale, tensors.get(f"{path}/bias"))
+            magnitude = tensors.get(f"{path}/lora_magnitude")  # DoRA layers only
+            values += slots.slot_values(a, b, scale, tensors.get(f"{path}/bias"), magnitude)
         for path, slots in self._full.items():
             prefix = f"{path}/"
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -308,15 +313,16 @@ class AdapterPool:
                     f"The adapter at {state.path} has head {path} with variables of widths "
                     f"{sorted(widths)}; save the whole head."
                 )
-        if self.check_base:
-            with self._rw.reading():  # merged kernels are not the base
+        with self._rw.reading():  # merged kernels are not the base
+            if self.check_base:
                 if self.merged is not None:
                     raise MergeStateError(
                         f"Adapter {self.merged!r} is merged; unmerge before loading adapters, "
                         "so the base weights can be checked."
                     )
                 check_base(self._signature, state.config, state.path, cache=self._fingerprints)
-        return self._values_of(state)
+            # DoRA output scales come from the base kernels: no merge may run meanwhile.
+            return self._values_of(state)
 
     def load(self, name: str, path: str) -> int:
         """Reads an adapter from disk into a slot (evicting the least recently
@@ -338,8 +344,9 @@ class AdapterPool:
             AdapterNotFoundError, CorruptAdapterError, AdapterVersionError:
                 As :func:`read_lora_state` (also for NaN/Inf weights).
             AdapterMismatchError: Another architecture, a rank above
-                ``max_rank``, a head wider than ``max_classes``, or layers the
-                pool does not keep per slot.
+                ``max_rank``, a head wider than ``max_classes``, layers the
+                pool does not keep per slot, or a DoRA magnitude that is not
+                one value per output of its layer.
             BaseModelMismatchError: Trained on other base weights.
             MergeStateError: ``name`` is the merged adapter (unmerge first).
             PoolFullError: Every slot is in use by running requests.
@@ -496,7 +503,9 @@ class AdapterPool:
     # ---- merged mode ---------------------------------------------------------------------
 
     def merge(self, name: str) -> None:
-        """Folds one resident adapter into the base kernels (and biases).
+        """Folds one resident adapter into the base kernels (and biases): for
+        each LoRA layer ``(W0 + scale * A @ B) * g`` (``g``: the DoRA output
+        scale, 1 for plain LoRA, which multiplies exactly).
 
         Until :meth:`unmerge`, requests for ``name`` run the plain base graph
         with no LoRA branch; requests for other adapters are refused.
@@ -510,7 +519,7 @@ class AdapterPool:
             for slots in self._lora.values():
                 layer = slots.layer
                 bias = slots.bias[slot] if layer.use_bias else None
-                layer.merge_update(slots.delta(slot), bias=bias)
+                layer.merge_update(slots.delta(slot), bias=bias, output_scale=slots.g[slot])
             self._routing.merged_slot.assign(slot)
 
     def unmerge(self) -> None:

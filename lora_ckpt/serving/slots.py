@@ -1,10 +1,17 @@
 """Per-layer slot storage for many resident adapters, and its forward paths.
 
 A pool gives each LoRA layer a :class:`LoRASlots` (``A[K, ..., R]``,
-``B[K, R, out]``, a scale and a bias per slot; smaller ranks zero-padded,
-which adds exact zeros) and each layer an adapter may carry in full (a
-classifier head of its own width, norm statistics) a :class:`FullLayerSlots`.
+``B[K, R, out]``, an output scale ``g[K, out]`` and a bias per slot; smaller
+ranks zero-padded, each layer to ``R`` on its own, which adds exact zeros)
+and each layer an adapter may carry in full (a classifier head of its own
+width, norm statistics) a :class:`FullLayerSlots`.
 Slot 0 is "off": zero update, the base layer's own weights.
+
+DoRA adapters are served by the same storage: at inference DoRA's
+``magnitude / ||W0 + scaling * A @ B||`` (column norms) is a constant per
+output, computed once when the adapter loads and kept as the slot's ``g``;
+every forward path multiplies the LoRA-augmented output by it before the bias.
+Plain LoRA slots (and free ones) hold ``g = 1``, which multiplies exactly.
 
 Requests reach the slots through the pool's :class:`Routing`: a scalar slot
 id (the whole batch uses one adapter) or a vector (one slot per sample) that
@@ -25,8 +32,8 @@ import itertools
 import numpy as np
 
 from .._tf import tf
-from ..errors import LoRAConfigError
-from ..layers import matmul_last_axis
+from ..errors import AdapterMismatchError, LoRAConfigError
+from ..layers import column_norm, matmul_last_axis
 
 BASE_ONLY = object()
 """Routing value that makes every layer of the pool compute its base layer alone."""
@@ -126,6 +133,8 @@ class LoRASlots:
         self.dtype = dtype
         self.a = tf.Variable(tf.zeros([num_slots, *self.a_shape, max_rank], dtype), trainable=False)
         self.b = tf.Variable(tf.zeros([num_slots, max_rank, self.out_dim], dtype), trainable=False)
+        # DoRA's per-output factor of each slot; 1 for plain LoRA and free slots.
+        self.g = tf.Variable(tf.ones([num_slots, self.out_dim], dtype), trainable=False)
         self.bias = (
             tf.Variable(tf.tile(layer.bias[None], [num_slots, 1]), trainable=False)
             if layer.use_bias
@@ -155,18 +164,49 @@ class LoRASlots:
     @property
     def slot_variables(self) -> list:
         """The stacked ``[slots, ...]`` variables, in the order of :meth:`slot_values`."""
-        return [self.a, self.b] + ([self.bias] if self.bias is not None else [])
+        return [self.a, self.b, self.g] + ([self.bias] if self.bias is not None else [])
 
-    def slot_values(self, a, b, scale: float, bias) -> list[np.ndarray]:
-        """One slot's values for an adapter's ``A``, ``B``, scaling and bias
-        (``None``: a layer it does not adapt, the base bias). The slot keeps
-        ``scale * B``: two ops fewer per layer in every forward pass."""
+    def slot_values(self, a, b, scale: float, bias, magnitude=None) -> list[np.ndarray]:
+        """One slot's values for an adapter's ``A``, ``B``, scaling, bias and
+        DoRA magnitude (``None``: a layer it does not adapt, the base bias, a
+        plain LoRA layer). The slot keeps ``scale * B``: two ops fewer per
+        layer in every forward pass.
+
+        Raises:
+            AdapterMismatchError: If a DoRA layer's updated kernel has a column
+                of norm zero (its output scale would not be finite).
+        """
         dtype = self.dtype.as_numpy_dtype
         scaled = None if b is None else b.astype(dtype) * np.asarray(scale, dtype)
-        values = list(self.padded(a, scaled))
+        a_padded, b_padded = self.padded(a, scaled)
+        values = [a_padded, b_padded, np.ones([self.out_dim], dtype)]
+        if magnitude is not None:
+            values[2] = self.output_scale(a_padded, b_padded, magnitude)
         if self.bias is not None:
             values.append(self.base_bias if bias is None else bias)
         return values
+
+    def base_kernel(self) -> tf.Tensor:
+        """The layer's base kernel ``W0``, also while an adapter is merged into it."""
+        pristine = getattr(self.layer, "_pristine_kernel", None)
+        return tf.convert_to_tensor(pristine if pristine is not None else self.layer.kernel)
+
+    def output_scale(self, a_padded, b_scaled, magnitude) -> np.ndarray:
+        """DoRA's ``magnitude / ||W0 + A @ (scale * B)||`` per output, in float32
+        from the base kernel (the layer's own, never a merged one)."""
+        kernel = tf.cast(self.base_kernel(), tf.float32)
+        update = matmul_last_axis(
+            tf.constant(a_padded, tf.float32), tf.constant(b_scaled, tf.float32)
+        )
+        norms = column_norm(kernel + update).numpy()
+        g = np.asarray(magnitude, np.float32) / norms
+        if not np.isfinite(g).all():
+            raise AdapterMismatchError(
+                f"The DoRA update of layer '{self.layer.name}' leaves a kernel column of norm "
+                "zero, so its output scale (magnitude / column norm) is not finite; the "
+                "adapter does not fit this base."
+            )
+        return g.astype(self.dtype.as_numpy_dtype)
 
     # ---- forward ----------------------------------------------------------------
 
@@ -213,17 +253,22 @@ class LoRASlots:
         """Output (bias included, activation not) when every sample uses ``slot``."""
         layer = self.layer
         bias = tf.gather(self.bias, slot) if layer.use_bias else None
+        g = tf.cast(tf.gather(self.g, slot), x.dtype)
         if self._prefers_kernel(x, _static_batch(x)):
-            kernel = layer.kernel + tf.cast(self.delta(slot), x.dtype)
+            # The output scale folded into the kernel: kernel-sized, not output-sized.
+            kernel = (layer.kernel + tf.cast(self.delta(slot), x.dtype)) * g
             return self._with_bias(layer.base_op(x, kernel), bias)
-        return self._with_bias(layer.base_op(x, layer.kernel), bias) + self.uniform_update(x, slot)
+        outputs = layer.base_op(x, layer.kernel) + self.uniform_update(x, slot)
+        return self._with_bias(outputs * g, bias)
 
     def mixed(self, x, slot_ids):
         """Pre-bias output, each sample with its own slot."""
         layer = self.layer
+        g = tf.cast(tf.gather(self.g, slot_ids), x.dtype)
         if not self.is_dense:
             base = layer.base_op(x, layer.kernel)
-            return grouped_by_slot(x, slot_ids, self.uniform_update, base)
+            outputs = grouped_by_slot(x, slot_ids, self.uniform_update, base)
+            return outputs * _per_sample(g, outputs)
         # self.a_shape[0] is static even where x.shape[-1] is not (ViT attention).
         rows = tf.reshape(x, [tf.shape(x)[0], -1, self.a_shape[0]])
         b = tf.gather(self.b, slot_ids)
@@ -231,11 +276,11 @@ class LoRASlots:
         if self._prefers_kernel(x, 1):
             # Early, wide layers: each sample's own updated kernel, one batched matmul
             # in place of the base matmul.
-            kernels = layer.kernel[None] + tf.cast(tf.matmul(a, b), x.dtype)
+            kernels = (layer.kernel[None] + tf.cast(tf.matmul(a, b), x.dtype)) * g[:, None]
             y = tf.matmul(rows, kernels)
         else:
             update = tf.matmul(tf.matmul(rows, tf.cast(a, x.dtype)), tf.cast(b, x.dtype))
-            y = matmul_last_axis(rows, layer.kernel) + update
+            y = (matmul_last_axis(rows, layer.kernel) + update) * g[:, None]
         return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.out_dim]], 0))
 
     def uniform_update(self, x, slot):

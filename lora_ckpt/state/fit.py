@@ -21,6 +21,9 @@ from ..selection import KIND_LORA, select_state
 from .fingerprint import base_fingerprint
 from .format import AdapterConfig, BaseModelRecord
 
+MAGNITUDE = "lora_magnitude"
+"""The name of a DoRA layer's magnitude variable (one per output)."""
+
 
 def qualified_name(cls: type) -> str:
     """``module.ClassName`` of a class."""
@@ -104,8 +107,9 @@ class ModelSignature:
     Attributes:
         identity: Architecture and base config.
         variables: ``key -> variable`` of the whole model.
-        lora_layers: LoRA layer path -> ``{"type", "rank", "alpha", "scaling"}``.
-        lora_keys: Keys of the LoRA A/B variables.
+        lora_layers: LoRA layer path -> ``{"type", "rank", "alpha", "scaling",
+            "dora", "rslora"}``.
+        lora_keys: Keys of the LoRA A/B variables (and DoRA magnitudes).
     """
 
     identity: BaseModelRecord
@@ -190,10 +194,12 @@ def check_fit(
         path: The adapter's path, for messages.
         strict: Raise for any missing, unexpected or mismatched variable.
         slots: ``None``: the adapter must fit the model's own variables (its
-            rank, scaling and shapes). :class:`SlotLimits`: it must fit a
-            pool's slots: any rank up to ``max_rank`` with its own scaling,
-            any subset of the LoRA layers, full layers only where the pool
-            keeps them, a head up to its width.
+            rank, scaling and shapes; DoRA layers where the model's are DoRA).
+            :class:`SlotLimits`: it must fit a pool's slots: any rank up to
+            ``max_rank`` with its own scaling (LoRA or rsLoRA), DoRA or plain
+            LoRA on any subset of the LoRA layers (a DoRA magnitude has one
+            value per output of its layer, in the layer's dtype), full layers
+            only where the pool keeps them, a head up to its width.
 
     Returns:
         The :class:`LoadReport` of what would load.
@@ -215,6 +221,15 @@ def check_fit(
         var = signature.variables.get(key)
         layer_path = key.rsplit("/", 1)[0]
         lora = record.kind == KIND_LORA
+        if slots is not None and var is None and lora and _is_magnitude(key, signature):
+            # A pool serves DoRA on plain LoRA layers: the magnitude becomes a
+            # per-slot output scale, one per output of the layer.
+            reason = _magnitude_mismatch(signature, layer_path, record)
+            if reason:
+                report.mismatched[key] = reason
+            else:
+                report.loaded.append(key)
+            continue
         if var is None or lora != (key in lora_keys):
             report.unexpected.append(key)
             continue
@@ -236,10 +251,18 @@ def check_fit(
     if slots is None:
         for layer_path, layer in config.layers.items():
             ours = signature.lora_layers.get(layer_path)
-            if ours is not None and not math.isclose(ours["scaling"], layer.scaling):
-                report.mismatched[layer_path] = (
-                    f"LoRA scaling (alpha/rank) adapter {layer.scaling} vs model {ours['scaling']}"
+            if ours is None:
+                continue
+            reasons = []
+            if bool(ours.get("dora", False)) != layer.dora:
+                reasons.append(_dora_mismatch(layer.dora))
+            if not math.isclose(ours["scaling"], layer.scaling):
+                reasons.append(
+                    f"LoRA scaling adapter {layer.scaling} ({_scaling_rule(layer.rslora)}) vs "
+                    f"model {ours['scaling']} ({_scaling_rule(ours.get('rslora', False))})"
                 )
+            if reasons:
+                report.mismatched[layer_path] = "; ".join(reasons)
         report.missing = [k for k in signature.lora_keys if k not in config.variables]
     if strict and not report.complete:
         raise AdapterMismatchError(
@@ -247,6 +270,40 @@ def check_fit(
             "Pass strict=False to load what fits."
         )
     return report
+
+
+def _is_magnitude(key: str, signature: ModelSignature) -> bool:
+    """Whether ``key`` is a DoRA magnitude of one of the model's LoRA layers."""
+    layer_path, _, name = key.rpartition("/")
+    return name == MAGNITUDE and layer_path in signature.lora_layers
+
+
+def _magnitude_mismatch(signature: ModelSignature, layer_path: str, record) -> str:
+    """Why a DoRA magnitude does not fit a pool's plain LoRA layer (``""`` if it does)."""
+    b = signature.variables[f"{layer_path}/kernel_lora_b"]
+    expected = (int(b.shape[-1]),)
+    if record.shape != expected or record.dtype != b.dtype.name:
+        return (
+            f"DoRA magnitude {record.dtype}{list(record.shape)} vs the layer's "
+            f"{b.dtype.name}{list(expected)} (one per output of the layer)"
+        )
+    return ""
+
+
+def _dora_mismatch(adapter_dora: bool) -> str:
+    if adapter_dora:
+        return (
+            "the adapter's layer is DoRA (it has a lora_magnitude) and the model's is plain "
+            "LoRA: build the model with lora_use_dora=True, or serve it with an AdapterPool"
+        )
+    return (
+        "the adapter's layer is plain LoRA and the model's is DoRA (lora_use_dora=True): "
+        "build the model without DoRA"
+    )
+
+
+def _scaling_rule(rslora: bool) -> str:
+    return "rsLoRA alpha/sqrt(rank)" if rslora else "alpha/rank"
 
 
 def _shape_mismatch(ours: tuple, theirs: tuple, key: str, slots, width) -> str:
