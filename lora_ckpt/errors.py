@@ -11,6 +11,14 @@ so pure-Python parts (the slot table) can use it without TensorFlow.
 class LoRAError(Exception):
     """Base class of every error that lora_ckpt raises for bad input."""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not issubclass(cls, ImportError):
+            # TensorFlow's autograph re-raises an error from traced code (a
+            # layer's call inside `fit`) as itself only if its class keeps
+            # Exception's constructor; otherwise it becomes a StagingError.
+            cls.__init__ = Exception.__init__
+
 
 class KerasVersionError(LoRAError, ImportError):
     """TensorFlow runs with Keras 3, or tf_keras is missing."""

@@ -46,6 +46,16 @@ def lora_layer_arguments(path: str, layer, kwargs: dict) -> dict:
     return arguments
 
 
+def check_pattern_keys(model, kwargs: dict, targets: list[tuple]) -> None:
+    """Every ``lora_rank_pattern``/``lora_alpha_pattern`` key must name a target.
+
+    Raises:
+        LayerNotFoundError: For a key that matches none of ``targets``.
+    """
+    for name in _PATTERNS:
+        match_layers(model, list(kwargs.get(name) or {}), targets, f"{name} key")
+
+
 def check_conversion_arguments(model, kwargs: dict) -> str:
     """Validates generic conversion arguments and returns the bias mode.
 
@@ -152,9 +162,7 @@ def convert_graph_model(
     # Paths reach into nested functional models ("backbone/conv1").
     layers = list(named_layers(model))
     targets = match_targets(model, target_layers, layers)
-    chosen = [(path, layer) for path, layer in layers if path in targets]
-    for name in _PATTERNS:
-        match_layers(model, list(kwargs.get(name) or {}), chosen, f"{name} key")
+    check_pattern_keys(model, kwargs, [(path, layer) for path, layer in layers if path in targets])
     trainable = match_layers(
         model, list(kwargs.get("lora_trainable_layers", [])), layers, "lora_trainable_layers entry"
     )
@@ -217,7 +225,12 @@ def graph_model_to_regular(model: tf.keras.Model) -> tf.keras.Model:
     """
     _require_graph_model(model, "converted back")
 
+    def has_lora(layer):
+        return is_graph_model(layer) and any(is_lora_layer(x) for _, x in named_layers(layer))
+
     def clone(layer):
+        if has_lora(layer):
+            return graph_model_to_regular(layer)  # a nested model, weights and all
         config = layer.get_config()
         if isinstance(layer, LoRALayerMixin):
             config = {k: v for k, v in config.items() if not k.startswith("lora_")}
@@ -227,6 +240,8 @@ def graph_model_to_regular(model: tf.keras.Model) -> tf.keras.Model:
     regular = tf.keras.models.clone_model(model, clone_function=clone)
     for src, dst in zip(model.layers, regular.layers, strict=True):
         dst.trainable = True
+        if has_lora(src):
+            continue
         if is_lora_layer(src):
             copy_layer_weights(src, dst)
             if not src.merged and src.lora_enabled:

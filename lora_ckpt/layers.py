@@ -30,9 +30,14 @@ from ._tf import require_tf_keras, tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
 
 try:  # Keras 2 has no public way to tell a SavedModel export's traces from training.
-    from tf_keras.src.engine.base_layer_utils import call_context as _keras_call_context
+    from tf_keras.src.saving.legacy.saved_model.utils import (
+        in_tf_saved_model_scope as _saving_saved_model,
+    )
 except ImportError:  # pragma: no cover - other tf_keras layouts
-    _keras_call_context = None
+
+    def _saving_saved_model() -> bool:
+        return False
+
 
 LORA_STATE_NAME = "lora_state"
 """The checkpoint name of a LoRA layer's ``[merged, enabled]`` state variable."""
@@ -434,8 +439,7 @@ class LoRALayerMixin:
 
     def call(self, inputs, training=None):
         self._sync_lora_state()
-        saving = _keras_call_context is not None and _keras_call_context().saving
-        if training and self.merged and self.trainable and not saving:
+        if training and self.merged and self.trainable and not _saving_saved_model():
             raise MergeStateError(
                 f"LoRA layer '{self.name}' is merged and cannot be trained (its update is "
                 "folded into the frozen kernel); call unmerge_lora_weights(model) first."

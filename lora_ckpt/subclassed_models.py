@@ -17,6 +17,7 @@ from ._tf import tf
 from .errors import LoRAConfigError
 from .graph_models import (
     check_conversion_arguments,
+    check_pattern_keys,
     convert_graph_targets,
     convert_target_layer,
     is_graph_model,
@@ -101,9 +102,7 @@ def convert_subclassed_model(
     layers = list(named_layers(copy))
     by_path = dict(layers)
     targets = match_targets(copy, target_layers, layers)
-    for name in ("lora_rank_pattern", "lora_alpha_pattern"):
-        chosen = [(path, by_path[path]) for path in targets]
-        match_layers(copy, list(kwargs.get(name) or {}), chosen, f"{name} key")
+    check_pattern_keys(copy, kwargs, [(path, by_path[path]) for path in targets])
     trainable = match_layers(
         copy, list(kwargs.get("lora_trainable_layers", [])), layers, "lora_trainable_layers entry"
     )

@@ -56,6 +56,9 @@ def randomize_lora(model_or_layer, seed=0, scale=0.1):
     for layer in layers:
         for var in (layer.kernel_lora_a, layer.kernel_lora_b):
             var.assign(rng.normal(0, scale, var.shape).astype(var.dtype.as_numpy_dtype))
+        if layer.lora_magnitude is not None:  # DoRA: move it off the base's column norms
+            noise = rng.uniform(0.5, 1.5, layer.lora_magnitude.shape)
+            layer.lora_magnitude.assign(layer.lora_magnitude * noise.astype("float32"))
 
 
 def lora_delta(layer) -> np.ndarray:

@@ -10,9 +10,11 @@ mixin converts the chosen groups, validates the LoRA config, and overrides
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from tfimm.models import keras_serializable
+
 from .._tf import tf
 from ..errors import LayerNotFoundError, LoRAConfigError
-from ..graph_models import is_convertible
+from ..graph_models import check_pattern_keys, is_convertible, lora_layer_arguments
 from ..layers import convert_to_lora_layer, validate_lora_args
 from ..selection import LoRATrainableMixin, check_train_bias, layer_matches, match_layers
 from ..traversal import named_layers, replace_layer
@@ -59,11 +61,11 @@ class LoRAConfigFields:
     lora_target_layers: tuple[str, ...] = ()
 
 
-def _pattern_value(path: str, layer, patterns: dict, default):
-    for pattern, value in patterns.items():
-        if layer_matches(path, layer, pattern):
-            return value
-    return default
+def lora_serializable(cls):
+    """tfimm's ``keras_serializable``, registered under the ``lora_ckpt`` package:
+    tfimm's own LoRA classes have the same names and would otherwise take the
+    place of ours when a saved model is loaded."""
+    return tf.keras.utils.register_keras_serializable(package="lora_ckpt")(keras_serializable(cls))
 
 
 class LoRAModelMixin(LoRATrainableMixin):
@@ -157,23 +159,20 @@ class LoRAModelMixin(LoRATrainableMixin):
         else:
             paths = self.lora_target_paths(groups)
         targets = [(path, layers[path]) for path in paths]
-        for name in ("lora_rank_pattern", "lora_alpha_pattern"):
-            patterns = dict(getattr(cfg, name, None) or {})
-            if patterns:
-                match_layers(self, list(patterns), targets, f"{name} key")
+        arguments = {
+            "lora_rank": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": cfg.lora_dropout,
+            "lora_use_dora": cfg.lora_use_dora,
+            "lora_use_rslora": cfg.lora_use_rslora,
+            "lora_initializer": cfg.lora_initializer,
+            "lora_rank_pattern": cfg.lora_rank_pattern,
+            "lora_alpha_pattern": cfg.lora_alpha_pattern,
+        }
+        check_pattern_keys(self, arguments, targets)
         for path, layer in targets:
-            rank = _pattern_value(path, layer, cfg.lora_rank_pattern or {}, cfg.lora_rank)
-            alpha = _pattern_value(path, layer, cfg.lora_alpha_pattern or {}, cfg.lora_alpha)
-            validate_lora_args(rank, alpha, cfg.lora_dropout)
             lora_layer = convert_to_lora_layer(
-                layer,
-                lora_rank=rank,
-                lora_alpha=alpha,
-                lora_dropout=cfg.lora_dropout,
-                lora_use_dora=cfg.lora_use_dora,
-                lora_use_rslora=cfg.lora_use_rslora,
-                lora_initializer=cfg.lora_initializer,
-                lora_freeze_base=True,
+                layer, lora_freeze_base=True, **lora_layer_arguments(path, layer, arguments)
             )
             replace_layer(self, path, lora_layer)
 

@@ -4,10 +4,9 @@
 from dataclasses import dataclass
 
 from tfimm.architectures.convnext import ConvNeXt, ConvNeXtConfig
-from tfimm.models import keras_serializable
 
 from ..registry import register_lora_architecture
-from .base import LoRAConfigFields, LoRAModelMixin
+from .base import LoRAConfigFields, LoRAModelMixin, lora_serializable
 
 __all__ = ["LoRAConvNeXt", "LoRAConvNeXtConfig"]
 
@@ -19,7 +18,7 @@ class LoRAConvNeXtConfig(ConvNeXtConfig, LoRAConfigFields):
     lora_layer_groups: tuple[str, ...] = ("mlp",)
 
 
-@keras_serializable
+@lora_serializable
 @register_lora_architecture(base_cls=ConvNeXt)
 class LoRAConvNeXt(LoRAModelMixin, ConvNeXt):
     """ConvNeXt with LoRA. Groups: ``mlp`` (``mlp.fc1``, ``mlp.fc2``)."""

@@ -26,11 +26,10 @@ from tfimm.architectures.pvt_v2 import PyramidVisionTransformerV2
 from tfimm.architectures.resnetv2 import ResNetV2
 from tfimm.architectures.vgg import VGG
 from tfimm.layers.conv import PadConv2D
-from tfimm.models import keras_serializable
 
 from ..layers import LoRAConv2D, LoRALayerMixin, register_lora_layer
 from ..registry import register_lora_architecture
-from .base import BuildTimeLoRAMixin, LoRAConfigFields, LoRAModelMixin
+from .base import BuildTimeLoRAMixin, LoRAConfigFields, LoRAModelMixin, lora_serializable
 
 
 class LoRAPadConv2D(LoRAConv2D, PadConv2D):
@@ -162,7 +161,7 @@ def _make_architecture(family: str, base_cls: type, groups: dict, default: tuple
             "GROUP_PATTERNS": groups,
         },
     )
-    keras_serializable(register_lora_architecture(lora_cls, base_cls=base_cls))
+    lora_serializable(register_lora_architecture(lora_cls, base_cls=base_cls))
     return lora_cls, cfg_cls
 
 

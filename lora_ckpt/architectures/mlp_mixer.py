@@ -3,10 +3,9 @@
 from dataclasses import dataclass
 
 from tfimm.architectures.mlp_mixer import MLPMixer, MLPMixerConfig
-from tfimm.models import keras_serializable
 
 from ..registry import register_lora_architecture
-from .base import BuildTimeLoRAMixin, LoRAConfigFields
+from .base import BuildTimeLoRAMixin, LoRAConfigFields, lora_serializable
 
 __all__ = ["LoRAMLPMixer", "LoRAMLPMixerConfig"]
 
@@ -18,7 +17,7 @@ class LoRAMLPMixerConfig(MLPMixerConfig, LoRAConfigFields):
     lora_layer_groups: tuple[str, ...] = ("token_mixing", "channel_mixing")
 
 
-@keras_serializable
+@lora_serializable
 @register_lora_architecture(base_cls=MLPMixer)
 class LoRAMLPMixer(BuildTimeLoRAMixin, MLPMixer):
     """MLP-Mixer with LoRA. Groups: ``token_mixing`` (Mixer's ``mlp_tokens``,

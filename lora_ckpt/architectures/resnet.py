@@ -4,12 +4,11 @@ residual blocks."""
 from dataclasses import dataclass
 
 from tfimm.architectures.resnet import ResNet, ResNetConfig
-from tfimm.models import keras_serializable
 
 from .._tf import tf
 from ..errors import UnsupportedLayerError
 from ..registry import register_lora_architecture
-from .base import LoRAConfigFields, LoRAModelMixin
+from .base import LoRAConfigFields, LoRAModelMixin, lora_serializable
 
 __all__ = ["LoRAResNet", "LoRAResNetConfig"]
 
@@ -29,7 +28,7 @@ class LoRAResNetConfig(ResNetConfig, LoRAConfigFields):
     lora_freeze_batchnorm: bool = True
 
 
-@keras_serializable
+@lora_serializable
 @register_lora_architecture(base_cls=ResNet)
 class LoRAResNet(LoRAModelMixin, ResNet):
     """ResNet with LoRA. Groups, per residual block: ``conv1`` (1x1 reduce, or

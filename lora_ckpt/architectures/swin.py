@@ -3,10 +3,9 @@
 from dataclasses import dataclass
 
 from tfimm.architectures.swin import SwinTransformer, SwinTransformerConfig
-from tfimm.models import keras_serializable
 
 from ..registry import register_lora_architecture
-from .base import LoRAConfigFields, LoRAModelMixin
+from .base import LoRAConfigFields, LoRAModelMixin, lora_serializable
 
 __all__ = ["LoRASwinTransformer", "LoRASwinTransformerConfig"]
 
@@ -18,7 +17,7 @@ class LoRASwinTransformerConfig(SwinTransformerConfig, LoRAConfigFields):
     lora_layer_groups: tuple[str, ...] = ("attention", "mlp")
 
 
-@keras_serializable
+@lora_serializable
 @register_lora_architecture(base_cls=SwinTransformer)
 class LoRASwinTransformer(LoRAModelMixin, SwinTransformer):
     """Swin with LoRA. Groups: ``attention`` (window attention ``attn.qkv``,

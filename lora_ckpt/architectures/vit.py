@@ -3,10 +3,9 @@
 from dataclasses import dataclass
 
 from tfimm.architectures.vit import ViT, ViTConfig
-from tfimm.models import keras_serializable
 
 from ..registry import register_lora_architecture
-from .base import LoRAConfigFields, LoRAModelMixin
+from .base import LoRAConfigFields, LoRAModelMixin, lora_serializable
 
 __all__ = ["LoRAViT", "LoRAViTConfig"]
 
@@ -18,7 +17,7 @@ class LoRAViTConfig(ViTConfig, LoRAConfigFields):
     lora_layer_groups: tuple[str, ...] = ("attention", "mlp")
 
 
-@keras_serializable
+@lora_serializable
 @register_lora_architecture(base_cls=ViT)
 class LoRAViT(LoRAModelMixin, ViT):
     """ViT with LoRA. Groups: ``attention`` (``attn.qkv``, ``attn.proj``) and

@@ -1,0 +1,345 @@
+"""tfimm's own usage runs unchanged, and no Keras path silently corrupts weights."""
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import tfimm
+
+import lora_ckpt
+from lora_ckpt import tf
+from lora_ckpt.errors import (
+    KerasObjectError,
+    LoRAConfigError,
+    MergeStateError,
+    MissingDependencyError,
+)
+from lora_ckpt.layers import LoRAConv2D, LoRADense
+from lora_ckpt.traversal import named_variables
+
+from .conftest import TINY_CONVNEXT, compile_for_task, count, randomize_lora
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+
+
+def _sequential(layer_cls):
+    return tf.keras.Sequential(
+        [tf.keras.Input((5,)), layer_cls(4, lora_rank=2), layer_cls(3, lora_rank=2)]
+    )
+
+
+# ---- layers and registry as tfimm users write them ----
+
+
+def test_a_fresh_lora_layer_freezes_nothing_as_in_tfimm():
+    from tfimm.architectures import lora as tfimm_lora  # the reference behaviour
+
+    ours, theirs = _sequential(LoRADense), _sequential(tfimm_lora.LoRADense)
+    assert count(ours.trainable_weights) == count(theirs.trainable_weights) == 71
+    assert count(ours.non_trainable_weights) == count(theirs.non_trainable_weights) == 0
+    assert [v.name.split("/")[-1] for v in ours.layers[0].trainable_weights] == [
+        "kernel:0",
+        "bias:0",
+        "kernel_lora_a:0",
+        "kernel_lora_b:0",
+    ]
+    # tfimm's lora_trainable_weights: A and B, plus the biases with "lora_only".
+    lora_only = sum(
+        count([layer.kernel_lora_a, layer.kernel_lora_b, layer.bias]) for layer in ours.layers
+    )
+    assert count(lora_ckpt.lora_trainable_weights(ours, "lora_only")) == lora_only
+    assert count(lora_ckpt.lora_trainable_weights(ours)) == lora_only - 4 - 3
+    total = count(ours.weights)
+    assert count(lora_ckpt.lora_non_trainable_weights(ours)) == total - (lora_only - 7)
+
+
+def test_positional_arguments_follow_keras_order():
+    dense = LoRADense(16, "relu", False, lora_rank=2)
+    assert dense.activation is tf.keras.activations.relu and not dense.use_bias
+    conv = LoRAConv2D(4, 3, 2, "same", lora_rank=2)
+    assert conv.strides == (2, 2) and conv.padding == "same" and conv.kernel_size == (3, 3)
+    assert conv.lora_rank == 2
+
+
+def test_registered_class_with_cfg_class_none_takes_the_base_config(images):
+    convnext = tfimm.architectures.ConvNeXt
+
+    @lora_ckpt.register_lora_architecture
+    class PlainLoRAConvNeXt(convnext):
+        cfg_class = None
+
+        def __init__(self, cfg, **kwargs):
+            super().__init__(cfg, **kwargs)
+            for stage in self.stages:
+                for block in stage.blocks:
+                    block.mlp.fc1 = lora_ckpt.convert_to_lora_layer(block.mlp.fc1, lora_rank=2)
+
+    assert lora_ckpt.lora_config(convnext) is None
+    model = lora_ckpt.create_model("convnext_tiny", **TINY_CONVNEXT)
+    assert type(model) is PlainLoRAConvNeXt
+    assert len(lora_ckpt.lora_layers(model)) == 2
+    # The registry gave the class LoRA's trainable weights: only A and B train,
+    # so fit trains exactly what an adapter of it saves.
+    expected = lora_ckpt.lora_trainable_weights(model)
+    assert [id(v) for v in model.trainable_weights] == [id(v) for v in expected]
+    assert count(model.trainable_weights) == (8 * 2 + 2 * 32) + (16 * 2 + 2 * 64)
+
+
+def test_user_registered_class_trains_what_its_adapter_saves(tmp_path, images):
+    convnext = tfimm.architectures.ConvNeXt
+
+    @dataclass
+    class MyConfig(tfimm.architectures.ConvNeXtConfig):
+        lora_rank: int = 2
+
+    @lora_ckpt.register_lora_architecture
+    class MyLoRAConvNeXt(convnext):
+        cfg_class = MyConfig
+
+        def __init__(self, cfg, **kwargs):
+            super().__init__(cfg, **kwargs)
+            for stage in self.stages:
+                for block in stage.blocks:
+                    block.mlp.fc2 = lora_ckpt.convert_to_lora_layer(
+                        block.mlp.fc2, lora_rank=cfg.lora_rank
+                    )
+
+    model = compile_for_task(lora_ckpt.create_model("convnext_tiny", **TINY_CONVNEXT))
+    before = {v.ref(): v.numpy() for v in model.weights}
+    model.fit(images, np.array([0, 1]), epochs=1, verbose=0)
+    changed = {v.ref() for v in model.weights if not np.array_equal(before[v.ref()], v.numpy())}
+    saved = (
+        lora_ckpt.state.select_state(model) if hasattr(lora_ckpt.state, "select_state") else None
+    )
+    del saved
+    lora_ckpt.save_lora_state(model, str(tmp_path / "a"))
+    stored = set(lora_ckpt.read_lora_state(str(tmp_path / "a")).tensors)
+    keys = {id(v): k for k, v in named_variables(model).items()}
+    assert changed and {keys[id(r.deref())] for r in changed} <= stored
+
+
+# ---- state that survives Keras saving ----
+
+
+def _merged_tiny(images):
+    model = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    randomize_lora(model)
+    expected = model(images).numpy()
+    lora_ckpt.merge_lora_weights(model)
+    return model, expected
+
+
+def test_merged_model_saved_with_save_weights_reloads_to_the_same_outputs(tmp_path, images):
+    model, expected = _merged_tiny(images)
+    model.save_weights(str(tmp_path / "ckpt"))
+    fresh = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    fresh.load_weights(str(tmp_path / "ckpt"))
+    np.testing.assert_allclose(fresh(images).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert all(layer.merged for _, layer in lora_ckpt.lora_layers(fresh))
+    # The base kernel is not in the save: unmerging it is refused, not guessed.
+    with pytest.raises(MergeStateError, match="was merged when its model was saved"):
+        lora_ckpt.unmerge_lora_weights(fresh)
+
+
+def test_merged_model_in_an_hdf5_file_is_refused_by_a_fresh_model(tmp_path, images):
+    model, expected = _merged_tiny(images)
+    model.save_weights(str(tmp_path / "w.h5"))
+    fresh = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    with pytest.raises(ValueError):
+        fresh.load_weights(str(tmp_path / "w.h5"))
+    lora_ckpt.merge_lora_weights(fresh)  # a merged model takes it, and computes alike
+    fresh.load_weights(str(tmp_path / "w.h5"))
+    np.testing.assert_allclose(fresh(images).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_merged_and_disabled_models_survive_savedmodel_and_keras_files(tmp_path, images):
+    model, expected = _merged_tiny(images)
+    model.save(str(tmp_path / "saved_model"))
+    model.save(str(tmp_path / "model.keras"))
+    for path in ("saved_model", "model.keras"):
+        loaded = tf.keras.models.load_model(str(tmp_path / path))
+        np.testing.assert_allclose(loaded(images).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+    lora_ckpt.unmerge_lora_weights(model)
+    lora_ckpt.set_lora_enabled(model, False)
+    base = model(images).numpy()
+    model.save(str(tmp_path / "disabled.keras"))
+    loaded = tf.keras.models.load_model(str(tmp_path / "disabled.keras"))
+    np.testing.assert_array_equal(loaded(images).numpy(), base)
+
+
+def test_disabled_model_saved_with_save_weights_reloads_disabled(tmp_path, images):
+    model = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    randomize_lora(model)
+    lora_ckpt.set_lora_enabled(model, False)
+    base = model(images).numpy()
+    model.save_weights(str(tmp_path / "ckpt"))
+    fresh = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    fresh.load_weights(str(tmp_path / "ckpt"))
+    np.testing.assert_array_equal(fresh(images).numpy(), base)
+    assert not any(layer.lora_enabled for _, layer in lora_ckpt.lora_layers(fresh))
+
+
+def test_fit_on_a_merged_model_raises(images):
+    model, _ = _merged_tiny(images)
+    compile_for_task(model)
+    with pytest.raises(MergeStateError, match="merged and cannot be trained"):
+        model.fit(images, np.array([0, 1]), epochs=1, verbose=0)
+    model.predict(images, verbose=0)  # inference on a merged model is what merging is for
+
+
+def test_converting_a_lora_model_again_keeps_or_refuses(images):
+    model = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    with pytest.raises(LoRAConfigError, match="already a LoRA model"):
+        lora_ckpt.convert_to_lora_model(model, lora_rank=4)
+
+    inputs = tf.keras.Input((5,))
+    hidden = tf.keras.layers.Dense(6, name="fc1")(inputs)
+    graph = tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="fc2")(hidden))
+    once = lora_ckpt.convert_to_lora_model(graph, target_layers=["fc1"], lora_rank=2)
+    randomize_lora(once)
+    x = np.random.default_rng(1).normal(size=(4, 5)).astype("float32")
+    expected = once(x).numpy()
+    twice = lora_ckpt.convert_to_lora_model(once, target_layers=["fc2"], lora_rank=2)
+    assert [p for p, _ in lora_ckpt.lora_layers(twice)] == ["fc1", "fc2"]
+    np.testing.assert_array_equal(twice(x).numpy(), expected)  # fc1's LoRA weights kept
+
+
+# ---- Keras 3 and missing packages ----
+
+
+def test_keras_3_objects_get_a_clear_error():
+    keras3 = pytest.importorskip("keras")
+    if not keras3.__version__.startswith("3"):
+        pytest.skip("Keras 3 is not installed")
+    layer = keras3.layers.Dense(3)
+    model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
+    for call in (
+        lambda: lora_ckpt.convert_to_lora_layer(layer),
+        lambda: lora_ckpt.convert_to_lora_model(model, target_layers=["*"]),
+        lambda: lora_ckpt.lora_trainable_weights(model),
+        lambda: lora_ckpt.lora_layers(model),
+    ):
+        with pytest.raises(KerasObjectError, match="tf_keras"):
+            call()
+
+
+def test_failed_import_leaves_the_environment_as_it_was():
+    script = (
+        "import os, sys\n"
+        "os.environ.pop('TF_USE_LEGACY_KERAS', None)\n"
+        "import tensorflow as tf\n"
+        "tf.keras.layers  # Keras 3 comes up\n"
+        "try:\n"
+        "    import lora_ckpt\n"
+        "except ImportError as exc:\n"
+        "    print(type(exc).__name__, os.environ.get('TF_USE_LEGACY_KERAS'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() == "KerasVersionError None", out.stderr[-2000:]
+
+
+def test_pretrained_without_timm_says_what_to_install(monkeypatch):
+    def needs_timm(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'timm'", name="timm")
+
+    monkeypatch.setattr(tfimm, "create_model", needs_timm)
+    with pytest.raises(MissingDependencyError, match="pip install timm"):
+        lora_ckpt.create_model("convnext_tiny", pretrained=True)
+
+
+# ---- any subclassed model, nested functional models ----
+
+
+class _Block(tf.keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.fc1 = tf.keras.layers.Dense(8)
+        self.fc2 = tf.keras.layers.Dense(6)
+
+    def call(self, x):
+        return self.fc2(tf.nn.relu(self.fc1(x)))
+
+
+class _Net(tf.keras.Model):
+    """A subclassed model with a nested functional backbone and a list of blocks."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        inputs = tf.keras.Input((5,))
+        hidden = tf.keras.layers.Dense(6, name="inner_fc")(inputs)
+        norm = tf.keras.layers.LayerNormalization(name="ln")(hidden)
+        self.backbone = tf.keras.Model(inputs, norm, name="backbone")
+        self.blocks = [_Block(), _Block()]
+        self.head = tf.keras.layers.Dense(3)
+
+    def call(self, x):
+        x = self.backbone(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+    def get_config(self):
+        return {}
+
+
+def test_generic_subclassed_conversion_reaches_nested_functional_models(tmp_path):
+    tf.keras.utils.set_random_seed(0)
+    net = _Net()
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    expected = net(x).numpy()
+    kwargs = dict(
+        target_layers=["blocks/*/fc*", "backbone/inner_fc"],
+        lora_rank=2,
+        lora_rank_pattern={"*fc2": 3},
+        lora_trainable_layers=["head"],
+    )
+    lora = lora_ckpt.convert_to_lora_model(net, **kwargs)
+    ranks = {path: layer.lora_rank for path, layer in lora_ckpt.lora_layers(lora)}
+    assert ranks == {
+        "backbone/inner_fc": 2,
+        "blocks/0/fc1": 2,
+        "blocks/0/fc2": 3,
+        "blocks/1/fc1": 2,
+        "blocks/1/fc2": 3,
+    }
+    np.testing.assert_array_equal(lora(x).numpy(), expected)
+    trainable = {id(v) for v in lora.trainable_weights}
+    assert trainable == {id(v) for v in lora_ckpt.lora_trainable_weights(lora, "none", ["head"])}
+
+    randomize_lora(lora)
+    adapted = lora(x).numpy()
+    assert np.abs(adapted - expected).max() > 1e-3
+    lora_ckpt.save_lora_state(lora, str(tmp_path / "a"))
+    fresh = lora_ckpt.convert_to_lora_model(net, **kwargs)
+    lora_ckpt.load_lora_state(fresh, str(tmp_path / "a"))
+    np.testing.assert_array_equal(fresh(x).numpy(), adapted)
+    regular = lora_ckpt.convert_to_regular_model(lora)
+    assert type(regular) is _Net and not lora_ckpt.lora_layers(regular)
+    np.testing.assert_allclose(regular(x).numpy(), adapted, rtol=1e-5, atol=1e-6)
+
+
+def test_functional_model_nested_in_a_functional_model():
+    inner_in = tf.keras.Input((5,))
+    inner = tf.keras.Model(inner_in, tf.keras.layers.Dense(6, name="fc")(inner_in), name="inner")
+    outer_in = tf.keras.Input((5,))
+    outer = tf.keras.Model(outer_in, tf.keras.layers.Dense(2, name="out")(inner(outer_in)))
+    x = np.random.default_rng(2).normal(size=(3, 5)).astype("float32")
+    expected = outer(x).numpy()
+    lora = lora_ckpt.convert_to_lora_model(outer, target_layers=["inner/fc", "out"], lora_rank=2)
+    assert [p for p, _ in lora_ckpt.lora_layers(lora)] == ["inner/fc", "out"]
+    np.testing.assert_array_equal(lora(x).numpy(), expected)
+    randomize_lora(lora)
+    np.testing.assert_allclose(
+        lora_ckpt.convert_to_regular_model(lora)(x).numpy(), lora(x).numpy(), rtol=1e-5, atol=1e-6
+    )
