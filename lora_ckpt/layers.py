@@ -243,6 +243,22 @@ class LoRALayerMixin:
         object.__setattr__(self, "_lora_state", state)  # past Keras' weight tracking
         self._track_trackable(state, name=LORA_STATE_NAME)
 
+    def base_kernel(self) -> tf.Tensor:
+        """The base kernel ``W0``, also while the update is merged into the kernel.
+
+        Raises:
+            MergeStateError: If the layer was merged when its model was saved
+                (the base kernel is not known then).
+        """
+        if self._pristine_kernel is not None:
+            return tf.convert_to_tensor(self._pristine_kernel)
+        if self._merged_without_copy:
+            raise MergeStateError(
+                f"Layer '{self.name}' was merged when its model was saved; its base kernel "
+                "is not known."
+            )
+        return tf.convert_to_tensor(self.kernel)
+
     def reset_lora_magnitude(self) -> None:
         """Sets a DoRA magnitude to the kernel's column norms, so the layer
         computes its base again (call after the base kernel was replaced)."""
@@ -292,8 +308,7 @@ class LoRALayerMixin:
 
         ``W0 + scaling * A @ B``; with DoRA, that times :meth:`dora_output_scale`.
         """
-        base = self._pristine_kernel if self._pristine_kernel is not None else self.kernel
-        base = tf.convert_to_tensor(base)
+        base = self.base_kernel()
         updated = base + tf.cast(self.lora_delta(), base.dtype)
         if self.lora_use_dora:
             updated = updated * self.lora_magnitude / column_norm(updated)

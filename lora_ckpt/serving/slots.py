@@ -188,8 +188,7 @@ class LoRASlots:
 
     def base_kernel(self) -> tf.Tensor:
         """The layer's base kernel ``W0``, also while an adapter is merged into it."""
-        pristine = getattr(self.layer, "_pristine_kernel", None)
-        return tf.convert_to_tensor(pristine if pristine is not None else self.layer.kernel)
+        return self.layer.base_kernel()
 
     def output_scale(self, a_padded, b_scaled, magnitude) -> np.ndarray:
         """DoRA's ``magnitude / ||W0 + A @ (scale * B)||`` per output, in float32

@@ -15,6 +15,7 @@ import numpy as np
 from .._tf import tf
 from ..errors import BaseWeightsError, LoRAConfigError
 from ..layers import LORA_WEIGHT_NAMES
+from ..models import lora_layers
 from ..selection import match_layers
 from ..traversal import named_variables, variable_short_name
 
@@ -96,6 +97,9 @@ def _load_tf_checkpoint(model, path: str) -> None:
 def load_base_weights(model: tf.keras.Model, path: str, skip: Iterable[str] | None = None) -> None:
     """Loads a regular model's saved weights into a LoRA model's base variables.
 
+    DoRA magnitudes are reset to the new kernels' column norms, so load the
+    base before the adapter.
+
     Args:
         model: A built LoRA model (e.g. from :func:`lora_ckpt.create_model`).
         path: A ``.h5``/``.hdf5`` file or a TensorFlow checkpoint prefix, as
@@ -125,3 +129,7 @@ def load_base_weights(model: tf.keras.Model, path: str, skip: Iterable[str] | No
         if not tf.io.gfile.exists(path + ".index"):
             raise BaseWeightsError(f"No TensorFlow checkpoint at {path} ({path}.index is missing).")
         _load_tf_checkpoint(model, path)
+    # A DoRA magnitude starts as its base kernel's column norms: with a new
+    # base, the model must compute that base again until an adapter is loaded.
+    for _, layer in lora_layers(model):
+        layer.reset_lora_magnitude()

@@ -11,7 +11,6 @@ import dataclasses
 
 from .._tf import tf
 from ..errors import LoRAConfigError, UnregisteredArchitectureError
-from ..models import lora_layers
 from ..registry import lora_architecture, registered_architectures
 from ..selection import classifier_paths
 from .base_weights import load_base_weights
@@ -118,8 +117,6 @@ def from_adapter(
     model(model.dummy_inputs)
     if base_weights is not None:
         load_base_weights(model, base_weights)
-    for _, layer in lora_layers(model):
-        layer.reset_lora_magnitude()
     heads = set(classifier_paths(model))
     extra = set(state.config.saved.extra_layers)
     if extra and extra <= heads:
