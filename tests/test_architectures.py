@@ -63,8 +63,11 @@ def regular_model(key):
 
 # Every architecture in the fast lane but the basic-block ResNet (the
 # bottleneck one has the same LoRA layers, and 1x1 convolutions besides).
+# ConvNeXt and ViT in the fast lane; the others (and every family's own
+# round trip, tests/test_families.py) in the slow lane.
 @pytest.mark.parametrize(
-    "key", [pytest.param(k, marks=pytest.mark.slow) if k == "resnet_basic" else k for k in SMALL]
+    "key",
+    [k if k in ("convnext", "vit") else pytest.param(k, marks=pytest.mark.slow) for k in SMALL],
 )
 def test_conversion_merge_and_round_trip_agree_with_numpy(key):
     regular, config = regular_model(key)

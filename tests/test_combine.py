@@ -168,6 +168,7 @@ def test_cat_adapter_loads_and_the_model_equals_the_folded_base(
     np.testing.assert_allclose(model(images).numpy(), folded(images).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_pool_serves_a_cat_adapter_of_mixed_ranks(adapters, base_file, tmp_path, images):
     import tfimm
 

@@ -128,6 +128,7 @@ def test_dora_merge_is_exact_and_unmerge_bitwise():
     np.testing.assert_array_equal(layer(x).numpy(), expected)
 
 
+@pytest.mark.slow
 def test_dora_model_trains_with_fit_and_round_trips_bitwise(tmp_path, images):
     model = lora_ckpt.create_model(
         "convnext_tiny", lora_rank=2, lora_use_dora=True, **TINY_CONVNEXT
@@ -268,6 +269,7 @@ def test_print_trainable_parameters(capsys):
     )
 
 
+@pytest.mark.slow
 def test_from_adapter_reproduces_the_trained_model(tmp_path, images):
     kwargs = dict(lora_rank=2, lora_use_dora=True, lora_rank_pattern={"*fc2": 3}, **TINY_CONVNEXT)
     model = compile_for_task(lora_ckpt.create_model("convnext_tiny", **kwargs))

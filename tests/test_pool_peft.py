@@ -140,6 +140,7 @@ def slot_snapshot(pool):
 # ---- the Done-when ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mixed_batch_of_dora_rslora_and_rank_pattern_adapters_equals_their_models(pool, peft):
     x, reference = peft["x"], peft["reference"]
     adapters = ["dora", "rslora", "pattern", "dora_fc1"]
@@ -169,6 +170,7 @@ def test_mixed_batch_of_dora_rslora_and_rank_pattern_adapters_equals_their_model
     assert pool.trace_count == 3  # DoRA adapters load without retracing
 
 
+@pytest.mark.slow
 def test_dora_merge_gives_the_same_outputs_and_unmerge_restores_bitwise(pool, peft):
     x = peft["x"]
     pool.load("dora", peft["paths"]["dora"])
@@ -196,6 +198,7 @@ def test_dora_merge_gives_the_same_outputs_and_unmerge_restores_bitwise(pool, pe
     )
 
 
+@pytest.mark.slow
 def test_dora_output_scale_is_computed_from_the_base_kernel_while_merged(pool, peft):
     # Without the base check an adapter loads while another is merged: its DoRA
     # scale must come from the base kernel, not from the merged one.
@@ -212,6 +215,7 @@ def test_dora_output_scale_is_computed_from_the_base_kernel_while_merged(pool, p
     )
 
 
+@pytest.mark.slow
 def test_a_freed_dora_slot_no_longer_scales(pool, peft):
     x, reference = peft["x"], peft["reference"]
     slot = pool.load("dora", peft["paths"]["dora"])
@@ -267,6 +271,7 @@ def _float16_magnitude(config, tensors):
     config.variables[MAGNITUDE] = VariableRecord(tensors[MAGNITUDE].shape, "float16", "lora")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -289,6 +294,7 @@ def test_a_dora_magnitude_that_does_not_fit_is_refused_and_the_pool_is_unchanged
     np.testing.assert_array_equal(pool.predict(peft["x"], adapter="rslora"), expected)
 
 
+@pytest.mark.slow
 def test_check_fit_in_slot_mode_checks_the_magnitude_of_each_layer(shared_pool, peft):
     signature = ModelSignature.of(shared_pool.model)
     config = read_lora_state(peft["paths"]["dora"]).config
@@ -302,6 +308,7 @@ def test_check_fit_in_slot_mode_checks_the_magnitude_of_each_layer(shared_pool, 
         check_fit(signature, config, "dora", slots=SlotLimits(MAX_RANK))
 
 
+@pytest.mark.slow
 def test_outside_a_pool_dora_and_rslora_need_a_model_of_their_kind(peft):
     paths, x = peft["paths"], peft["x"]
     plain = convnext(peft["base"], lora_rank=3)

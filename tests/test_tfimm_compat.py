@@ -91,6 +91,7 @@ def test_registered_class_with_cfg_class_none_takes_the_base_config(images):
     assert count(model.trainable_weights) == (8 * 2 + 2 * 32) + (16 * 2 + 2 * 64)
 
 
+@pytest.mark.slow
 def test_user_registered_class_trains_what_its_adapter_saves(tmp_path, images):
     convnext = tfimm.architectures.ConvNeXt
 
@@ -231,6 +232,7 @@ def test_keras_3_objects_get_a_clear_error():
             call()
 
 
+@pytest.mark.slow
 def test_failed_import_leaves_the_environment_as_it_was():
     script = (
         "import os, sys\n"
