@@ -8,6 +8,10 @@ import pytest
 README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
 
 
+def python_blocks_text() -> str:
+    return "".join(python_blocks())
+
+
 def python_blocks():
     with open(README) as handle:
         text = handle.read()
@@ -26,3 +30,6 @@ def test_readme_examples_run(capsys):
             raise AssertionError(f"README python block {i + 1} failed: {exc!r}\n{block}") from exc
     printed = capsys.readouterr().out
     assert "['quadrant']" in printed
+    # print_trainable_parameters prints what the README shows.
+    shown = re.search(r"# (trainable params: .*)", python_blocks_text()).group(1)
+    assert shown in printed
