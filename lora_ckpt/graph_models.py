@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from ._tf import tf
 from .errors import LoRAConfigError, UnregisteredArchitectureError
 from .layers import (
+    LORA_LAYER_ARGS,
     LoRALayerMixin,
     convert_to_lora_layer,
     has_lora_counterpart,
@@ -21,14 +22,11 @@ from .layers import (
 from .selection import LoRASettings, layer_matches, match_layers
 from .traversal import named_layers, variable_short_name
 
-_LORA_KWARGS = (
-    "lora_rank",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_initializer",
-    "lora_regularizer",
-    "lora_use_dora",
-    "lora_use_rslora",
+# A conversion sets how layers freeze and start; these it takes from the caller.
+_LORA_KWARGS = tuple(
+    a
+    for a in LORA_LAYER_ARGS
+    if a not in ("lora_freeze_base", "lora_bias_trainable", "lora_enabled")
 )
 _PATTERNS = ("lora_rank_pattern", "lora_alpha_pattern")
 _OPTIONS = ("lora_train_bias", "lora_trainable_layers", *_PATTERNS)

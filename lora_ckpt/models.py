@@ -319,6 +319,15 @@ def _require_lora_layers(model):
     return layers
 
 
+def _refuse_merged(layers, consequence: str) -> None:
+    merged = [layer.name for layer in layers if layer.merged]
+    if merged:
+        raise MergeStateError(
+            f"{len(merged)} LoRA layer(s) are already merged (e.g. '{merged[0]}'), {consequence}; "
+            "call unmerge_lora_weights(model) first."
+        )
+
+
 def merge_lora_weights(model: tf.keras.layers.Layer) -> None:
     """Folds every LoRA update into its base kernel, in place.
 
@@ -331,12 +340,7 @@ def merge_lora_weights(model: tf.keras.layers.Layer) -> None:
         LayerNotFoundError: If the model has no LoRA layers.
     """
     layers = _require_lora_layers(model)
-    merged = [layer.name for layer in layers if layer.merged]
-    if merged:
-        raise MergeStateError(
-            f"{len(merged)} LoRA layer(s) are already merged (e.g. '{merged[0]}'); "
-            "call unmerge_lora_weights(model) before merging again."
-        )
+    _refuse_merged(layers, "cannot be merged again")
     for layer in layers:
         layer.merge_weights()
     _forget_compiled_functions(model)
@@ -415,12 +419,7 @@ def lora_disabled(model: tf.keras.layers.Layer):
             update, so disabling could not give the base).
     """
     layers = _require_lora_layers(model)
-    merged = [layer.name for layer in layers if layer.merged]
-    if merged:
-        raise MergeStateError(
-            f"LoRA layer '{merged[0]}' is merged, so the base cannot be run by disabling "
-            "LoRA; call unmerge_lora_weights(model) first."
-        )
+    _refuse_merged(layers, "so the base cannot be run by disabling LoRA")
     before = [layer.lora_enabled for layer in layers]
     set_lora_enabled(model, False)
     try:

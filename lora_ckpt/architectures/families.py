@@ -53,6 +53,13 @@ register_lora_layer(PadConv2D, LoRAPadConv2D)
 
 _ATTENTION = ("blocks/*/attn/qkv", "blocks/*/attn/proj")
 _MLP = ("blocks/*/mlp/fc1", "blocks/*/mlp/fc2")
+_PVT = {
+    "attention": ("blocks/*/attn/q", "blocks/*/attn/kv", "blocks/*/attn/proj"),
+    "sr": ("blocks/*/attn/sr",),
+    "mlp": _MLP,
+    "patch_embed": ("patch_embed/*/projection",),
+    "head": ("head",),
+}
 
 #: family -> (base class, {group: globs}, default groups, layers made in build)
 FAMILIES = {
@@ -104,25 +111,13 @@ FAMILIES = {
     ),
     "PyramidVisionTransformer": (
         PyramidVisionTransformer,
-        {
-            "attention": ("blocks/*/attn/q", "blocks/*/attn/kv", "blocks/*/attn/proj"),
-            "sr": ("blocks/*/attn/sr",),
-            "mlp": _MLP,
-            "patch_embed": ("patch_embed/*/projection",),
-            "head": ("head",),
-        },
+        _PVT,
         ("attention", "mlp"),
         True,
     ),
     "PyramidVisionTransformerV2": (
         PyramidVisionTransformerV2,
-        {
-            "attention": ("blocks/*/attn/q", "blocks/*/attn/kv", "blocks/*/attn/proj"),
-            "sr": ("blocks/*/attn/sr",),
-            "mlp": _MLP,
-            "patch_embed": ("patch_embed/*/projection",),
-            "head": ("head",),
-        },
+        _PVT,
         ("attention", "mlp"),
         False,
     ),

@@ -30,24 +30,20 @@ from ..errors import (
     AdapterExistsError,
     AdapterMismatchError,
     BaseModelMismatchError,
-    CorruptAdapterError,
     LoRAConfigError,
 )
 from ..version import __version__
 from . import object_store
-from .atomic import check_writable, write_directory_atomically
-from .files import file_record, is_local
+from .atomic import check_writable
+from .files import is_local
 from .format import (
-    CHECKPOINT_ROOT,
-    CONFIG_FILE,
     MAX_RANK,
     AdapterConfig,
     LayerRecord,
     VariableRecord,
-    checkpoint_files,
-    nest_variables,
 )
 from .load import AdapterState, read_lora_state
+from .save import commit_adapter
 
 log = logging.getLogger("lora_ckpt.combine")
 
@@ -279,33 +275,8 @@ def write_lora_state(
         json.dumps(config.metadata)
     except (TypeError, ValueError) as exc:
         raise LoRAConfigError(f"metadata must be JSON-serialisable: {exc}.") from exc
-    remote = object_store.is_object_store(path)
-    (object_store.check_writable if remote else check_writable)(path, overwrite)
     variables = {key: tf.Variable(tensors[key], trainable=False) for key in config.variables}
-    checkpoint = tf.train.Checkpoint(**{CHECKPOINT_ROOT: nest_variables(variables)})
-
-    def write(directory: str, prefix: str) -> None:
-        checkpoint.write(f"{directory}/{prefix}")
-        config.checkpoint_prefix = prefix
-        config.files = {
-            name: file_record(f"{directory}/{name}") for name in checkpoint_files(prefix)
-        }
-        config.format_version = config.needed_version  # the version to_json writes
-        try:
-            config.check_consistency(path)
-        except CorruptAdapterError as exc:
-            # Raised inside the atomic write: the temporary directory goes, nothing commits.
-            raise LoRAConfigError(f"The adapter to write is inconsistent: {exc}") from exc
-        with tf.io.gfile.GFile(f"{directory}/{CONFIG_FILE}", "w") as handle:
-            handle.write(config.to_json())
-
-    if remote:
-        object_store.save_via_local(
-            path, lambda local: write_directory_atomically(local, write), overwrite
-        )
-    else:
-        write_directory_atomically(path, write)
-    return path
+    return commit_adapter(path, config, variables, overwrite)
 
 
 # ---- arguments ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import json
 from collections.abc import Iterable
 
 from .._tf import tf
-from ..errors import LoRAConfigError
+from ..errors import CorruptAdapterError, LoRAConfigError
 from ..selection import StateSelection, select_state
 from ..version import __version__
 from . import object_store
@@ -118,10 +118,35 @@ def save_lora_state(
     except TypeError as exc:
         raise LoRAConfigError(f"metadata must be JSON-serialisable: {exc}.") from exc
     selection = select_state(model, include_bias, extra_layers)
+    config = build_config(model, selection, metadata)
+    return commit_adapter(path, config, selection.variables, overwrite)
+
+
+def commit_adapter(path: str, config: AdapterConfig, variables: dict, overwrite: bool) -> str:
+    """Writes ``variables`` and their config as the adapter at ``path``, atomically.
+
+    The one write path of ``save_lora_state`` and ``write_lora_state``: the
+    checkpoint first, its file records and prefix into the config, the config
+    checked against itself, then written last (the commit).
+
+    Args:
+        path: The adapter directory, or an object-storage URL.
+        config: Its config; ``files``, ``checkpoint_prefix`` and
+            ``format_version`` are set here.
+        variables: Variable key -> ``tf.Variable``, the keys of ``config.variables``.
+        overwrite: Replace an existing adapter at ``path``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        AdapterExistsError: If an adapter is at ``path`` and not ``overwrite``.
+        LoRAConfigError: If the config contradicts itself (nothing is committed).
+        StoreError: For an object store that cannot be reached.
+    """
     remote = object_store.is_object_store(path)
     (object_store.check_writable if remote else check_writable)(path, overwrite)
-    config = build_config(model, selection, metadata)
-    checkpoint = tf.train.Checkpoint(**{CHECKPOINT_ROOT: nest_variables(selection.variables)})
+    checkpoint = tf.train.Checkpoint(**{CHECKPOINT_ROOT: nest_variables(variables)})
 
     def write(directory: str, prefix: str) -> None:
         checkpoint.write(f"{directory}/{prefix}")
@@ -129,6 +154,12 @@ def save_lora_state(
         config.files = {
             name: file_record(f"{directory}/{name}") for name in checkpoint_files(prefix)
         }
+        config.format_version = config.needed_version  # the version to_json writes
+        try:
+            config.check_consistency(path)
+        except CorruptAdapterError as exc:
+            # Raised inside the atomic write: the temporary directory goes, nothing commits.
+            raise LoRAConfigError(f"The adapter to write is inconsistent: {exc}") from exc
         with tf.io.gfile.GFile(f"{directory}/{CONFIG_FILE}", "w") as handle:
             handle.write(config.to_json())
 
