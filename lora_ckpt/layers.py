@@ -24,6 +24,7 @@ one of the layer's Keras weights (parameter counts stay tfimm's): a merged or
 disabled model saved and reloaded computes what it computed before.
 """
 
+import contextlib
 import math
 
 from ._tf import require_tf_keras, tf
@@ -678,7 +679,11 @@ def convert_to_lora_layer(layer: tf.keras.layers.Layer, **kwargs) -> tf.keras.la
     if layer.built:
         kernel_in = layer.kernel.shape[-2]
         input_shape = (None, kernel_in) if lora_cls is LoRADense else (None, None, None, kernel_in)
-        lora_layer.build(input_shape)
+        # Built in the base kernel's name scope, its variables are named as the
+        # base layer's were (weight files and tfimm's transfer_weights key by it).
+        scope, _, _ = layer.kernel.name.rpartition("/")
+        with tf.name_scope(scope + "/") if scope else contextlib.nullcontext():
+            lora_layer.build(input_shape)
         lora_layer.kernel.assign(layer.kernel)
         if layer.use_bias:
             lora_layer.bias.assign(layer.bias)
