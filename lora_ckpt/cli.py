@@ -164,9 +164,10 @@ def _list(args) -> int:
 
 
 def _export(args) -> int:
+    from .errors import UnregisteredArchitectureError
     from .export import export_merged_savedmodel
-    from .serving.store import adapter_path, build_base_model
-    from .state import load_lora_state, read_lora_state
+    from .serving.store import adapter_path, build_base_model, store_base_weights
+    from .state import from_adapter, load_lora_state, read_lora_state
     from .state.object_store import localize
 
     is_path = os.path.sep in args.adapter or os.path.isdir(args.adapter)
@@ -176,10 +177,15 @@ def _export(args) -> int:
     path = localize(path)  # an s3:// adapter: its verified copy in the local cache
     config = read_lora_state(path).config
     width = (config.base_model.config or {}).get("nb_classes")
-    print("[2/3] building the base model and loading the adapter", flush=True)
-    overrides = {"nb_classes": width} if width is not None else None
-    model, _ = build_base_model(args.store, args.model, args.base, overrides=overrides)
-    load_lora_state(model, path)
+    print("[2/3] building the adapter's model and loading base and adapter", flush=True)
+    try:
+        # The LoRA model the adapter was trained with: its ranks, DoRA/rsLoRA, head.
+        model = from_adapter(path, base_weights=store_base_weights(args.store, args.base))
+    except UnregisteredArchitectureError:
+        width = (config.base_model.config or {}).get("nb_classes")
+        overrides = {"nb_classes": width} if width is not None else None
+        model, _ = build_base_model(args.store, args.model, args.base, overrides=overrides)
+        load_lora_state(model, path)
     out = os.path.join(args.out, name, str(args.version)) if args.tf_serving else args.out
     print(f"[3/3] writing the merged SavedModel to {out}", flush=True)
     labels = config.metadata.get("labels") if isinstance(config.metadata, dict) else None

@@ -305,3 +305,21 @@ def test_a_dora_model_given_new_base_weights_computes_that_base(tmp_path, images
     base.save_weights(str(tmp_path / "base.h5"))
     lora_ckpt.load_base_weights(model, str(tmp_path / "base.h5"))
     np.testing.assert_allclose(model(images).numpy(), base(images).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_export_merges_a_dora_rank_pattern_adapter_into_a_savedmodel(tmp_path, images):
+    from lora_ckpt.cli import main
+
+    kwargs = dict(lora_rank=2, lora_use_dora=True, lora_rank_pattern={"*fc1": 3}, **TINY_CONVNEXT)
+    model = lora_ckpt.create_model("convnext_tiny", **kwargs)
+    randomize_lora(model)
+    expected = model(images).numpy()
+    lora_ckpt.save_lora_state(model, str(tmp_path / "adapter"))
+    lora_ckpt.convert_to_regular_model(model, merge=False).save_weights(str(tmp_path / "base.h5"))
+    args = ["--store", str(tmp_path), "--base", str(tmp_path / "base.h5")]
+    out = str(tmp_path / "exported")
+    assert main(["export", *args, "--adapter", str(tmp_path / "adapter"), "--out", out]) == 0
+    exported = tf.saved_model.load(out).signatures["serving_default"]
+    logits = exported(images=tf.constant(images))["logits"].numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)

@@ -184,6 +184,20 @@ def _local_base_weights(path: str) -> str | None:
     return None
 
 
+def store_base_weights(store: str, base_weights: str | None = None) -> str | None:
+    """A local path of a store's base weights (``base_weights`` if given), or ``None``.
+
+    Args:
+        store: The store directory or URL.
+        base_weights: Another base weights file or URL to use.
+
+    Returns:
+        A local file or checkpoint prefix (an object store's is downloaded into
+        the cache once per version), or ``None`` if there is none.
+    """
+    return _local_base_weights(base_weights or _join(store, BASE_WEIGHTS))
+
+
 def build_base_model(
     store: str,
     model_name: str | None = None,

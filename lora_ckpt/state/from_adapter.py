@@ -91,7 +91,9 @@ def from_adapter(
         path: The adapter (a directory, ``ram://`` or ``s3://`` URL).
         base_weights: The base model's weights (an ``.h5`` file or a
             TensorFlow checkpoint prefix, as ``save_weights`` writes them);
-            checked against the adapter's fingerprint of its base.
+            checked against the adapter's fingerprint of its base. A head the
+            adapter carries is not read from an ``.h5`` file, so it may have
+            another number of classes than the file's.
         check_base: With ``base_weights=None`` the model keeps its fresh
             initialisation, which is not the adapter's base: pass
             ``check_base=False`` to accept that (for tests and inspection).
@@ -115,12 +117,14 @@ def from_adapter(
     lora_cls, cfg = lora_model_config(state.config)
     model = lora_cls(cfg=cfg)
     model(model.dummy_inputs)
-    if base_weights is not None:
-        load_base_weights(model, base_weights)
     heads = set(classifier_paths(model))
-    extra = set(state.config.saved.extra_layers)
-    if extra and extra <= heads:
-        # The adapter carries its head: train it in full, as when it was saved.
-        model.cfg.lora_train_classifier = True
+    carried = sorted(heads & set(state.config.saved.extra_layers))
+    if base_weights is not None:
+        # A head the adapter carries comes from it, and may be of another width
+        # than the file's: HDF5 files can leave it out (a TF checkpoint loads whole).
+        h5 = str(base_weights).endswith((".h5", ".hdf5"))
+        load_base_weights(model, base_weights, skip=carried if carried and h5 else None)
+    if carried:
+        model.cfg.lora_train_classifier = True  # trained in full, as when it was saved
     load_lora_state(model, path, check_base=check_base)
     return model
