@@ -26,6 +26,9 @@ disabled model saved and reloaded computes what it computed before.
 
 import contextlib
 import math
+import numbers
+
+import numpy as np
 
 from ._tf import require_tf_keras, tf
 from .errors import LoRAConfigError, MergeStateError, UnsupportedLayerError
@@ -92,30 +95,58 @@ def resolve_lora_initializer(spec, rank: int) -> tf.keras.initializers.Initializ
         ) from exc
 
 
+MAX_LORA_RANK = 1 << 16
+"""The largest rank a layer (or an adapter file) may have."""
+
+
 def validate_lora_args(lora_rank, lora_alpha, lora_dropout=0.0) -> None:
     """Checks LoRA hyper-parameters and raises a clear error for bad ones.
 
     Args:
-        lora_rank: Rank of the update; a positive integer.
-        lora_alpha: Scale numerator; a positive number.
+        lora_rank: Rank of the update; an integer from 1 to :data:`MAX_LORA_RANK`.
+        lora_alpha: Scale numerator; a positive number whose scaling is
+            finite in float32.
         lora_dropout: Dropout rate on the LoRA branch input, in ``[0, 1)``.
 
     Raises:
         LoRAConfigError: If any argument is out of range or of the wrong type.
     """
-    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank <= 0:
+    if (
+        isinstance(lora_rank, bool)
+        or not isinstance(lora_rank, numbers.Integral)
+        or not 0 < lora_rank <= MAX_LORA_RANK
+    ):
         raise LoRAConfigError(
-            f"lora_rank must be a positive integer, got {lora_rank!r}. Typical values are 1 to 64."
+            f"lora_rank must be a positive integer (at most {MAX_LORA_RANK}), got "
+            f"{lora_rank!r:.40}. Typical values are 1 to 64."
         )
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
-        raise LoRAConfigError(f"lora_alpha must be a number, got {lora_alpha!r}.")
-    if not lora_alpha > 0 or not math.isfinite(lora_alpha):
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise LoRAConfigError(f"lora_alpha must be a number, got {lora_alpha!r:.40}.")
+    try:
+        scaling = lora_scaling(float(lora_alpha), int(lora_rank))
+    except OverflowError:
+        scaling = math.inf
+    if not lora_alpha > 0 or not scaling <= FLOAT32_MAX:
         raise LoRAConfigError(
-            f"lora_alpha must be positive and finite, got {lora_alpha!r}; the update is "
-            "scaled by lora_alpha / lora_rank."
+            f"lora_alpha must be positive, and alpha / rank finite in float32, got "
+            f"{lora_alpha!r:.40}; the update is scaled by lora_alpha / lora_rank."
         )
-    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-        raise LoRAConfigError(f"lora_dropout must be a rate in [0, 1), got {lora_dropout!r}.")
+    if (
+        isinstance(lora_dropout, bool)
+        or not isinstance(lora_dropout, numbers.Real)
+        or not 0.0 <= lora_dropout < 1.0
+    ):
+        raise LoRAConfigError(f"lora_dropout must be a rate in [0, 1), got {lora_dropout!r:.40}.")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _flag(value, name: str) -> bool:
+    # bool("no") is True: a flag must be a real boolean.
+    if not isinstance(value, (bool, np.bool_)):
+        raise LoRAConfigError(f"{name} must be True or False, got {value!r:.40}.")
+    return bool(value)
 
 
 def matmul_last_axis(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
@@ -133,6 +164,15 @@ def column_norm(kernel: tf.Tensor) -> tf.Tensor:
     """The norm of each output channel of a kernel: over every axis but the last."""
     axes = list(range(kernel.shape.rank - 1))
     return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=axes))
+
+
+def dora_scale(magnitude: tf.Tensor, updated_kernel: tf.Tensor) -> tf.Tensor:
+    """DoRA's per-output factor ``magnitude / ||W0 + scaling * A @ B||``.
+
+    A column of norm zero has no direction to scale: its factor is 0 (the
+    column computes 0 either way), never NaN.
+    """
+    return tf.math.divide_no_nan(magnitude, column_norm(updated_kernel))
 
 
 class LoRALayerMixin:
@@ -159,11 +199,11 @@ class LoRALayerMixin:
         lora_enabled=True,
     ):
         validate_lora_args(lora_rank, lora_alpha, lora_dropout)
-        self.lora_rank = lora_rank
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = lora_dropout
-        self.lora_use_dora = bool(lora_use_dora)
-        self.lora_use_rslora = bool(lora_use_rslora)
+        self.lora_rank = int(lora_rank)
+        self.lora_alpha = float(lora_alpha) if not isinstance(lora_alpha, int) else lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.lora_use_dora = _flag(lora_use_dora, "lora_use_dora")
+        self.lora_use_rslora = _flag(lora_use_rslora, "lora_use_rslora")
         self._lora_initializer_spec = (
             lora_initializer if lora_initializer in LORA_INITIALIZERS else None
         )
@@ -171,9 +211,9 @@ class LoRALayerMixin:
         self.lora_regularizer = tf.keras.regularizers.get(lora_regularizer)
         # Set by model conversion: the base kernel (and bias, unless
         # lora_bias_trainable) stop being trainable weights.
-        self.lora_freeze_base = bool(lora_freeze_base)
-        self.lora_bias_trainable = bool(lora_bias_trainable)
-        self._lora_enabled = bool(lora_enabled)
+        self.lora_freeze_base = _flag(lora_freeze_base, "lora_freeze_base")
+        self.lora_bias_trainable = _flag(lora_bias_trainable, "lora_bias_trainable")
+        self._lora_enabled = _flag(lora_enabled, "lora_enabled")
         self.kernel_lora_a = None
         self.kernel_lora_b = None
         self.lora_magnitude = None
@@ -195,6 +235,7 @@ class LoRALayerMixin:
     @property
     def lora_enabled(self) -> bool:
         """Whether the LoRA update is applied (kept in the layer's saved state)."""
+        self._sync_lora_state()
         return self._lora_enabled
 
     @lora_enabled.setter
@@ -205,6 +246,10 @@ class LoRALayerMixin:
     @property
     def merged(self) -> bool:
         """Whether the LoRA update is currently folded into the kernel."""
+        self._sync_lora_state()
+        return self._merged_now()
+
+    def _merged_now(self) -> bool:
         return self._pristine_kernel is not None or self._merged_without_copy
 
     def _build_lora(self, a_shape, out_dim):
@@ -268,19 +313,30 @@ class LoRALayerMixin:
 
     def _write_lora_state(self) -> None:
         if self._lora_state is not None:
-            self._lora_state.assign([int(self.merged), int(self._lora_enabled)])
+            self._lora_state.assign([int(self._merged_now()), int(self._lora_enabled)])
 
     def _sync_lora_state(self) -> None:
         """Takes the merged/enabled state from the state variable, which a
-        checkpoint restore may have changed behind the layer's back."""
+        checkpoint restore may have changed behind the layer's back.
+
+        Raises:
+            MergeStateError: If the variable holds anything but two 0/1 flags
+                (a checkpoint lora_ckpt did not write).
+        """
         if self._lora_state is None:
             return
         with tf.init_scope():
-            merged, enabled = (bool(v) for v in self._lora_state.numpy())
+            values = self._lora_state.numpy()
+        if values.shape != (2,) or not set(values.tolist()) <= {0, 1}:
+            raise MergeStateError(
+                f"The saved LoRA state of layer '{self.name}' is {values.tolist()!r:.60}, not "
+                "two 0/1 flags (merged, enabled); the checkpoint was not written by lora_ckpt."
+            )
+        merged, enabled = (bool(v) for v in values)
         self._lora_enabled = enabled
-        if merged and not self.merged:
+        if merged and not self._merged_now():
             self._merged_without_copy = True
-        elif not merged and self.merged:
+        elif not merged and self._merged_now():
             # Unmerged weights were restored over a merged layer.
             self._pristine_kernel = self._pristine_bias = None
             self._merged_without_copy = False
@@ -302,7 +358,7 @@ class LoRALayerMixin:
         """
         kernel = self.kernel if kernel is None else kernel
         updated = tf.convert_to_tensor(kernel) + tf.cast(self.lora_delta(), kernel.dtype)
-        return self.lora_magnitude / column_norm(updated)
+        return dora_scale(tf.convert_to_tensor(self.lora_magnitude), updated)
 
     def merged_kernel(self) -> tf.Tensor:
         """The kernel with the update folded in: what merging assigns.
@@ -312,7 +368,7 @@ class LoRALayerMixin:
         base = self.base_kernel()
         updated = base + tf.cast(self.lora_delta(), base.dtype)
         if self.lora_use_dora:
-            updated = updated * self.lora_magnitude / column_norm(updated)
+            updated = updated * dora_scale(tf.convert_to_tensor(self.lora_magnitude), updated)
         return updated
 
     def _dropout_lora_input(self, x, training):
@@ -455,7 +511,7 @@ class LoRALayerMixin:
 
     def call(self, inputs, training=None):
         self._sync_lora_state()
-        if training and self.merged and self.trainable and not _saving_saved_model():
+        if training and self._merged_now() and self.trainable and not _saving_saved_model():
             raise MergeStateError(
                 f"LoRA layer '{self.name}' is merged and cannot be trained (its update is "
                 "folded into the frozen kernel); call unmerge_lora_weights(model) first."
@@ -464,7 +520,7 @@ class LoRALayerMixin:
         outputs = self.lora_hook(self, x) if self.lora_hook is not None else None
         if outputs is None:
             outputs = self.base_op(x, self.kernel)
-            if self.lora_branch_active():
+            if self._lora_enabled and not self._merged_now():  # synced above
                 z = self.base_op(self._dropout_lora_input(x, training), self.kernel_lora_a)
                 outputs += matmul_last_axis(z, self.scaling * self.kernel_lora_b)
                 if self.lora_use_dora:
@@ -701,10 +757,12 @@ __all__ = [
     "LORA_LAYER_ARGS",
     "LORA_STATE_NAME",
     "LORA_WEIGHT_NAMES",
+    "MAX_LORA_RANK",
     "LoRAConv2D",
     "LoRADense",
     "LoRALayerMixin",
     "column_norm",
+    "dora_scale",
     "convert_to_lora_layer",
     "has_lora_counterpart",
     "is_lora_layer",

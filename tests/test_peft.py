@@ -323,3 +323,11 @@ def test_export_merges_a_dora_rank_pattern_adapter_into_a_savedmodel(tmp_path, i
     exported = tf.saved_model.load(out).signatures["serving_default"]
     logits = exported(images=tf.constant(images))["logits"].numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_column_of_norm_zero_computes_zero_not_nan():
+    layer = LoRADense(3, lora_rank=2, lora_use_dora=True, kernel_initializer="zeros")
+    x = np.random.default_rng(5).normal(size=(2, 4)).astype("float32")
+    np.testing.assert_array_equal(layer(x).numpy(), np.zeros((2, 3), "float32"))
+    layer.merge_weights()
+    assert np.isfinite(layer.kernel.numpy()).all()

@@ -345,3 +345,24 @@ def test_functional_model_nested_in_a_functional_model():
     np.testing.assert_allclose(
         lora_ckpt.convert_to_regular_model(lora)(x).numpy(), lora(x).numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_tampered_lora_state_is_refused(tmp_path, images):
+    model = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    _, layer = lora_ckpt.lora_layers(model)[0]
+    layer._lora_state.assign([2, 5])  # what a hand-made checkpoint could hold
+    model.save_weights(str(tmp_path / "ckpt"))
+    fresh = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    fresh.load_weights(str(tmp_path / "ckpt"))
+    with pytest.raises(MergeStateError, match="not\\s+two 0/1 flags"):
+        fresh(images)
+
+
+def test_loading_weights_over_a_merged_model_is_seen_before_the_next_call(tmp_path, images):
+    merged, expected = _merged_tiny(images)
+    merged.save_weights(str(tmp_path / "merged"))
+    fresh = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    fresh.load_weights(str(tmp_path / "merged"))
+    # No call in between: the adapter loaders still see the restored merge.
+    with pytest.raises(MergeStateError):
+        lora_ckpt.save_lora_state(fresh, str(tmp_path / "a"))

@@ -33,7 +33,7 @@ import numpy as np
 
 from .._tf import tf
 from ..errors import AdapterMismatchError, LoRAConfigError
-from ..layers import column_norm, matmul_last_axis
+from ..layers import dora_scale, matmul_last_axis
 
 BASE_ONLY = object()
 """Routing value that makes every layer of the pool compute its base layer alone."""
@@ -197,13 +197,11 @@ class LoRASlots:
         update = matmul_last_axis(
             tf.constant(a_padded, tf.float32), tf.constant(b_scaled, tf.float32)
         )
-        norms = column_norm(kernel + update).numpy()
-        g = np.asarray(magnitude, np.float32) / norms
+        g = dora_scale(tf.constant(magnitude, tf.float32), kernel + update).numpy()
         if not np.isfinite(g).all():
             raise AdapterMismatchError(
-                f"The DoRA update of layer '{self.layer.name}' leaves a kernel column of norm "
-                "zero, so its output scale (magnitude / column norm) is not finite; the "
-                "adapter does not fit this base."
+                f"The DoRA output scale (magnitude / column norm) of layer '{self.layer.name}' "
+                "overflows float32 on this base; the adapter does not fit it."
             )
         return g.astype(self.dtype.as_numpy_dtype)
 

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 
 from .._tf import tf
-from ..errors import AdapterExistsError, AdapterNotFoundError, LoRAError
+from ..errors import AdapterExistsError, AdapterNotFoundError, LoRAConfigError, LoRAError
 from .files import is_local, resolve_adapter
 from .format import CHECKPOINT_PREFIX, CONFIG_FILE
 from .load import read_config
@@ -139,7 +139,7 @@ def _commit_local(tmp: str, path: str) -> None:
     os.rename(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))  # the commit, made durable
     if old is not None:
-        _clean_up(_gfile.rmtree, old)
+        _clean_up(_remove, old)
 
 
 def _commit_by_files(tmp: str, path: str) -> None:
@@ -165,7 +165,21 @@ def check_writable(path: str, overwrite: bool) -> None:
     Raises:
         AdapterExistsError: If ``path`` holds an adapter and ``overwrite`` is
             false, or holds files that are not an adapter's.
+        LoRAConfigError: If ``path`` is a symbolic link, or is named like a
+            save's work directory (``*.tmp-*``, ``*.old-*``), which saves and
+            ``lora-ckpt gc`` remove.
     """
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if ".tmp-" in name or ".old-" in name:
+        raise LoRAConfigError(
+            f"{path} is named like a save's work directory (.tmp-/.old-), which the next "
+            "save or `lora-ckpt gc` removes; choose another name."
+        )
+    if is_local(path) and os.path.islink(path.rstrip("/")):
+        raise LoRAConfigError(
+            f"{path} is a symbolic link; save to the directory it points to, or another path "
+            "(replacing the link would leave its target behind, half-owned)."
+        )
     if resolve_adapter_or_none(path) is not None and not overwrite:
         raise AdapterExistsError(
             f"An adapter already exists at {path}; pass overwrite=True to replace it."

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import AdapterVersionError, CorruptAdapterError
-from ..layers import lora_scaling
+from ..layers import FLOAT32_MAX, MAX_LORA_RANK, lora_scaling
 
 FORMAT_NAME = "lora_ckpt.adapter"
 FORMAT_VERSION = 2
@@ -53,7 +53,7 @@ DTYPE_SIZES = {
     "int64": 8,
     "bool": 1,
 }
-MAX_RANK = 1 << 16
+MAX_RANK = MAX_LORA_RANK
 MAX_JSON_DEPTH = 32
 
 
@@ -402,6 +402,8 @@ def _inconsistency(config: AdapterConfig) -> str:
             return f"layer {layer_path} records rank {layer.rank}, its tensors are A{list(a.shape)}, B{list(b.shape)}"
         # Exactly: a save writes alpha / rank, and a pool serves the recorded scaling
         # (a tolerance would let an edited last digit change every output).
+        if layer.scaling > FLOAT32_MAX:
+            return f"layer {layer_path} records scaling {layer.scaling}, beyond float32"
         if layer.scaling != layer.expected_scaling():
             return f"layer {layer_path} records scaling {layer.scaling}, not {layer.expected_scaling()}"
         magnitude = config.variables.get(f"{layer_path}/lora_magnitude")

@@ -10,7 +10,7 @@ from ..selection import StateSelection, select_state
 from ..version import __version__
 from . import object_store
 from .atomic import check_writable, write_directory_atomically
-from .files import file_record
+from .files import MAX_CONFIG_BYTES, file_record
 from .fingerprint import base_fingerprint
 from .fit import model_identity
 from .format import (
@@ -155,13 +155,20 @@ def commit_adapter(path: str, config: AdapterConfig, variables: dict, overwrite:
             name: file_record(f"{directory}/{name}") for name in checkpoint_files(prefix)
         }
         config.format_version = config.needed_version  # the version to_json writes
+        text = config.to_json()
+        # Exactly what every reader will check: nothing is committed that no
+        # loader accepts (an error here removes the temporary directory).
+        if len(text.encode("utf-8")) > MAX_CONFIG_BYTES:
+            raise LoRAConfigError(
+                f"The adapter's config would be {len(text.encode('utf-8'))} bytes, over the "
+                f"{MAX_CONFIG_BYTES}-byte limit readers enforce; keep metadata small."
+            )
         try:
-            config.check_consistency(path)
+            AdapterConfig.from_json(text, path)
         except CorruptAdapterError as exc:
-            # Raised inside the atomic write: the temporary directory goes, nothing commits.
-            raise LoRAConfigError(f"The adapter to write is inconsistent: {exc}") from exc
+            raise LoRAConfigError(f"The adapter to write would not read back: {exc}") from exc
         with tf.io.gfile.GFile(f"{directory}/{CONFIG_FILE}", "w") as handle:
-            handle.write(config.to_json())
+            handle.write(text)
 
     if remote:
         # Saved locally the normal way, then uploaded: data first, the config last.
