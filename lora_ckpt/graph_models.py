@@ -51,7 +51,12 @@ def check_pattern_keys(model, kwargs: dict, targets: list[tuple]) -> None:
         LayerNotFoundError: For a key that matches none of ``targets``.
     """
     for name in _PATTERNS:
-        match_layers(model, list(kwargs.get(name) or {}), targets, f"{name} key")
+        patterns = kwargs.get(name) or {}
+        if not isinstance(patterns, dict) or not all(isinstance(k, str) for k in patterns):
+            raise LoRAConfigError(
+                f"{name} must be a dict of layer path, name or glob -> value, got {patterns!r:.80}."
+            )
+        match_layers(model, list(patterns), targets, f"{name} key")
 
 
 def check_conversion_arguments(model, kwargs: dict) -> str:

@@ -326,6 +326,8 @@ class LoRALayerMixin:
         if self._lora_state is None:
             return
         with tf.init_scope():
+            if not tf.executing_eagerly():
+                return  # a TF1-style graph: nothing restored behind our back to read
             values = self._lora_state.numpy()
         if values.shape != (2,) or not set(values.tolist()) <= {0, 1}:
             raise MergeStateError(

@@ -72,9 +72,15 @@ class LoRATrainableMixin:
             return []  # the head has LoRA instead
         classifier = getattr(cfg, "classifier", None)
         names = [classifier] if isinstance(classifier, str) else list(classifier or [])
-        existing = {name for path, layer in named_layers(self) for name in (path, layer.name)}
-        # A model built with nb_classes=0 has no classifier layer to train.
-        return [name for name in names if name in existing]
+        # A model built with nb_classes=0 has no classifier layer to train, and a
+        # classifier that got LoRA (a head group or lora_target_layers) trains as LoRA.
+        plain = {
+            name
+            for path, layer in named_layers(self)
+            if not is_lora_layer(layer)
+            for name in (path, layer.name)
+        }
+        return [name for name in names if name in plain]
 
     @property
     def lora_settings(self) -> LoRASettings:
@@ -134,6 +140,9 @@ def match_layers(
     """
     layers = list(named_layers(model)) if layers is None else list(layers)
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise LoRAConfigError(f"{what}s must be strings (paths, names or globs), got {bad[:3]!r}.")
     paths: list[str] = []
     for pattern in patterns:
         matched = [path for path, layer in layers if layer_matches(path, layer, pattern)]

@@ -25,13 +25,16 @@ from .graph_models import (
 )
 from .layers import is_lora_layer
 from .selection import LoRASettings, match_layers
-from .traversal import named_layers, named_variables, replace_layer
+from .traversal import layer_references, named_layers, named_variables, replace_layer
 
 
 def _sample_inputs(model):
     if hasattr(model, "dummy_inputs"):
         return (model.dummy_inputs,), {}
     spec = model.save_spec(dynamic_batch=True) if model.built else None
+    shape = getattr(model, "_build_input_shape", None)  # model.build(shape), never called
+    if spec is None and shape is not None:
+        return (tf.zeros([1 if d is None else d for d in tf.TensorShape(shape)]),), {}
     if spec is None:
         raise LoRAConfigError(
             f"Model '{model.name}' is not built; call it on a batch before converting it."
@@ -58,7 +61,7 @@ def copy_model_structure(model: tf.keras.Model) -> tf.keras.Model:
             copy = type(model)(cfg=model.cfg)
         else:
             copy = type(model).from_config(model.get_config())
-    except (NotImplementedError, TypeError) as exc:
+    except (NotImplementedError, TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise LoRAConfigError(
             f"{type(model).__name__} cannot be rebuilt from its config ({exc}); give it "
             "get_config/from_config (Keras' serialization API) to convert it."
@@ -111,9 +114,12 @@ def convert_subclassed_model(
     def graph_of(path):
         return next((g for g in graphs if path.startswith(g + "/")), None)
 
+    references = layer_references(copy)
     for path in targets:
         if graph_of(path) is None:
-            replace_layer(copy, path, convert_target_layer(path, by_path[path], kwargs))
+            lora_layer = convert_target_layer(path, by_path[path], kwargs)
+            for place in references[id(by_path[path])]:  # a layer held twice, both places
+                replace_layer(copy, place, lora_layer)
     for graph in dict.fromkeys(g for g in map(graph_of, targets) if g is not None):
         relative = [p[len(graph) + 1 :] for p in targets if graph_of(p) == graph]
         frozen_except = [p[len(graph) + 1 :] for p in trainable if p.startswith(graph + "/")]

@@ -74,6 +74,25 @@ def named_layers(model: tf.keras.layers.Layer) -> Iterator[tuple[str, tf.keras.l
             yield path, layer
 
 
+def layer_references(model) -> dict[int, list[str]]:
+    """Every path at which each layer is held, by ``id``: a layer held by two
+    attributes (``self.d2 = self.d``) has two, where :func:`named_layers`
+    yields it once."""
+    references: dict[int, list[str]] = {}
+    expanded = {id(model)}
+
+    def walk(layer, path):
+        for name, child in _direct(layer)[0]:
+            child_path = f"{path}/{name}" if path else name
+            references.setdefault(id(child), []).append(child_path)
+            if id(child) not in expanded:
+                expanded.add(id(child))
+                walk(child, child_path)
+
+    walk(model, "")
+    return references
+
+
 def variable_short_name(variable: tf.Variable) -> str:
     """The name a variable was created with: ``kernel`` for ``.../fc1/kernel:0``."""
     return variable.name.rsplit("/", 1)[-1].split(":", 1)[0]

@@ -331,3 +331,23 @@ def test_dora_column_of_norm_zero_computes_zero_not_nan():
     np.testing.assert_array_equal(layer(x).numpy(), np.zeros((2, 3), "float32"))
     layer.merge_weights()
     assert np.isfinite(layer.kernel.numpy()).all()
+
+
+def test_from_adapter_refuses_a_hostile_base_config_before_allocating(tmp_path):
+    model = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    lora_ckpt.save_lora_state(model, str(tmp_path / "a"))
+    lora_ckpt.convert_to_regular_model(model).save_weights(str(tmp_path / "base.h5"))
+    config_file = tmp_path / "a" / "adapter_config.json"
+    good = json.loads(config_file.read_text())
+    for edit, match in (
+        ({"embed_dim": [100_000, 100_000]}, "parameters, more than"),  # tens of GB if built
+        ({"embed_dim": "abc"}, "does not build|invalid"),
+        ({"bogus_field": 1, "nb_blocks": [1.5, 1]}, "does not build|invalid"),
+    ):
+        document = json.loads(json.dumps(good))
+        document["base_model"]["config"].update(edit)
+        config_file.write_text(json.dumps(document))
+        with pytest.raises(lora_ckpt.errors.CorruptAdapterError, match=match):
+            lora_ckpt.from_adapter(str(tmp_path / "a"), base_weights=str(tmp_path / "base.h5"))
+        with pytest.raises(lora_ckpt.errors.CorruptAdapterError, match=match):
+            lora_ckpt.from_adapter(str(tmp_path / "a"), check_base=False, max_parameters=10**7)

@@ -366,3 +366,42 @@ def test_loading_weights_over_a_merged_model_is_seen_before_the_next_call(tmp_pa
     # No call in between: the adapter loaders still see the restored merge.
     with pytest.raises(MergeStateError):
         lora_ckpt.save_lora_state(fresh, str(tmp_path / "a"))
+
+
+class _Shared(tf.keras.Model):
+    """One Dense held by two attributes and used at both."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d = tf.keras.layers.Dense(5)
+        self.d2 = self.d
+        self.out = tf.keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.out(self.d2(self.d(x)))
+
+    def get_config(self):
+        return {}
+
+
+def test_a_layer_held_twice_gets_lora_at_both_places():
+    net = _Shared()
+    x = np.random.default_rng(3).normal(size=(2, 5)).astype("float32")
+    net(x)
+    lora = lora_ckpt.convert_to_lora_model(net, target_layers=["d"], lora_rank=2)
+    assert lora.d is lora.d2 and lora_ckpt.is_lora_layer(lora.d)
+    randomize_lora(lora)
+    np.testing.assert_allclose(
+        lora_ckpt.convert_to_regular_model(lora)(x).numpy(), lora(x).numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_pattern_arguments_of_the_wrong_type_are_refused():
+    with pytest.raises(LoRAConfigError, match="lora_rank_pattern must be a dict"):
+        lora_ckpt.create_model("convnext_tiny", lora_rank_pattern="*fc1", **TINY_CONVNEXT)
+    with pytest.raises(LoRAConfigError, match="must be strings"):
+        lora_ckpt.create_model("convnext_tiny", lora_target_layers=[1], **TINY_CONVNEXT)
+    model = lora_ckpt.create_model(
+        "convnext_tiny", lora_target_layers="stages/0/blocks/0/mlp/fc1", **TINY_CONVNEXT
+    )
+    assert [p for p, _ in lora_ckpt.lora_layers(model)] == ["stages/0/blocks/0/mlp/fc1"]

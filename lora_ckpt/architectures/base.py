@@ -17,7 +17,7 @@ from ..errors import LayerNotFoundError, LoRAConfigError
 from ..graph_models import check_pattern_keys, is_convertible, lora_layer_arguments
 from ..layers import convert_to_lora_layer, validate_lora_args
 from ..selection import LoRATrainableMixin, check_train_bias, layer_matches, match_layers
-from ..traversal import named_layers, replace_layer
+from ..traversal import layer_references, named_layers, replace_layer
 
 
 @dataclass
@@ -144,7 +144,8 @@ class LoRAModelMixin(LoRATrainableMixin):
         validate_lora_args(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         check_train_bias(cfg.lora_train_bias)
         groups = tuple(cfg.lora_layer_groups)
-        explicit = tuple(getattr(cfg, "lora_target_layers", ()) or ())
+        explicit = getattr(cfg, "lora_target_layers", ()) or ()
+        explicit = (explicit,) if isinstance(explicit, str) else tuple(explicit)
         unknown = [g for g in groups if g not in self.layer_groups()]
         if not explicit and (unknown or not groups):
             raise LoRAConfigError(
@@ -170,11 +171,13 @@ class LoRAModelMixin(LoRATrainableMixin):
             "lora_alpha_pattern": cfg.lora_alpha_pattern,
         }
         check_pattern_keys(self, arguments, targets)
+        references = layer_references(self)
         for path, layer in targets:
             lora_layer = convert_to_lora_layer(
                 layer, lora_freeze_base=True, **lora_layer_arguments(path, layer, arguments)
             )
-            replace_layer(self, path, lora_layer)
+            for place in references[id(layer)]:  # a layer held twice, both places
+                replace_layer(self, place, lora_layer)
 
 
 class BuildTimeLoRAMixin(LoRAModelMixin):

@@ -10,7 +10,12 @@ and then the adapter, each through the loaders' checks.
 import dataclasses
 
 from .._tf import tf
-from ..errors import LoRAConfigError, UnregisteredArchitectureError
+from ..errors import (
+    CorruptAdapterError,
+    LoRAConfigError,
+    LoRAError,
+    UnregisteredArchitectureError,
+)
 from ..registry import lora_architecture, registered_architectures
 from ..selection import classifier_paths
 from .base_weights import load_base_weights
@@ -54,11 +59,16 @@ def lora_model_config(config: AdapterConfig):
     base_cls = next(
         (c for c in registered_architectures() if qualified_name(c) == record.architecture), None
     )
-    if base_cls is None or record.config is None:
+    if base_cls is None:
         raise UnregisteredArchitectureError(
             f"from_adapter rebuilds registered architectures (every tfimm family); this "
             f"adapter was saved from a {record.architecture}. Build that model yourself "
             "and call load_lora_state."
+        )
+    if record.config is None:
+        raise CorruptAdapterError(
+            f"The adapter records no configuration of its {record.architecture} base, so "
+            "from_adapter cannot rebuild it; build the model and call load_lora_state."
         )
     lora_cls = lora_architecture(base_cls)
     cfg_cls = lora_cls.cfg_class
@@ -79,11 +89,54 @@ def lora_model_config(config: AdapterConfig):
         lora_train_bias=config.saved.bias,
         lora_train_classifier=False,
     )
-    return lora_cls, cfg_cls(**values)
+    try:
+        return lora_cls, cfg_cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise CorruptAdapterError(f"The adapter's base configuration is invalid: {exc}") from exc
+
+
+def _weights_file_bytes(path: str) -> int:
+    """How many bytes of weights a ``.h5`` file or a TF checkpoint prefix holds."""
+    if str(path).endswith((".h5", ".hdf5")):
+        return tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else 0
+    return sum(tf.io.gfile.stat(f).length for f in tf.io.gfile.glob(f"{path}.data-*"))
+
+
+def _checked_parameter_count(lora_cls, cfg, base_weights, max_parameters) -> int:
+    """Builds the model in a throwaway graph (allocating nothing) and bounds its size.
+
+    A hostile config (``embed_dim=[100000, 100000]``) would otherwise allocate
+    gigabytes before any other check could refuse it.
+    """
+    try:
+        with tf.Graph().as_default():
+            probe = lora_cls(cfg=cfg)
+            probe(probe.dummy_inputs)
+            count = sum(int(v.shape.num_elements()) for v in probe.weights)
+    except LoRAError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, tf.errors.OpError) as exc:
+        raise CorruptAdapterError(
+            f"The adapter's base configuration does not build a model: {exc!s:.300}"
+        ) from exc
+    limit = max_parameters
+    if base_weights is not None:
+        limit = min(limit, _weights_file_bytes(base_weights) // 2)  # float16 at the least
+    if count > limit:
+        raise CorruptAdapterError(
+            f"The adapter's base configuration makes a model of {count:,d} parameters, more "
+            f"than {limit:,d} (the base weights file's size, or max_parameters); it is not "
+            "the model these weights belong to."
+        )
+    return count
 
 
 def from_adapter(
-    path: str, base_weights: str | None = None, *, check_base: bool = True
+    path: str,
+    base_weights: str | None = None,
+    *,
+    check_base: bool = True,
+    max_parameters: int = 2_000_000_000,
 ) -> tf.keras.Model:
     """Builds the LoRA model an adapter belongs to and loads base weights and adapter.
 
@@ -97,6 +150,10 @@ def from_adapter(
         check_base: With ``base_weights=None`` the model keeps its fresh
             initialisation, which is not the adapter's base: pass
             ``check_base=False`` to accept that (for tests and inspection).
+        max_parameters: The largest model the adapter's recorded
+            configuration may describe (with ``base_weights``, also at most
+            what the file can hold); checked on a graph-only build before
+            anything is allocated.
 
     Returns:
         The built model, computing what the trained model computed.
@@ -106,6 +163,8 @@ def from_adapter(
         UnregisteredArchitectureError: For an adapter of an unregistered model.
         BaseWeightsError: If ``base_weights`` cannot be read or does not fit.
         BaseModelMismatchError: If they are not the weights it was trained on.
+        CorruptAdapterError: If the recorded configuration does not build a
+            model, or builds one larger than the limit.
         LoRAError: Whatever :func:`lora_ckpt.load_lora_state` raises for the adapter.
     """
     if base_weights is None and check_base:
@@ -115,6 +174,7 @@ def from_adapter(
         )
     state = read_lora_state(path)
     lora_cls, cfg = lora_model_config(state.config)
+    _checked_parameter_count(lora_cls, cfg, base_weights, max_parameters)
     model = lora_cls(cfg=cfg)
     model(model.dummy_inputs)
     heads = set(classifier_paths(model))
