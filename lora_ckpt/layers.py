@@ -87,11 +87,13 @@ def resolve_lora_initializer(spec, rank: int) -> tf.keras.initializers.Initializ
         # torch's kaiming_uniform_(a=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)).
         return tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
     try:
-        return tf.keras.initializers.get(spec)
-    except ValueError as exc:
+        initializer = tf.keras.initializers.get(spec)
+        initializer(shape=(1, 1), dtype=tf.float32)  # a bad config fails here, not at build
+        return initializer
+    except (ValueError, TypeError) as exc:
         raise LoRAConfigError(
-            f"Unknown lora_initializer {spec!r}: use a Keras initializer or one of "
-            f"{list(LORA_INITIALIZERS)}."
+            f"lora_initializer {spec!r:.80} is not a usable initializer ({exc!s:.80}): use a "
+            f"Keras initializer or one of {list(LORA_INITIALIZERS)}."
         ) from exc
 
 
