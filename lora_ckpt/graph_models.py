@@ -10,7 +10,7 @@ frozen unless named in ``lora_trainable_layers``. The model is rebuilt with
 from collections.abc import Iterable
 
 from ._tf import tf
-from .errors import LoRAConfigError, UnregisteredArchitectureError
+from .errors import LoRAConfigError, UnregisteredArchitectureError, UnsupportedLayerError
 from .layers import (
     LORA_LAYER_ARGS,
     LoRALayerMixin,
@@ -86,16 +86,30 @@ def match_targets(model, target_layers, layers) -> list[str]:
     """Paths of the convertible layers among ``layers`` that ``target_layers`` names.
 
     Raises:
-        LayerNotFoundError: If a pattern matches no convertible layer.
+        LayerNotFoundError: If a pattern matches no layer.
+        UnsupportedLayerError: If it matches only layers LoRA cannot adapt
+            (depthwise or grouped convolutions, ...).
     """
     patterns = [target_layers] if isinstance(target_layers, str) else list(target_layers)
     convertible = [(path, layer) for path, layer in layers if is_convertible(layer)]
-    return match_layers(
-        model,
-        patterns,
-        convertible,
-        f"target_layers pattern (over {'/'.join(supported_layer_types())} layers, groups=1)",
-    )
+    what = f"target_layers pattern (over {'/'.join(supported_layer_types())} layers, groups=1)"
+    for pattern in patterns:
+        if isinstance(pattern, str) and not any(
+            layer_matches(path, layer, pattern) for path, layer in convertible
+        ):
+            others = [
+                f"{path} ({type(layer).__name__})"
+                for path, layer in layers
+                if layer_matches(path, layer, pattern) and layer.weights
+            ]
+            if others:
+                # It names layers, just none that LoRA can adapt: say why.
+                raise UnsupportedLayerError(
+                    f"target_layers pattern {pattern!r} matches only layers without a LoRA "
+                    f"version: {others[:5]}. Depthwise and grouped convolutions (and norms) have no "
+                    f"low-rank update to add; LoRA adapts {supported_layer_types()} (groups=1)."
+                )
+    return match_layers(model, patterns, convertible, what)
 
 
 def convert_target_layer(path: str, layer, kwargs: dict):

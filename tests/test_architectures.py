@@ -375,7 +375,7 @@ def test_generic_conversion_errors():
         LayerNotFoundError, match=r"'attention_\*' matches no layer .*Candidates include: .*'Conv1'"
     ):
         lora_ckpt.convert_to_lora_model(model, target_layers=["attention_*"])
-    with pytest.raises(LayerNotFoundError, match="'block_1_depthwise' matches no layer"):
+    with pytest.raises(UnsupportedLayerError, match="'block_1_depthwise' matches only layers"):
         lora_ckpt.convert_to_lora_model(model, target_layers=["block_1_depthwise"])
     with pytest.raises(LoRAConfigError, match="target_layers="):
         lora_ckpt.convert_to_lora_model(model)

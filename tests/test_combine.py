@@ -2,11 +2,14 @@
 the refusals, and the ``lora-ckpt combine`` command."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
 import shutil
+import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -20,8 +23,9 @@ from lora_ckpt.errors import (
     BaseModelMismatchError,
     LoRAConfigError,
 )
-from lora_ckpt.state.combine import combine_adapters, write_lora_state
-from lora_ckpt.state.format import LayerRecord, VariableRecord
+from lora_ckpt.state import combine as combine_module
+from lora_ckpt.state.combine import MAX_INPUTS, combine_adapters, write_lora_state
+from lora_ckpt.state.format import MAX_RANK, LayerRecord, VariableRecord
 from lora_ckpt.traversal import named_variables
 
 from .conftest import TINY_CONVNEXT, randomize_lora
@@ -300,8 +304,11 @@ def test_linear_combines_the_factors_as_peft_does(adapters, tmp_path):
         assert not np.allclose(product(combined, layer), sums[layer], atol=1e-4)
 
 
-def test_linear_refuses_unequal_ranks(adapters, tmp_path):
-    with pytest.raises(LoRAConfigError, match=r"stages/0/blocks/0/mlp/fc1 has ranks .*2.*3"):
+def test_linear_refuses_unequal_ranks(adapters, tmp_path, monkeypatch):
+    with (
+        tensors_unread(monkeypatch),
+        pytest.raises(LoRAConfigError, match=r"stages/0/blocks/0/mlp/fc1 has ranks .*2.*3"),
+    ):
         combine_adapters([adapters["a"], adapters["b"]], [1, 1], str(tmp_path / "x"), "linear")
     assert not os.path.exists(tmp_path / "x")
 
@@ -329,15 +336,103 @@ def test_svd_reports_its_error_and_is_exact_at_full_rank(adapters, tmp_path, cap
     assert f"{record['max_svd_relative_error']:.3g}" in caplog.text
 
     full = read_lora_state(combine_adapters(paths, weights, str(tmp_path / "r5"), "svd", 5))
-    # The head is [16, 4]: its rank stops at 4, the MLP layers hold the sum's rank 5.
-    assert full.config.layers["fc"].rank == 4
+    # The head has LoRA in b only (rank 3): its sum has rank 3, and no zero factors
+    # pad it to 5; the MLP layers hold the sum's rank 5.
+    assert full.config.layers["fc"].rank == 3
     assert full.config.layers["stages/0/blocks/0/mlp/fc1"].rank == 5
-    assert full.config.metadata["combined"]["max_svd_relative_error"] < 1e-6
+    record = full.config.metadata["combined"]
+    assert (record["rank"], record["requested_rank"]) == (5, 5)
+    assert record["max_svd_relative_error"] < 1e-6
     for layer, want in sums.items():
         np.testing.assert_allclose(product(full, layer), want, rtol=1e-6, atol=1e-7)
+        # Even the tiny error of writing the factors in float32 is what numpy finds.
+        flat = want.reshape(-1, want.shape[-1])
+        residual = flat - product(full, layer).reshape(flat.shape)
+        expected = np.linalg.norm(residual) / np.linalg.norm(flat)
+        assert 0 < expected < 1e-6
+        assert record["svd_relative_error"][layer] == pytest.approx(expected, rel=1e-3)
+
+
+def handmade(path, template, factors, metadata=None):
+    """An adapter of ``template``'s base holding only ``factors`` (layer -> (A, B))."""
+    layers, variables, tensors = {}, {}, {}
+    for layer, (a, b) in factors.items():
+        rank = b.shape[0]
+        layers[layer] = LayerRecord("LoRADense", rank, float(rank), 1.0)
+        for name, value in (("kernel_lora_a", a), ("kernel_lora_b", b)):
+            variables[f"{layer}/{name}"] = VariableRecord(value.shape, value.dtype.name, "lora")
+            tensors[f"{layer}/{name}"] = value
+    config = dataclasses.replace(
+        template.config, layers=layers, variables=variables, files={}, metadata=metadata or {}
+    )
+    return write_lora_state(path, config, tensors)
+
+
+def test_svd_works_on_the_factors_never_on_the_full_update(adapters, tmp_path):
+    # A rank-1 [20000, 20000] layer: 160 KB of factors, a 3.2 GB float64 update.
+    n = 20000
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(n, 1)).astype("float32")
+    b = rng.normal(size=(1, n)).astype("float32")
+    template = read_lora_state(adapters["a"])
+    wide = handmade(str(tmp_path / "wide"), template, {"wide": (a, b)})
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+        started = time.perf_counter()
+        out = combine_adapters([wide, wide], [0.5, 1.5], str(tmp_path / "svd"), "svd", 8)
+        seconds = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 << 20, f"peak {peak >> 20} MiB"
+    assert seconds < 10
+    combined = read_lora_state(out)
+    # Rank 8 is clamped to the sum of the inputs' ranks, 1 + 1: nothing is padded.
+    assert combined.config.layers["wide"].rank == 2
+    assert combined.config.metadata["combined"]["rank"] == 2
+    assert combined.config.metadata["combined"]["requested_rank"] == 8
+    got_a = combined.tensors["wide/kernel_lora_a"].astype(np.float64)
+    got_b = combined.tensors["wide/kernel_lora_b"].astype(np.float64)
+    # A @ B = 2 a b (of rank 1), checked on the factors: the direction and the scale.
+    direction = got_a[:, 0] / np.linalg.norm(got_a[:, 0])
+    np.testing.assert_allclose(np.abs(direction), np.abs(a[:, 0]) / np.linalg.norm(a), atol=1e-6)
+    scale = np.linalg.norm(got_a[:, 0]) * np.linalg.norm(got_b[0])
+    assert scale == pytest.approx(2 * np.linalg.norm(a) * np.linalg.norm(b), rel=1e-5)
+    assert np.linalg.norm(got_a[:, 1]) * np.linalg.norm(got_b[1]) < 1e-6 * scale
+    assert combined.config.metadata["combined"]["max_svd_relative_error"] < 1e-6
+
+
+def test_svd_rank_is_clamped_to_the_sum_of_the_ranks(adapters, tmp_path):
+    paths = [adapters["a"], adapters["b"]]  # ranks 2 and 3; the head only in b
+    out = combine_adapters(paths, [0.7, -1.3], str(tmp_path / "svd"), "svd", np.int64(3000))
+    combined = read_lora_state(out)
+    assert combined.config.layers["fc"].rank == 3
+    assert combined.config.layers["stages/0/blocks/0/mlp/fc1"].rank == 5
+    record = combined.config.metadata["combined"]
+    assert (record["rank"], record["requested_rank"]) == (5, 3000)
+    assert type(record["requested_rank"]) is int
+    size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
+    assert size < 2 * sum(os.path.getsize(os.path.join(p, n)) for p in paths for n in os.listdir(p))
+    # A numpy integer rank is used as the int it is (it once broke the metadata's JSON).
+    small = combine_adapters(paths, [1, 1], str(tmp_path / "np"), "svd", np.int64(2))
+    assert read_lora_state(small).config.metadata["combined"]["requested_rank"] == 2
 
 
 # ---- refusals ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tensors_unread(monkeypatch):
+    """Fails the test if combine_adapters reads an input's tensors: what the configs
+    alone refuse is refused first (40000 inputs were once all read, 25 s and 1.4 GB,
+    before their rank sum was refused)."""
+
+    def refuse(path):
+        raise AssertionError(f"the tensors of {path} were read before the refusal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(combine_module, "read_lora_state", refuse)
+        yield
 
 
 def _edited_copy(source, target, edit):
@@ -351,22 +446,28 @@ def _edited_copy(source, target, edit):
     return str(target)
 
 
-def test_adapters_of_other_bases_are_refused(adapters, tmp_path):
+def test_adapters_of_other_bases_are_refused(adapters, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    with pytest.raises(BaseModelMismatchError, match="other base weights"):
+    with (
+        tensors_unread(monkeypatch),
+        pytest.raises(BaseModelMismatchError, match="other base weights"),
+    ):
         combine_adapters([adapters["a"], adapters["other_base"]], [1, 1], out)
 
     def other_width(config):
         config["base_model"]["config"]["embed_dim"] = [8, 24]
 
     wider = _edited_copy(adapters["a"], tmp_path / "wider", other_width)
-    with pytest.raises(AdapterMismatchError, match="embed_dim|config") as caught:
+    with (
+        tensors_unread(monkeypatch),
+        pytest.raises(AdapterMismatchError, match="embed_dim|config") as caught,
+    ):
         combine_adapters([adapters["a"], wider], [1, 1], out)
     assert not isinstance(caught.value, BaseModelMismatchError)
     assert not os.path.exists(out)
 
 
-def test_dora_adapters_are_refused(adapters, tmp_path):
+def test_dora_adapters_are_refused(adapters, tmp_path, monkeypatch):
     # DoRA layers are still being built (lora_ckpt.layers): this DoRA adapter is
     # made by hand, a copy of `a` whose first layer gets a lora_magnitude.
     state = read_lora_state(adapters["a"])
@@ -382,20 +483,23 @@ def test_dora_adapters_are_refused(adapters, tmp_path):
     dora = write_lora_state(str(tmp_path / "dora"), config, tensors)
     assert read_lora_state(dora).config.layers[layer].dora
 
-    with pytest.raises(LoRAConfigError, match=f"DoRA.*{layer}"):
+    with tensors_unread(monkeypatch), pytest.raises(LoRAConfigError, match=f"DoRA.*{layer}"):
         combine_adapters([adapters["a"], dora], [1, 1], str(tmp_path / "out"))
 
 
-def test_differing_biases_and_extra_layers_are_refused(adapters, tmp_path):
+def test_differing_biases_and_extra_layers_are_refused(adapters, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     with pytest.raises(LoRAConfigError, match="fc/kernel .*differs between"):
         combine_adapters([adapters["c1"], adapters["c3"]], [1, 1], out)
-    with pytest.raises(LoRAConfigError, match="fc/.* is saved in .*c1 but not in .*a"):
+    with (
+        tensors_unread(monkeypatch),
+        pytest.raises(LoRAConfigError, match="fc/.* is saved in .*c1 but not in .*a"),
+    ):
         combine_adapters([adapters["a"], adapters["c1"]], [1, 1], out)
     assert not os.path.exists(out)
 
 
-def test_inputs_of_different_dtypes_are_refused(adapters, tmp_path):
+def test_inputs_of_different_dtypes_are_refused(adapters, tmp_path, monkeypatch):
     state = read_lora_state(adapters["a"])
     config = state.config
     config.variables = {
@@ -404,7 +508,7 @@ def test_inputs_of_different_dtypes_are_refused(adapters, tmp_path):
     half = write_lora_state(
         str(tmp_path / "half"), config, {k: t.astype("float16") for k, t in state.tensors.items()}
     )
-    with pytest.raises(LoRAConfigError, match="dtypes"):
+    with tensors_unread(monkeypatch), pytest.raises(LoRAConfigError, match="dtypes"):
         combine_adapters([adapters["a"], half], [1, 1], str(tmp_path / "out"))
     # One dtype in, the same dtype out.
     same = read_lora_state(combine_adapters([half, half], [0.5, 0.5], str(tmp_path / "h")))
@@ -419,22 +523,69 @@ def test_inputs_of_different_dtypes_are_refused(adapters, tmp_path):
         ((["A", "B"], [1.0]), {}, "1 weights for 2 adapters"),
         ((["A"], [float("nan")]), {}, r"weights\[0\] must be finite"),
         ((["A"], [float("inf")]), {}, "finite"),
+        ((["A"], [10**400]), {}, "finite"),  # an int beyond float: no raw OverflowError
+        ((["A"] * (MAX_INPUTS + 1), [1.0] * (MAX_INPUTS + 1)), {}, f"at most {MAX_INPUTS}"),
         ((["A"], ["1"]), {}, "must be a number"),
         ((["A"], [1.0]), {"method": "sum"}, "Unknown combination method"),
         ((["A"], [1.0]), {"method": "svd"}, "needs rank"),
         ((["A"], [1.0]), {"method": "svd", "rank": 0}, "positive integer"),
         ((["A"], [1.0]), {"method": "svd", "rank": 2.5}, "positive integer"),
+        ((["A"], [1.0]), {"method": "svd", "rank": MAX_RANK + 1}, "limit"),
         ((["A"], [1.0]), {"method": "cat", "rank": 4}, "only to method='svd'"),
         ((["A"], [1.0]), {"metadata": {"combined": 1}}, "combined"),
         ((["A"], [1.0]), {"metadata": {"x": object()}}, "JSON"),
+        ((["A"], [1.0]), {"metadata": ["x"]}, "must be a dict"),
+        ((["A"], [1.0]), {"metadata": {"x": "y" * (16 << 20)}}, "bytes"),
     ],
 )
-def test_bad_arguments_are_refused(adapters, tmp_path, args, kwargs, message):
+def test_bad_arguments_are_refused(adapters, tmp_path, monkeypatch, args, kwargs, message):
     paths, weights = args
     paths = adapters["a"] if paths == "A" else [adapters["a"] for _ in paths]
-    with pytest.raises(LoRAConfigError, match=message):
+    with tensors_unread(monkeypatch), pytest.raises(LoRAConfigError, match=message):
         combine_adapters(paths, weights, str(tmp_path / "out"), **kwargs)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_cat_rank_above_the_format_limit_is_refused_from_the_configs(
+    adapters, tmp_path, monkeypatch
+):
+    rank = MAX_RANK // 2 + 1
+    template = read_lora_state(adapters["a"])
+    factors = {"tall": (np.ones((1, rank), "float32"), np.ones((rank, 1), "float32"))}
+    tall = handmade(str(tmp_path / "tall"), template, factors)
+    with tensors_unread(monkeypatch), pytest.raises(LoRAConfigError, match=f"rank {2 * rank}"):
+        combine_adapters([tall, tall], [1, 1], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def nested(levels, leaf=0):
+    """A JSON value ``levels`` dicts deep around ``leaf``."""
+    for _ in range(levels):
+        leaf = {"k": leaf}
+    return leaf
+
+
+def test_metadata_that_would_make_the_config_unreadable_is_refused(adapters, tmp_path):
+    # The config holds metadata one level down, so metadata may nest 31 levels
+    # (30 dicts and their leaf) for a config of 32, the readers' limit.
+    existing = combine_adapters([adapters["a"]], [1.0], str(tmp_path / "out"))
+    before = read_lora_state(existing).config.json_sha256
+    deepest = combine_adapters(
+        [adapters["a"]], [1.0], str(tmp_path / "deepest"), metadata={"x": nested(29)}
+    )
+    assert read_lora_state(deepest).config.metadata["x"] == nested(29)
+    too_deep = {"x": nested(30)}
+    with pytest.raises(LoRAConfigError, match="nested"):
+        combine_adapters([adapters["a"]], [2.0], existing, overwrite=True, metadata=too_deep)
+    # Small as JSON, above 16 MiB once indented in the config: refused before the write.
+    wide = {"x": nested(25, [0] * 300_000)}
+    with pytest.raises(LoRAConfigError, match="bytes"):
+        combine_adapters([adapters["a"]], [2.0], existing, overwrite=True, metadata=wide)
+    with pytest.raises(LoRAConfigError, match="nested"):
+        combine_adapters([adapters["a"]], [2.0], existing, overwrite=True, metadata=nested(5000))
+    # The adapter that was there is untouched, and no work directory is left beside it.
+    assert read_lora_state(existing).config.json_sha256 == before
+    assert sorted(os.listdir(tmp_path)) == ["deepest", "out"]
 
 
 def test_existing_output_and_inputs_as_output(adapters, tmp_path):

@@ -16,6 +16,7 @@ from lora_ckpt.errors import (
     LoRAConfigError,
     MergeStateError,
     MissingDependencyError,
+    UnsupportedLayerError,
 )
 from lora_ckpt.layers import LoRAConv2D, LoRADense
 from lora_ckpt.traversal import named_variables
@@ -405,3 +406,12 @@ def test_pattern_arguments_of_the_wrong_type_are_refused():
         "convnext_tiny", lora_target_layers="stages/0/blocks/0/mlp/fc1", **TINY_CONVNEXT
     )
     assert [p for p, _ in lora_ckpt.lora_layers(model)] == ["stages/0/blocks/0/mlp/fc1"]
+
+
+def test_targeting_a_depthwise_convolution_says_why_it_is_refused():
+    inputs = tf.keras.Input((8, 8, 3))
+    hidden = tf.keras.layers.DepthwiseConv2D(3, name="dw")(inputs)
+    model = tf.keras.Model(inputs, tf.keras.layers.Conv2D(4, 1, name="pw")(hidden))
+    with pytest.raises(UnsupportedLayerError, match="dw \\(DepthwiseConv2D\\).*no\\s+low-rank"):
+        lora_ckpt.convert_to_lora_model(model, target_layers=["dw"])
+    assert lora_ckpt.lora_layers(lora_ckpt.convert_to_lora_model(model, target_layers=["*w"]))

@@ -357,7 +357,7 @@ def _check_arguments(paths, weights, method, rank) -> tuple[list[str], list[floa
         except OverflowError:  # a Python int beyond the float range
             value = math.inf
         if not math.isfinite(value):
-            raise LoRAConfigError(f"weights[{i}] must be a finite float, got {w!r:.40}.")
+            raise LoRAConfigError(f"weights[{i}] must be finite, got {w!r:.40}.")
         values.append(value)
     if method == "svd":
         if rank is None:
