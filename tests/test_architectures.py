@@ -7,7 +7,12 @@ import tfimm
 
 import lora_ckpt
 from lora_ckpt import tf
-from lora_ckpt.errors import LayerNotFoundError, LoRAConfigError, UnregisteredArchitectureError
+from lora_ckpt.errors import (
+    LayerNotFoundError,
+    LoRAConfigError,
+    UnregisteredArchitectureError,
+    UnsupportedLayerError,
+)
 from lora_ckpt.synthetic import make_task_dataset
 from lora_ckpt.traversal import named_variables
 
