@@ -515,6 +515,12 @@ def test_inputs_of_different_dtypes_are_refused(adapters, tmp_path, monkeypatch)
     assert {v.dtype for v in same.config.variables.values()} == {"float16"}
 
 
+def cyclic():
+    document = {}
+    document["self"] = document
+    return document
+
+
 @pytest.mark.parametrize(
     "args, kwargs, message",
     [
@@ -535,6 +541,7 @@ def test_inputs_of_different_dtypes_are_refused(adapters, tmp_path, monkeypatch)
         ((["A"], [1.0]), {"metadata": {"combined": 1}}, "combined"),
         ((["A"], [1.0]), {"metadata": {"x": object()}}, "JSON"),
         ((["A"], [1.0]), {"metadata": ["x"]}, "must be a dict"),
+        ((["A"], [1.0]), {"metadata": cyclic()}, "JSON"),
         ((["A"], [1.0]), {"metadata": {"x": "y" * (16 << 20)}}, "bytes"),
     ],
 )
@@ -555,6 +562,24 @@ def test_a_cat_rank_above_the_format_limit_is_refused_from_the_configs(
     tall = handmade(str(tmp_path / "tall"), template, factors)
     with tensors_unread(monkeypatch), pytest.raises(LoRAConfigError, match=f"rank {2 * rank}"):
         combine_adapters([tall, tall], [1, 1], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_input_replaced_after_its_config_was_checked_is_checked_again(
+    adapters, tmp_path, monkeypatch
+):
+    # Between the config-only checks and the full read, the second input's path
+    # came to hold an adapter of another base.
+    real = combine_module.read_lora_state
+    second = str(shutil.copytree(adapters["a"], tmp_path / "second"))
+
+    def replaced(path):
+        state = real(adapters["other_base"] if path == second else path)
+        return dataclasses.replace(state, path=path)
+
+    monkeypatch.setattr(combine_module, "read_lora_state", replaced)
+    with pytest.raises(BaseModelMismatchError, match="other base weights"):
+        combine_adapters([adapters["a"], second], [1, 1], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -586,6 +611,17 @@ def test_metadata_that_would_make_the_config_unreadable_is_refused(adapters, tmp
     # The adapter that was there is untouched, and no work directory is left beside it.
     assert read_lora_state(existing).config.json_sha256 == before
     assert sorted(os.listdir(tmp_path)) == ["deepest", "out"]
+
+
+@pytest.mark.parametrize("name", ["out.tmp-1a2b3c4d", "out.old-1a2b3c4d", "x.tmp-y"])
+def test_an_output_named_like_a_work_directory_is_refused(adapters, tmp_path, monkeypatch, name):
+    # A save's NAME.tmp-* and NAME.old-* siblings are removed by the next save of
+    # NAME and by `lora-ckpt gc`: an adapter written there would be lost.
+    existing = combine_adapters([adapters["a"]], [1.0], str(tmp_path / "out"))
+    with tensors_unread(monkeypatch), pytest.raises(LoRAConfigError, match="work directory"):
+        combine_adapters([adapters["a"]], [2.0], str(tmp_path / name))
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert read_lora_state(existing).config.metadata["combined"]["weights"] == [1.0]
 
 
 def test_existing_output_and_inputs_as_output(adapters, tmp_path):

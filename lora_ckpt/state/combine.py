@@ -214,14 +214,10 @@ def combine_adapters(
     (object_store.check_writable if remote else check_writable)(out_path, overwrite)
 
     # The configs first: everything they can refuse is refused before a tensor is read.
-    _check_configs([AdapterState(p, _read_config(p), {}) for p in paths], method)
-    states = [read_lora_state(p) for p in paths]
-    _check_configs(states, method)  # the configs read with the tensors are the ones used
-    configs = [s.config for s in states]
-    dtype = states[0].tensors[next(_lora_keys(states[0]))].dtype
-    full = _full_variables(states)
-    layers = _layers(states, weights)
-    del states  # the float64 factors in `layers` are all that is used from here
+    checked = [AdapterState(p, _read_config(p), {}) for p in paths]
+    _check_configs(checked, method)
+    layers, full, dtype = _read_inputs(checked, weights, method)
+    configs = [state.config for state in checked]
 
     tensors, records, errors = _combine_layers(layers, method, rank, dtype)
     del layers
@@ -384,13 +380,13 @@ def _user_metadata(metadata) -> dict:
             f"metadata[{COMBINED_KEY!r}] is where combine_adapters records how the adapter "
             "was made; use another key."
         )
+    text = _check_json(metadata, "metadata")
     # The config holds the metadata one level down: {"metadata": {...}}.
     if 1 + _depth(metadata) > MAX_JSON_DEPTH:
         raise LoRAConfigError(
             f"metadata is nested {_depth(metadata)} levels deep; an adapter config may be "
             f"nested {MAX_JSON_DEPTH} levels, so metadata at most {MAX_JSON_DEPTH - 1}."
         )
-    text = _check_json(metadata, "metadata")
     if len(text.encode("utf-8")) > MAX_CONFIG_BYTES:
         raise LoRAConfigError(
             f"metadata takes {len(text.encode('utf-8'))} bytes as JSON; an adapter config may "
@@ -400,14 +396,18 @@ def _user_metadata(metadata) -> dict:
 
 
 def _check_json(value, what: str) -> str:
-    if _depth(value) > MAX_JSON_DEPTH:
+    """``value`` as JSON text, refusing what is not JSON, cyclic or too deep to read back."""
+    try:
+        text = json.dumps(value)  # first: it refuses cycles, which _depth would follow
+    except RecursionError:
+        text = None
+    except (TypeError, ValueError) as exc:
+        raise LoRAConfigError(f"{what} must be JSON-serialisable: {exc}.") from exc
+    if text is None or _depth(value) > MAX_JSON_DEPTH:
         raise LoRAConfigError(
             f"{what} is nested deeper than {MAX_JSON_DEPTH} levels; no loader reads it back."
         )
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise LoRAConfigError(f"{what} must be JSON-serialisable: {exc}.") from exc
+    return text
 
 
 def _check_readable(config: AdapterConfig) -> None:
@@ -596,35 +596,56 @@ def _check_layers(states: list[AdapterState], method: str) -> None:
 # ---- the tensors ------------------------------------------------------------------------
 
 
-def _full_variables(states: list[AdapterState]) -> dict[str, np.ndarray]:
-    """The biases and extra layers, identical in every input, to copy."""
-    first = states[0]
-    keys = [key for key in first.config.variables if key in _full_keys(first)]
-    for key in keys:
-        data = first.tensors[key].tobytes()
-        for state in states[1:]:
-            if state.tensors[key].tobytes() != data:
-                raise _differing_full(key, first.config.variables[key].kind, first.path, state.path)
-    return {key: first.tensors[key] for key in keys}
+def _read_inputs(checked: list[AdapterState], weights: list[float], method: str):
+    """Reads the inputs one at a time, keeping only their float64 factors (and the
+    first one's biases and extra layers, compared with every other's).
 
+    ``checked`` holds the configs the checks passed; an input whose config read
+    with its tensors is another (it was replaced meanwhile) takes its place, and
+    all the checks are made again.
 
-def _layers(states: list[AdapterState], weights: list[float]) -> dict[str, _Layer]:
-    """Each layer's factors per input (shapes and types agree: _check_layers)."""
+    Returns:
+        ``(layers, full, dtype)``: the layers' terms, the variables to copy, and
+        the LoRA tensors' dtype.
+    """
     layers: dict[str, _Layer] = {}
-    for state, weight in zip(states, weights, strict=True):
-        for path, record in state.config.layers.items():
-            a = state.tensors[f"{path}/{_A}"]
-            b = state.tensors[f"{path}/{_B}"]
-            layer = layers.setdefault(path, _Layer(record.type, a.shape[:-1], b.shape[1]))
-            term = _Term(
-                weight=weight,
-                scaling=record.scaling,
-                a=a.astype(np.float64).reshape(-1, record.rank),
-                b=b.astype(np.float64),
-                source=state.path,
-            )
-            layer.terms.append(term)
-    return layers
+    full: dict[str, np.ndarray] = {}
+    dtype = None
+    for i, (source, weight) in enumerate(zip(checked, weights, strict=True)):
+        state = read_lora_state(source.path)
+        if state.config.json_sha256 != source.config.json_sha256:
+            checked[i] = AdapterState(source.path, state.config, {})
+            _check_configs(checked, method)
+        if i == 0:
+            full = {key: state.tensors[key] for key in _full_keys_in_order(state)}
+            dtype = state.tensors[next(_lora_keys(state))].dtype
+        else:
+            for key, data in full.items():
+                if state.tensors[key].tobytes() != data.tobytes():
+                    kind = state.config.variables[key].kind
+                    raise _differing_full(key, kind, checked[0].path, state.path)
+        _add_terms(layers, state, weight)
+    return layers, full, dtype
+
+
+def _full_keys_in_order(state: AdapterState) -> list[str]:
+    return [k for k, v in state.config.variables.items() if v.kind != "lora"]
+
+
+def _add_terms(layers: dict[str, _Layer], state: AdapterState, weight: float) -> None:
+    """Each of an input's layers as float64 factors (shapes agree: _check_layers)."""
+    for path, record in state.config.layers.items():
+        a = state.tensors[f"{path}/{_A}"]
+        b = state.tensors[f"{path}/{_B}"]
+        layer = layers.setdefault(path, _Layer(record.type, a.shape[:-1], b.shape[1]))
+        term = _Term(
+            weight=weight,
+            scaling=record.scaling,
+            a=a.astype(np.float64).reshape(-1, record.rank),
+            b=b.astype(np.float64),
+            source=state.path,
+        )
+        layer.terms.append(term)
 
 
 # ---- the methods ------------------------------------------------------------------------
