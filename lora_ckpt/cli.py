@@ -224,8 +224,9 @@ def _combine(args) -> int:
     )
     print(f"Combined {len(args.sources)} adapter(s) ({args.method}) into {out}")
     if args.method == "svd":
-        error = inspect_adapter(out)["metadata"][COMBINED_KEY]["max_svd_relative_error"]
-        print(f"rank-{args.rank} SVD: max relative error {error:.3g} (per layer in its metadata)")
+        combined = inspect_adapter(out)["metadata"][COMBINED_KEY]
+        error, rank = combined["max_svd_relative_error"], combined["rank"]
+        print(f"rank-{rank} SVD: max relative error {error:.3g} (per layer in its metadata)")
     return 0
 
 

@@ -46,7 +46,7 @@ from .format import (
     FileRecord,
     LayerRecord,
     VariableRecord,
-    _depth,
+    json_depth,
     checkpoint_files,
 )
 from .load import AdapterState, read_config, read_lora_state
@@ -382,9 +382,9 @@ def _user_metadata(metadata) -> dict:
         )
     text = _check_json(metadata, "metadata")
     # The config holds the metadata one level down: {"metadata": {...}}.
-    if 1 + _depth(metadata) > MAX_JSON_DEPTH:
+    if 1 + json_depth(metadata) > MAX_JSON_DEPTH:
         raise LoRAConfigError(
-            f"metadata is nested {_depth(metadata)} levels deep; an adapter config may be "
+            f"metadata is nested {json_depth(metadata)} levels deep; an adapter config may be "
             f"nested {MAX_JSON_DEPTH} levels, so metadata at most {MAX_JSON_DEPTH - 1}."
         )
     if len(text.encode("utf-8")) > MAX_CONFIG_BYTES:
@@ -398,12 +398,12 @@ def _user_metadata(metadata) -> dict:
 def _check_json(value, what: str) -> str:
     """``value`` as JSON text, refusing what is not JSON, cyclic or too deep to read back."""
     try:
-        text = json.dumps(value)  # first: it refuses cycles, which _depth would follow
+        text = json.dumps(value)  # first: it refuses cycles, which json_depth would follow
     except RecursionError:
         text = None
     except (TypeError, ValueError) as exc:
         raise LoRAConfigError(f"{what} must be JSON-serialisable: {exc}.") from exc
-    if text is None or _depth(value) > MAX_JSON_DEPTH:
+    if text is None or json_depth(value) > MAX_JSON_DEPTH:
         raise LoRAConfigError(
             f"{what} is nested deeper than {MAX_JSON_DEPTH} levels; no loader reads it back."
         )
@@ -422,7 +422,7 @@ def _check_readable(config: AdapterConfig) -> None:
         checkpoint_prefix=prefix,
         files={name: FileRecord(1 << 63, "f" * 64) for name in checkpoint_files(prefix)},
     )
-    if _depth(probe.to_dict()) > MAX_JSON_DEPTH:
+    if json_depth(probe.to_dict()) > MAX_JSON_DEPTH:
         raise LoRAConfigError(
             f"The adapter config would be nested deeper than {MAX_JSON_DEPTH} levels (through "
             "its metadata); no loader would read it. Flatten the metadata."

@@ -62,7 +62,7 @@ def checkpoint_files(prefix: str) -> tuple[str, str]:
     return f"{prefix}.index", f"{prefix}.data-00000-of-00001"
 
 
-def _depth(document) -> int:
+def json_depth(document) -> int:
     """Nesting depth of a JSON value, without recursion."""
     deepest, stack = 0, [(document, 1)]
     while stack:
@@ -308,7 +308,7 @@ class AdapterConfig:
             document = json.loads(text)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise CorruptAdapterError(f"{where} is not valid UTF-8 JSON: {exc!s:.200}.") from exc
-        if _depth(document) > MAX_JSON_DEPTH:
+        if json_depth(document) > MAX_JSON_DEPTH:
             raise CorruptAdapterError(
                 f"{where} is nested deeper than {MAX_JSON_DEPTH} levels; it is not an adapter config."
             )
