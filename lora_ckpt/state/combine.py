@@ -46,8 +46,8 @@ from .format import (
     FileRecord,
     LayerRecord,
     VariableRecord,
-    json_depth,
     checkpoint_files,
+    json_depth,
 )
 from .load import AdapterState, read_config, read_lora_state
 from .save import commit_adapter
