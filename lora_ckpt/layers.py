@@ -88,7 +88,10 @@ def resolve_lora_initializer(spec, rank: int) -> tf.keras.initializers.Initializ
         return tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
     try:
         initializer = tf.keras.initializers.get(spec)
-        initializer(shape=(1, 1), dtype=tf.float32)  # a bad config fails here, not at build
+        # A bad config fails here, not at build; a copy is called, since Keras
+        # initializers remember their first call.
+        probe = initializer.__class__.from_config(initializer.get_config())
+        probe(shape=(1, 1), dtype=tf.float32)
         return initializer
     except (ValueError, TypeError) as exc:
         raise LoRAConfigError(
