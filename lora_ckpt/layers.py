@@ -90,8 +90,9 @@ def resolve_lora_initializer(spec, rank: int) -> tf.keras.initializers.Initializ
         initializer = tf.keras.initializers.get(spec)
         # A bad config fails here, not at build; a copy is called, since Keras
         # initializers remember their first call.
-        probe = initializer.__class__.from_config(initializer.get_config())
-        probe(shape=(1, 1), dtype=tf.float32)
+        if isinstance(initializer, tf.keras.initializers.Initializer):
+            probe = initializer.__class__.from_config(initializer.get_config())
+            probe(shape=(1, 1), dtype=tf.float32)
         return initializer
     except (ValueError, TypeError) as exc:
         raise LoRAConfigError(
