@@ -145,6 +145,7 @@ def test_cat_is_the_weighted_sum_of_updates(adapters, tmp_path):
     assert lora_ckpt.inspect_adapter(out)["ranks"]["fc"] == 3
 
 
+@pytest.mark.slow
 def test_cat_adapter_loads_and_the_model_equals_the_folded_base(
     adapters, base_file, tmp_path, images
 ):
@@ -196,6 +197,7 @@ def test_a_pool_serves_a_cat_adapter_of_mixed_ranks(adapters, base_file, tmp_pat
     )
 
 
+@pytest.mark.slow
 def test_cat_of_conv_layers_loads_and_equals_the_folded_kernel(tmp_path):
     def build(rank, lora=True):
         tf.keras.utils.set_random_seed(3)
@@ -590,6 +592,7 @@ def nested(levels, leaf=0):
     return leaf
 
 
+@pytest.mark.slow
 def test_metadata_that_would_make_the_config_unreadable_is_refused(adapters, tmp_path):
     # The config holds metadata one level down, so metadata may nest 31 levels
     # (30 dicts and their leaf) for a config of 32, the readers' limit.
@@ -642,6 +645,7 @@ def test_existing_output_and_inputs_as_output(adapters, tmp_path):
         np.testing.assert_allclose(product(replaced, layer), want, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_labels_are_kept_when_all_inputs_agree_and_ram_paths_work(base_file, tmp_path):
     model = lora_convnext(base_file, lora_train_classifier=False)
     randomize_lora(model, seed=11)

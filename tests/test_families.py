@@ -92,13 +92,9 @@ def test_every_family_is_covered():
     assert len(supported["model_names"]) == 282
 
 
-FAST = ("efficientnet_b0",)  # a generated class; test_architectures covers ConvNeXt
-
-
-@pytest.mark.parametrize(
-    "name",
-    [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(REDUCED)],
-)
+# Slow lane: test_architectures covers ConvNeXt and ViT in the fast lane.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REDUCED))
 def test_family_converts_trains_saves_and_converts_back(name, tmp_path):
     base = _base(name)
     rng = np.random.default_rng(0)

@@ -175,6 +175,7 @@ def test_rslora_scales_by_alpha_over_sqrt_rank(tmp_path):
     assert {(r["rslora"], r["scaling"]) for r in record.values()} == {(True, 4.0)}
 
 
+@pytest.mark.slow
 def test_rank_and_alpha_patterns_give_the_asked_ranks_and_round_trip(tmp_path, images):
     kwargs = dict(
         lora_rank=2,
@@ -333,6 +334,7 @@ def test_dora_column_of_norm_zero_computes_zero_not_nan():
     assert np.isfinite(layer.kernel.numpy()).all()
 
 
+@pytest.mark.slow
 def test_from_adapter_refuses_a_hostile_base_config_before_allocating(tmp_path):
     model = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
     lora_ckpt.save_lora_state(model, str(tmp_path / "a"))

@@ -272,6 +272,7 @@ def _float16_magnitude(config, tensors):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "edit, message",
     [
