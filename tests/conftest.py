@@ -114,3 +114,13 @@ def tiny_convnext():
 @pytest.fixture
 def images():
     return np.random.default_rng(1).normal(size=(4, 32, 32, 3)).astype("float32")
+
+
+def emptied(pool):
+    """A shared pool back to its start: nothing merged, nothing resident, "off" active."""
+    if pool.merged is not None:
+        pool.unmerge()
+    for name in pool.names():
+        pool.unload(name)
+    assert pool.names() == [] and pool.active == "off"
+    return pool

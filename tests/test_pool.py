@@ -20,7 +20,7 @@ from lora_ckpt.errors import (
     PoolFullError,
 )
 
-from .conftest import TINY_CONVNEXT, TINY_VIT
+from .conftest import TINY_CONVNEXT, TINY_VIT, emptied
 
 CONVNEXT = TINY_CONVNEXT
 MAX_RANK = 4
@@ -96,13 +96,8 @@ def shared_pool(convnext_adapters):
 
 @pytest.fixture
 def pool(shared_pool):
-    """The module's pool, emptied: nothing merged, nothing resident, "off" active."""
-    if shared_pool.merged is not None:
-        shared_pool.unmerge()
-    for name in shared_pool.names():
-        shared_pool.unload(name)
-    assert shared_pool.names() == [] and shared_pool.active == "off"
-    return shared_pool
+    """The module's pool, emptied."""
+    return emptied(shared_pool)
 
 
 def test_pool_outputs_match_the_saved_models_for_ranks_1_to_4(pool, convnext_adapters):

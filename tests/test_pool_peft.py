@@ -25,7 +25,7 @@ from lora_ckpt.state.format import (
 )
 
 from . import numpy_reference as ref
-from .conftest import TINY_CONVNEXT
+from .conftest import TINY_CONVNEXT, emptied
 
 MAX_RANK = 6
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -126,11 +126,7 @@ def shared_pool(peft):
 @pytest.fixture
 def pool(shared_pool):
     """The module's pool, emptied."""
-    if shared_pool.merged is not None:
-        shared_pool.unmerge()
-    for name in shared_pool.names():
-        shared_pool.unload(name)
-    return shared_pool
+    return emptied(shared_pool)
 
 
 def slot_snapshot(pool):
