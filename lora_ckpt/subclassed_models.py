@@ -126,8 +126,9 @@ def convert_subclassed_model(
         converted = convert_graph_targets(by_path[graph], relative, frozen_except, kwargs)
         replace_layer(copy, graph, converted)
 
-    paths = [path for path, _ in named_layers(copy)]
-    for path, layer in named_layers(copy):
+    converted = list(named_layers(copy))
+    paths = [path for path, _ in converted]
+    for path, layer in converted:
         leaf = not any(other.startswith(path + "/") for other in paths)
         if leaf and not is_lora_layer(layer) and graph_of(path) is None:
             # A frozen BatchNorm also runs in inference mode, keeping the

@@ -21,7 +21,7 @@ from ..selection import classifier_paths
 from .base_weights import load_base_weights
 from .fit import qualified_name
 from .format import AdapterConfig
-from .load import load_lora_state, read_lora_state
+from .load import load_adapter_state, read_lora_state
 
 
 def _tuples(value):
@@ -165,7 +165,8 @@ def from_adapter(
         BaseModelMismatchError: If they are not the weights it was trained on.
         CorruptAdapterError: If the recorded configuration does not build a
             model, or builds one larger than the limit.
-        LoRAError: Whatever :func:`lora_ckpt.load_lora_state` raises for the adapter.
+        LoRAError: Whatever :func:`lora_ckpt.load_lora_state` raises for the adapter
+            (it is read once).
     """
     if base_weights is None and check_base:
         raise LoRAConfigError(
@@ -186,5 +187,5 @@ def from_adapter(
         load_base_weights(model, base_weights, skip=carried if carried and h5 else None)
     if carried:
         model.cfg.lora_train_classifier = True  # trained in full, as when it was saved
-    load_lora_state(model, path, check_base=check_base)
+    load_adapter_state(model, state, check_base=check_base)  # the adapter read above
     return model

@@ -164,7 +164,26 @@ def load_lora_state(
 
     On any error the model is left exactly as it was.
     """
-    state = read_lora_state(path)
+    return load_adapter_state(model, read_lora_state(path), strict=strict, check_base=check_base)
+
+
+def load_adapter_state(
+    model, state: AdapterState, *, strict: bool = True, check_base: bool = True
+) -> LoadReport:
+    """:func:`load_lora_state` for an adapter already read by :func:`read_lora_state`.
+
+    Args:
+        model: As for :func:`load_lora_state`.
+        state: The adapter, read (and checked) once.
+        strict, check_base: As for :func:`load_lora_state`.
+
+    Returns:
+        A :class:`LoadReport`.
+
+    Raises:
+        AdapterMismatchError, BaseModelMismatchError, MergeStateError: As
+            :func:`load_lora_state`; the model is left as it was.
+    """
     signature = ModelSignature.of(model)
     report = check_fit(signature, state.config, state.path, strict=strict)
     if check_base:
