@@ -54,11 +54,17 @@ def _serve_ray(args) -> int:
 
 
 def _serve(args) -> int:
+    import faulthandler
+    import signal
     import socket
 
     if args.ray:
         return _serve_ray(args)
     import uvicorn
+
+    # `kill -USR1 <pid>` prints every thread's stack: how to see where a stuck
+    # server is stuck, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     from .serving.app import create_app
 

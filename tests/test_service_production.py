@@ -84,7 +84,12 @@ def server(store):
 
 
 def predict(server, name, tensor):
-    return httpx.post(f"{server.url}/predict/{name}", json={"tensor": tensor.tolist()}, timeout=60)
+    try:
+        return httpx.post(
+            f"{server.url}/predict/{name}", json={"tensor": tensor.tolist()}, timeout=60
+        )
+    except httpx.TimeoutException:
+        pytest.fail(f"no answer for {name!r} in 60 s; the server:\n{server.stacks()}")
 
 
 def test_broken_adapters_are_reported_while_good_ones_and_off_serve(server, store):

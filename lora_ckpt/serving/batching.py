@@ -2,6 +2,7 @@
 mixed batch through the pool."""
 
 import asyncio
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -72,7 +73,10 @@ class MicroBatcher:
             except Exception as exc:  # one bad request must not fail the others
                 results = self._one_by_one(batch) if len(batch) > 1 else [(batch[0], None, exc)]
             for request, output, error in results:
-                request.loop.call_soon_threadsafe(_settle, request.future, output, error)
+                # A request whose event loop has closed must not end this thread:
+                # every later request would wait for it forever.
+                with contextlib.suppress(RuntimeError):
+                    request.loop.call_soon_threadsafe(_settle, request.future, output, error)
             if self.on_batch is not None:
                 self.on_batch(len(batch))
 

@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..state.format import AdapterConfig
 from .batching import MicroBatcher
+from .inflight import LoadsInFlight
 from .inputs import HTTPError
 from .pool import OFF, AdapterPool
 from .store import (
@@ -85,9 +86,9 @@ class ServiceState:
         self.load_timeout = load_timeout
         self.failed: dict[str, tuple[str, str]] = {}  # name -> (config sha, reason)
         self.labels: dict[str, list[str] | None] = {}  # name -> class names
-        self._loader = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-ckpt-load")
-        self._inflight: dict[str, concurrent.futures.Future] = {}
-        self._lock = threading.Lock()
+        self._loads = LoadsInFlight(
+            concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-ckpt-load")
+        )
         self._options = dict(
             model_name=model_name,
             base_weights=base_weights,
@@ -204,12 +205,7 @@ class ServiceState:
             return "resident"
         if name not in store_adapters(self.store):
             raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
-        with self._lock:  # one load per name at a time; others wait for it
-            future = self._inflight.get(name)
-            if future is None or (reload and future.done()):
-                future = self._loader.submit(self._load, name, reload)
-                self._inflight[name] = future
-                future.add_done_callback(lambda _, n=name, f=future: self._forget(n, f))
+        future = self._loads.submit(name, self._load, name, reload, again=reload)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.load_timeout)
         except asyncio.TimeoutError:
@@ -242,11 +238,6 @@ class ServiceState:
                     raise HTTPError(
                         503, "Busy", f"Adapter {name!r} keeps being evicted; retry later."
                     ) from None
-
-    def _forget(self, name: str, future) -> None:
-        with self._lock:
-            if self._inflight.get(name) is future:
-                del self._inflight[name]
 
     def describe(self) -> dict:
         """Resident, store and failed adapters, for ``GET /adapters``."""

@@ -1,6 +1,7 @@
 """`lora-ckpt serve` in a subprocess on loopback, for tests with a real HTTP client."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,13 @@ class Server:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"{path} never answered {status}")
+
+    def stacks(self) -> str:
+        """The server's log followed by every thread's stack (``serve`` dumps them on SIGUSR1)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+        return self.output()[-20000:]
 
     def rss_bytes(self) -> int:
         """The server process's resident memory."""

@@ -1,0 +1,88 @@
+"""The dynamic batcher on a stand-in pool (plain numpy): it batches, isolates a
+bad request, and keeps running whatever a request does."""
+
+import asyncio
+import threading
+
+import numpy as np
+
+from lora_ckpt.serving.batching import MicroBatcher
+
+
+class RowSumPool:
+    """``predict_rows``: each image's sum times its adapter's factor; an
+    adapter named ``bad`` raises, as an adapter evicted under a batch would."""
+
+    factors = {"one": 1.0, "two": 2.0}
+
+    def __init__(self):
+        self.batches = []
+
+    def predict_rows(self, images, adapters):
+        if "bad" in adapters:
+            raise ValueError("bad adapter")
+        self.batches.append(len(images))
+        return [
+            np.atleast_1d(image.sum() * self.factors[a])
+            for image, a in zip(images, adapters, strict=True)
+        ]
+
+
+def test_concurrent_requests_are_answered_in_batches_each_with_its_adapter():
+    pool = RowSumPool()
+    batcher = MicroBatcher(pool, max_batch=8, max_wait=0.05)
+    images = np.arange(24, dtype="float32").reshape(6, 2, 2)
+
+    async def main():
+        return await asyncio.gather(
+            *(batcher.predict(image, "one" if i % 2 else "two") for i, image in enumerate(images))
+        )
+
+    outputs = asyncio.run(main())
+    expected = [image.sum() * (1.0 if i % 2 else 2.0) for i, image in enumerate(images)]
+    np.testing.assert_array_equal(np.concatenate(outputs), expected)
+    assert sum(pool.batches) == 6 and len(pool.batches) < 6
+
+
+def test_a_failing_request_and_an_odd_shape_fail_alone():
+    pool = RowSumPool()
+    batcher = MicroBatcher(pool, max_batch=8, max_wait=0.05)
+
+    async def main():
+        return await asyncio.gather(
+            batcher.predict(np.ones((2, 2), "float32"), "one"),
+            batcher.predict(np.ones((2, 2), "float32"), "bad"),
+            batcher.predict(np.ones((3, 3), "float32"), "two"),  # cannot be stacked with the rest
+            return_exceptions=True,
+        )
+
+    good, bad, odd = asyncio.run(main())
+    np.testing.assert_array_equal(good, [4.0])
+    assert isinstance(bad, ValueError)
+    np.testing.assert_array_equal(odd, [18.0])
+
+
+def test_a_request_whose_event_loop_closed_does_not_stop_later_ones():
+    pool = RowSumPool()
+    release = threading.Event()
+    blocked = pool.predict_rows
+
+    def slow(images, adapters):
+        release.wait(5)
+        return blocked(images, adapters)
+
+    pool.predict_rows = slow
+    batcher = MicroBatcher(pool, max_batch=1, max_wait=0.0)
+
+    async def abandon():
+        # Queued, then its loop closes before the batcher answers it.
+        asyncio.ensure_future(batcher.predict(np.ones((1,), "float32"), "one"))
+        await asyncio.sleep(0.01)
+
+    asyncio.run(abandon())
+    release.set()
+
+    async def later():
+        return await asyncio.wait_for(batcher.predict(np.ones((1,), "float32"), "two"), 5)
+
+    np.testing.assert_array_equal(asyncio.run(later()), [2.0])
