@@ -4,7 +4,8 @@ started by the command in a subprocess, moto's S3 server on 127.0.0.1.
 
 Shows: answers equal a direct AdapterPool over the same store; requests for
 one adapter land on the replica that holds it (Ray's multiplexed routing, by
-the per-replica load counts); a killed replica loses no request that the
+the per-replica load counts); a reload after the store's copy changed, and
+an unload, reach every replica; a killed replica loses no request that the
 client retries, and comes back; SIGTERM stops everything.
 
 Slow: about two to three minutes on 2 cores (the cluster and three TensorFlow
@@ -22,9 +23,10 @@ import httpx
 import numpy as np
 import pytest
 
-from lora_ckpt import AdapterPool
+from lora_ckpt import AdapterPool, save_lora_state
 from lora_ckpt.serving.store import adapter_path, build_base_model, upload_store
-from tests.helpers.scale import images, make_tiny_store, moto_s3
+from lora_ckpt.state.object_store import upload_adapter
+from tests.helpers.scale import images, make_tiny_store, moto_s3, vary
 
 pytestmark = pytest.mark.slow
 
@@ -257,6 +259,45 @@ def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(server):
             assert gained >= 1
     metrics = httpx.get(server.url + "/metrics").text
     assert "lora_replica_adapter_loads{" in metrics and "lora_replicas 2" in metrics
+
+
+def test_a_reload_and_an_unload_reach_every_replica(server, store, tmp_path):
+    x = images(3, seed=21)
+    model, _ = build_base_model(store)
+    vary(model, 77)
+    new_version = str(tmp_path / "a1")
+    save_lora_state(model, new_version, labels=[f"new-{c}" for c in range(4)])
+    expected = model(x).numpy()
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        _predict(client, "a1", x[0])  # resident somewhere, at the version of the store
+        time.sleep(2.5)  # the replicas' next reports
+        old = {r["versions"]["a1"] for r in _replicas(client) if "a1" in r["resident"]}
+        assert len(old) == 1
+        try:
+            upload_adapter(new_version, adapter_path(REMOTE, "a1"), overwrite=True)
+            response = client.post("/adapters/a1")
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["outcome"] == "reloaded"
+            assert body["replicas"]["pending"] == [] and len(body["replicas"]["done"]) == 2
+            holders = {r["replica"]: r for r in _replicas(client) if "a1" in r["resident"]}
+            versions = {r["versions"]["a1"] for r in holders.values()}
+            assert len(versions) == 1 and versions != old, holders
+            for i in range(6):  # whichever replica answers
+                response, _ = _predict(client, "a1", x[i % 3])
+                assert response.json()["label"].startswith("new-")
+                np.testing.assert_allclose(
+                    response.json()["logits"], expected[i % 3], rtol=1e-5, atol=1e-5
+                )
+
+            response = client.delete("/adapters/a1")
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert set(body["from"]) >= set(holders) and body["replicas"]["pending"] == []
+            assert all("a1" not in r["resident"] for r in _replicas(client))
+            assert client.delete("/adapters/a1").status_code == 404
+        finally:  # the store's own a1 again, for the tests that follow
+            upload_adapter(adapter_path(store, "a1"), adapter_path(REMOTE, "a1"), overwrite=True)
 
 
 def test_a_killed_replica_loses_no_retried_request_and_comes_back(server, reference_pool):

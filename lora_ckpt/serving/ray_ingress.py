@@ -8,6 +8,13 @@ picks a replica that holds the adapter. A call that dies with its replica
 (killed, its node lost) is sent again, to another replica, a few times: a
 prediction has no side effect, so a retry cannot do harm.
 
+``POST /adapters/{name}`` (reload) and ``DELETE /adapters/{name}`` reach
+every replica: the first reloads as the router picks it, then an order in
+the replica directory (:mod:`lora_ckpt.serving.orders`) makes every other
+replica that holds the adapter follow, and the answer waits (up to
+``call_timeout``) until each live replica has, listing them in
+``"replicas": {"done", "pending"}``.
+
 Endpoints are those of :mod:`lora_ckpt.serving.app`, plus ``GET /replicas``
 (each live replica: id, pid, node, resident adapters, loads and requests per
 adapter). Predictions carry the header ``x-lora-replica`` (the replica that
@@ -16,6 +23,7 @@ answered). ``GET /adapters`` lists the union of what the replicas hold, and
 """
 
 import asyncio
+import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,6 +51,7 @@ from .http_common import (
     tfs_status,
 )
 from .inputs import HTTPError, read_body
+from .orders import RELOAD, UNLOAD
 from .pool import OFF
 from .store import store_adapters
 
@@ -119,6 +128,21 @@ class LoRAIngress:
 
     async def replicas(self) -> list[dict]:
         return await self.directory.replicas.remote()
+
+    async def broadcast(self, kind: str, name: str, version: str | None = None) -> dict:
+        """Leaves an order for every replica and waits until each live one has
+        carried it out, or ``call_timeout`` has passed.
+
+        Returns:
+            ``{"done": [replica, ...], "pending": [...]}``.
+        """
+        seq = await self.directory.order.remote(kind, name, version)
+        deadline = time.monotonic() + self.limits["call_timeout"]
+        while True:
+            progress = await self.directory.progress.remote(seq)
+            if not progress["pending"] or time.monotonic() > deadline:
+                return progress
+            await asyncio.sleep(0.2)
 
     # ---- the ASGI app ---------------------------------------------------------------------
 
@@ -197,11 +221,20 @@ def build_ingress_app(ingress: LoRAIngress) -> Starlette:
 
     async def load_adapter(request):
         name = adapter_name(request)
-        return JSONResponse(await ingress.call("load", name, model=name))
+        result = await ingress.call("load", name, model=name)
+        # Ray routed the load to one replica; the others holding it follow.
+        result["replicas"] = await ingress.broadcast(RELOAD, name, result.pop("version"))
+        return JSONResponse(result)
 
     async def unload_adapter(request):
         name = adapter_name(request)
-        return JSONResponse(await ingress.call("unload", name, model=name))
+        holders = [r["replica"] for r in await ingress.replicas() if name in r["resident"]]
+        if not holders:
+            raise HTTPError(
+                404, "AdapterNotLoadedError", f"Adapter {name!r} is not resident on any replica."
+            )
+        progress = await ingress.broadcast(UNLOAD, name)
+        return JSONResponse({"unloaded": name, "from": holders, "replicas": progress})
 
     async def predict(request):
         name = adapter_name(request)

@@ -27,6 +27,7 @@ from ray import serve
 
 from ..errors import LoRAError, StoreError
 from .http_common import error_parts
+from .orders import Order, OrderLog
 from .pool import OFF
 from .service import ServiceState
 from .store import validate_adapter_name
@@ -104,6 +105,8 @@ class AdapterReplica:
         self.started = time.time()
         self.loads: collections.Counter = collections.Counter()
         self.requests: collections.Counter = collections.Counter()
+        self.applied: tuple[str | None, int] = (None, 0)  # the directory's (epoch, order)
+        self._following: asyncio.Task | None = None
 
         async def load(name: str) -> _Resident:
             return await self._load(name)
@@ -174,18 +177,10 @@ class AdapterReplica:
             return {
                 "adapter": name,
                 "outcome": outcome,
+                "version": self.state.pool.version(name),
                 "resident": self.state.pool.names(),
                 "replica": self.replica_id,
             }
-
-        return await self._answer(work())
-
-    async def unload(self, name: str) -> dict:
-        """Unloads ``name`` from this replica's pool (a later request loads it again)."""
-
-        async def work():
-            self.state.require_pool().unload(name)
-            return {"unloaded": name, "resident": self.state.pool.names()}
 
         return await self._answer(work())
 
@@ -214,6 +209,8 @@ class AdapterReplica:
             "node": self.node,
             "started": self.started,
             "resident": pool.names(),
+            "versions": {name: pool.version(name) for name in pool.names()},
+            "applied": list(self.applied),
             "capacity": self.capacity,
             "loads": dict(self.loads),
             "requests": dict(self.requests),
@@ -230,26 +227,52 @@ class AdapterReplica:
         warned = False
         while True:
             try:
-                await self._directory.report.remote(self.stats())
+                todo = await self._directory.report.remote(self.stats())
                 warned = False
             except Exception as exc:  # the directory restarts: keep serving, report later
                 if not warned:
                     log.warning("replica %s cannot report: %s", self.replica_id, exc)
                     warned = True
+            else:
+                # On a task of its own: a reload that takes a while must not
+                # stop the reports (the directory would drop this replica).
+                if todo["orders"] and (self._following is None or self._following.done()):
+                    self._following = asyncio.get_running_loop().create_task(self._carry_out(todo))
             await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _carry_out(self, todo: dict) -> None:
+        """Carries out the directory's orders this replica has not yet carried out."""
+        for fields in todo["orders"]:
+            order = Order(**fields)
+            try:
+                outcome = await self.state.carry_out(order)
+            except Exception as exc:  # a failed reload is also remembered in state.failed
+                outcome = f"failed: {type(exc).__name__}: {exc}"
+            if outcome != "untouched":
+                log.info("replica %s: %s %s: %s", self.replica_id, order.kind, order.name, outcome)
+            # Done once tried: a failed reload is not tried again every second.
+            self.applied = (todo["epoch"], order.seq)
 
 
 class ReplicaDirectory:
     """Where every replica reports itself each second: ``/replicas`` and the
     per-replica metrics read it. A replica not heard from for a few seconds
-    (killed, or replaced) drops out."""
+    (killed, or replaced) drops out. It also keeps the orders every replica
+    carries out (:mod:`lora_ckpt.serving.orders`), handed out with the
+    answers to the reports."""
 
     def __init__(self):
         self._reports: dict[str, tuple[float, dict]] = {}
+        self._orders = OrderLog()
 
-    def report(self, stats: dict) -> None:
-        """Records one replica's latest stats."""
+    def report(self, stats: dict) -> dict:
+        """Records one replica's latest stats.
+
+        Returns:
+            The orders it has yet to carry out: ``{"epoch", "orders"}``.
+        """
         self._reports[stats["replica"]] = (time.monotonic(), stats)
+        return self._orders.since(*stats["applied"])
 
     def replicas(self) -> list[dict]:
         """The live replicas' latest stats, by replica id."""
@@ -258,3 +281,17 @@ class ReplicaDirectory:
             if now - seen > STALE_AFTER_SECONDS:
                 del self._reports[replica]
         return [stats for _, (_, stats) in sorted(self._reports.items())]
+
+    def order(self, kind: str, name: str, version: str | None = None) -> int:
+        """Leaves an order for every replica (see :meth:`OrderLog.add`); its number."""
+        return self._orders.add(kind, name, version)
+
+    def progress(self, seq: int) -> dict:
+        """Which live replicas have reported carrying out order ``seq``:
+        ``{"done": [replica, ...], "pending": [...]}``."""
+        done, pending = [], []
+        for stats in self.replicas():
+            epoch, applied = stats["applied"]
+            finished = epoch == self._orders.epoch and applied >= seq
+            (done if finished else pending).append(stats["replica"])
+        return {"done": done, "pending": pending}

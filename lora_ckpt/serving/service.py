@@ -29,6 +29,7 @@ from ..state.format import AdapterConfig
 from .batching import MicroBatcher
 from .inflight import LoadsInFlight
 from .inputs import HTTPError
+from .orders import UNLOAD, Order
 from .pool import OFF, AdapterPool
 from .store import (
     adapter_config_bytes,
@@ -238,6 +239,33 @@ class ServiceState:
                     raise HTTPError(
                         503, "Busy", f"Adapter {name!r} keeps being evicted; retry later."
                     ) from None
+
+    async def carry_out(self, order: Order) -> str:
+        """Carries out an order of the replica directory (see :mod:`.orders`) on
+        this pool: another replica reloaded or unloaded the adapter, and this
+        one follows if it holds the adapter.
+
+        Args:
+            order: The order.
+
+        Returns:
+            ``"reloaded"``, ``"unloaded"``, or ``"untouched"`` (not resident
+            here, or already at the order's version).
+
+        Raises:
+            LoRAError, HTTPError: As :meth:`ensure_resident` for a reload that
+                fails (the version already resident keeps serving), or as
+                ``AdapterPool.unload`` (a merged adapter stays).
+        """
+        pool = self.require_pool()
+        if order.name not in pool.names():
+            return "untouched"
+        if order.kind == UNLOAD:
+            pool.unload(order.name)
+            return "unloaded"
+        if pool.version(order.name) == order.version:
+            return "untouched"
+        return await self.ensure_resident(order.name, reload=True)
 
     def describe(self) -> dict:
         """Resident, store and failed adapters, for ``GET /adapters``."""

@@ -1,0 +1,79 @@
+"""Two service states over one store, as two Ray replicas holding the same
+adapter: one reloads it after the store's copy changed, the other follows the
+directory's order; a failed reload keeps the old version serving; an unload
+order frees the slot. In process, no Ray: the replica's heartbeat hands each
+order to exactly this call."""
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+
+from lora_ckpt import save_lora_state
+from lora_ckpt.errors import CorruptAdapterError
+from lora_ckpt.serving.orders import RELOAD, UNLOAD, Order
+from lora_ckpt.serving.service import ServiceState
+from lora_ckpt.serving.store import adapter_path, build_base_model
+from tests.helpers.scale import images, make_tiny_store, vary
+
+pytestmark = pytest.mark.slow
+
+
+def started(store) -> ServiceState:
+    state = ServiceState(store, capacity=2, preload=False)
+    deadline = time.monotonic() + 120
+    while state.pool is None and state.error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.pool is not None, state.error
+    return state
+
+
+def predict(state, name, x) -> np.ndarray:
+    return np.stack(asyncio.run(state.predict(name, x)))
+
+
+def test_replicas_follow_reload_and_unload_orders(tmp_path):
+    store = str(tmp_path / "store")
+    make_tiny_store(store, ["a0", "a1"])
+    x = images(3)
+    first, second = started(store), started(store)
+    old = predict(second, "a1", x)
+    np.testing.assert_array_equal(predict(first, "a1", x), old)
+
+    model, _ = build_base_model(store)  # a new version of a1, written over the store's copy
+    vary(model, 99)
+    save_lora_state(model, adapter_path(store, "a1"), overwrite=True)
+    new = model(x).numpy()
+    assert not np.allclose(new, old, atol=1e-3)
+
+    assert asyncio.run(first.ensure_resident("a1", reload=True)) == "reloaded"
+    version = first.pool.version("a1")
+    np.testing.assert_allclose(predict(first, "a1", x), new, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(predict(second, "a1", x), old)  # what the order is for
+
+    reload = Order(1, RELOAD, "a1", version)
+    assert asyncio.run(second.carry_out(reload)) == "reloaded"
+    assert second.pool.version("a1") == version
+    np.testing.assert_allclose(predict(second, "a1", x), new, rtol=1e-5, atol=1e-6)
+    assert asyncio.run(second.carry_out(reload)) == "untouched"  # already at that version
+    assert asyncio.run(second.carry_out(Order(2, RELOAD, "a0", "v"))) == "untouched"
+    assert "a0" not in second.pool.names()  # an order loads nothing a replica does not hold
+
+    # A third version arrives broken: the follower's reload fails, the version it
+    # holds serves on.
+    vary(model, 100)
+    save_lora_state(model, adapter_path(store, "a1"), overwrite=True)
+    data = os.path.join(adapter_path(store, "a1"), "adapter.data-00000-of-00001")
+    with open(data, "r+b") as handle:
+        handle.truncate(64)
+    with pytest.raises(CorruptAdapterError):
+        asyncio.run(second.carry_out(Order(3, RELOAD, "a1", "another version")))
+    assert "a1" in second.failed
+    np.testing.assert_allclose(predict(second, "a1", x), new, rtol=1e-5, atol=1e-6)
+
+    assert asyncio.run(second.carry_out(Order(4, UNLOAD, "a1"))) == "unloaded"
+    assert second.pool.names() == [] and second.pool.stats["loads"] == 2
+    assert asyncio.run(second.carry_out(Order(5, UNLOAD, "a1"))) == "untouched"
+    assert first.pool.names() == ["a1"]  # an order is carried out where it is handed
