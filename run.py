@@ -42,7 +42,24 @@ TFIMM = _tfimm_requirement()
 
 # Each command is one or more steps; extra arguments go to every step.
 COMMANDS = {
-    "test": [[str(PYTHON), "-m", "pytest", "-q", "tests"]],
+    # Test files spread over up to 4 processes (pytest-xdist), a file's tests in
+    # one: its module fixtures (a server, a Ray cluster) start once. `-n 0` runs
+    # everything in this process.
+    "test": [
+        [
+            str(PYTHON),
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "auto",
+            "--maxprocesses",
+            "4",
+            "--dist",
+            "loadfile",
+            "tests",
+        ]
+    ],
     "demo": [[str(PYTHON), "-m", "lora_ckpt.cli", "demo"]],
     "bench": [[str(PYTHON), str(ROOT / "benchmarks" / "run.py")]],
     # ruff's settings live in pyproject.toml.
