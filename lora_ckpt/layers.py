@@ -172,6 +172,17 @@ def column_norm(kernel: tf.Tensor) -> tf.Tensor:
     return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=axes))
 
 
+def bits_checksum(*tensors) -> int:
+    """A checksum of the tensors' bit patterns: any change to a value changes
+    it (short of changes that cancel out), at the cost of one pass."""
+    total = 0
+    for tensor in tensors:
+        tensor = tf.convert_to_tensor(tensor)
+        bits = {2: tf.int16, 4: tf.int32, 8: tf.int64}[tensor.dtype.size]
+        total += int(tf.reduce_sum(tf.cast(tf.bitcast(tensor, bits), tf.int64)).numpy())
+    return total
+
+
 def dora_scale(magnitude: tf.Tensor, updated_kernel: tf.Tensor) -> tf.Tensor:
     """DoRA's per-output factor ``magnitude / ||W0 + scaling * A @ B||``.
 
@@ -230,6 +241,7 @@ class LoRALayerMixin:
         self.lora_hook = None
         self._pristine_kernel = None
         self._pristine_bias = None
+        self._merged_bits = None  # bits_checksum of kernel and bias right after merging
         # Merged in a saved model that was reloaded: no pristine copy exists.
         self._merged_without_copy = False
 
@@ -299,15 +311,17 @@ class LoRALayerMixin:
         """The base kernel ``W0``, also while the update is merged into the kernel.
 
         Raises:
-            MergeStateError: If the layer was merged when its model was saved
-                (the base kernel is not known then).
+            MergeStateError: If the layer was merged when its model was saved,
+                or merged weights were loaded over it (the base kernel is not
+                known then).
         """
+        self._check_pristine()
         if self._pristine_kernel is not None:
             return tf.convert_to_tensor(self._pristine_kernel)
         if self._merged_without_copy:
             raise MergeStateError(
-                f"Layer '{self.name}' was merged when its model was saved; its base kernel "
-                "is not known."
+                f"Layer '{self.name}' holds a merged kernel whose base is not known: it was "
+                "merged when its model was saved, or merged weights were loaded over it."
             )
         return tf.convert_to_tensor(self.kernel)
 
@@ -348,6 +362,22 @@ class LoRALayerMixin:
             # Unmerged weights were restored over a merged layer.
             self._pristine_kernel = self._pristine_bias = None
             self._merged_without_copy = False
+
+    def _check_pristine(self) -> None:
+        """Forgets the pristine copy if the kernel or bias changed since merging
+        (weights of another merged model loaded over this one): it is no longer
+        the base of what the layer holds, and restoring it would corrupt."""
+        if self._pristine_kernel is None:
+            return
+        with tf.init_scope():
+            if not tf.executing_eagerly():
+                return
+            if self._merged_bits != bits_checksum(*self._kernel_and_bias()):
+                self._pristine_kernel = self._pristine_bias = None
+                self._merged_without_copy = True
+
+    def _kernel_and_bias(self) -> list:
+        return [self.kernel] + ([self.bias] if self.use_bias else [])
 
     def lora_branch_active(self) -> bool:
         """Whether ``call`` adds the low-rank branch (enabled and not merged)."""
@@ -427,6 +457,7 @@ class LoRALayerMixin:
             self._pristine_bias = tf.identity(self.bias)
             self.bias.assign(bias)
         self._pristine_kernel = pristine
+        self._merged_bits = bits_checksum(*self._kernel_and_bias())
         self._write_lora_state()
 
     def unmerge_weights(self) -> None:
@@ -440,11 +471,14 @@ class LoRALayerMixin:
             raise MergeStateError(
                 f"Layer '{self.name}' is not merged; there is nothing to unmerge."
             )
+        self._check_pristine()
         if self._pristine_kernel is None:
             raise MergeStateError(
-                f"Layer '{self.name}' was merged when its model was saved; the save holds "
-                "only the merged kernel, so it cannot be unmerged. Load the model saved "
-                "before merging (or load an adapter into its base) to train or swap adapters."
+                f"Layer '{self.name}' holds a merged kernel whose base is not known: it was "
+                "merged when its model was saved (the save holds only the merged kernel), or "
+                "merged weights were loaded over it. It cannot be unmerged. Load the model "
+                "saved before merging (or load an adapter into its base) to train or swap "
+                "adapters."
             )
         self.kernel.assign(self._pristine_kernel)
         if self._pristine_bias is not None:

@@ -158,6 +158,26 @@ def test_merged_model_in_an_hdf5_file_is_refused_by_a_fresh_model(tmp_path, imag
     lora_ckpt.merge_lora_weights(fresh)  # a merged model takes it, and computes alike
     fresh.load_weights(str(tmp_path / "w.h5"))
     np.testing.assert_allclose(fresh(images).numpy(), expected, rtol=1e-5, atol=1e-5)
+    # Its pristine copy is of its own random base, not of the file's: unmerging
+    # would give a third model, so it is refused.
+    with pytest.raises(MergeStateError, match="merged weights were loaded over it"):
+        lora_ckpt.unmerge_lora_weights(fresh)
+    _, layer = lora_ckpt.lora_layers(fresh)[0]
+    with pytest.raises(MergeStateError, match="merged weights were loaded over it"):
+        layer.base_kernel()
+
+
+def test_reloading_a_merged_models_own_weights_keeps_unmerge_exact(tmp_path):
+    model = lora_ckpt.create_model("convnext_tiny", lora_rank=2, **TINY_CONVNEXT)
+    randomize_lora(model)
+    base = {path: layer.kernel.numpy() for path, layer in lora_ckpt.lora_layers(model)}
+    lora_ckpt.merge_lora_weights(model)
+    model.save_weights(str(tmp_path / "w.h5"))
+    model.load_weights(str(tmp_path / "w.h5"))  # the same bits: the copy is still its base
+    lora_ckpt.unmerge_lora_weights(model)
+    for path, layer in lora_ckpt.lora_layers(model):
+        assert not layer.merged
+        np.testing.assert_array_equal(layer.kernel.numpy(), base[path])
 
 
 @pytest.mark.slow
