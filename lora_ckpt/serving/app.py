@@ -183,7 +183,7 @@ def create_app(
         )
 
     async def adapters(request):
-        return JSONResponse(state.describe())
+        return JSONResponse(await state.describe())
 
     async def load_adapter(request):
         name = adapter_name(request)
@@ -212,20 +212,20 @@ def create_app(
         rows = await observed(name, state.predict(name, images))
         return JSONResponse({"predictions": [row.tolist() for row in rows]})
 
-    def known_adapter(name: str) -> None:
+    async def known_adapter(name: str) -> None:
         pool = state.require_pool()
-        if name != OFF and name not in pool.names() and name not in state.describe()["store"]:
+        if name != OFF and name not in pool.names() and name not in await state.store_names():
             raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
 
     async def tfs_status_endpoint(request):
         name = adapter_name(request)
-        known_adapter(name)
+        await known_adapter(name)
         failed = state.failed.get(name)
         return JSONResponse(tfs_status(failed[1] if failed is not None else None))
 
     async def tfs_metadata_endpoint(request):
         name = adapter_name(request)
-        known_adapter(name)
+        await known_adapter(name)
         pool = state.pool
         if name != OFF:
             await state.ensure_resident(name)

@@ -204,7 +204,7 @@ class ServiceState:
         validate_adapter_name(name)
         if name == OFF or (not reload and name in pool.names()):
             return "resident"
-        if name not in store_adapters(self.store):
+        if name not in await self.store_names():
             raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
         future = self._loads.submit(name, self._load, name, reload, again=reload)
         try:
@@ -267,12 +267,22 @@ class ServiceState:
             return "untouched"
         return await self.ensure_resident(order.name, reload=True)
 
-    def describe(self) -> dict:
+    async def store_names(self) -> list[str]:
+        """The store's adapters, listed on a worker thread: listing an object
+        store (or a large directory) must not hold up the event loop, and every
+        request with it.
+
+        Raises:
+            StoreError: If an object store cannot be reached.
+        """
+        return await asyncio.to_thread(store_adapters, self.store)
+
+    async def describe(self) -> dict:
         """Resident, store and failed adapters, for ``GET /adapters``."""
         pool = self.require_pool()
         return {
             "resident": pool.names(),
-            "store": store_adapters(self.store),
+            "store": await self.store_names(),
             "failed": {name: reason for name, (_, reason) in sorted(self.failed.items())},
             "active": pool.active,
             "merged": pool.merged,

@@ -1,18 +1,24 @@
-"""Two service states over one store, as two Ray replicas holding the same
-adapter: one reloads it after the store's copy changed, the other follows the
-directory's order; a failed reload keeps the old version serving; an unload
-order frees the slot. In process, no Ray: the replica's heartbeat hands each
-order to exactly this call."""
+"""The service's state in process, no HTTP server and no Ray.
+
+Two states over one store act as two Ray replicas holding the same adapter:
+one reloads it after the store's copy changed, the other follows the
+directory's order (the replica's heartbeat hands each order to exactly this
+call); a failed reload keeps the old version serving; an unload order frees
+the slot. And listing the store never holds up the event loop."""
 
 import asyncio
 import os
+import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 
 from lora_ckpt import save_lora_state
 from lora_ckpt.errors import CorruptAdapterError
+from lora_ckpt.serving import service
+from lora_ckpt.serving.app import create_app
 from lora_ckpt.serving.orders import RELOAD, UNLOAD, Order
 from lora_ckpt.serving.service import ServiceState
 from lora_ckpt.serving.store import adapter_path, build_base_model
@@ -77,3 +83,41 @@ def test_replicas_follow_reload_and_unload_orders(tmp_path):
     assert second.pool.names() == [] and second.pool.stats["loads"] == 2
     assert asyncio.run(second.carry_out(Order(5, UNLOAD, "a1"))) == "untouched"
     assert first.pool.names() == ["a1"]  # an order is carried out where it is handed
+
+
+def test_listing_the_store_does_not_hold_up_other_requests(tmp_path, monkeypatch):
+    # An object store that answers slowly (or not at all until its timeout):
+    # the listing waits until /health has answered, which it can only do if
+    # the listing is off the event loop.
+    store = str(tmp_path / "store")
+    make_tiny_store(store, ["a0"])
+    listing, answered_first = service.store_adapters, []
+    health_answered = threading.Event()
+
+    def slow_listing(path):
+        answered_first.append(health_answered.wait(10))
+        return listing(path)
+
+    monkeypatch.setattr(service, "store_adapters", slow_listing)
+    app = create_app(store, capacity=2, preload=False)
+    state = app.state.service
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            while (await client.get("/ready")).status_code != 200:
+                await asyncio.sleep(0.05)
+            x = images(1)[0]
+            predict = asyncio.create_task(client.post("/predict/a0", json={"tensor": x.tolist()}))
+            adapters = asyncio.create_task(client.get("/adapters"))
+            await asyncio.sleep(0.2)  # both are now listing the store
+            health = await client.get("/health")
+            health_answered.set()
+            return health, await predict, await adapters
+
+    health, predicted, adapters = asyncio.run(main())
+    assert health.status_code == 200
+    assert predicted.status_code == 200, predicted.text
+    assert adapters.json()["store"] == ["a0"]
+    assert answered_first == [True, True]
+    assert state.pool.names() == ["a0"]
