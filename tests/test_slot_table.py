@@ -290,7 +290,7 @@ def _in_background(delay, action):
     return timer
 
 
-@pytest.mark.parametrize("wake", ["release", "unpin", "cleared", "abort"])
+@pytest.mark.parametrize("wake", ["release", "unpin", "cleared", "abort", "commit"])
 def test_reserve_waits_until_a_slot_becomes_available(wake):
     t = table(2, "a", "b")
     held = t.acquire(["a"])
@@ -304,13 +304,17 @@ def test_reserve_waits_until_a_slot_becomes_available(wake):
         action = t.unpin
     else:
         t.unload("b")
+        expected = Reservation(2, None)
         if wake == "cleared":
             assert t.take_dirty() == [2]
             action = functools.partial(t.cleared, [2])
         else:
             assert t.reserve() == Reservation(2, None)
-            action = functools.partial(t.abort, 2)
-        expected = Reservation(2, None)
+            if wake == "abort":
+                action = functools.partial(t.abort, 2)
+            else:  # another load finishes: its adapter is idle, so evictable
+                action = functools.partial(t.commit, "c", 2)
+                expected = Reservation(2, "c")
     with pytest.raises(PoolFullError):
         t.reserve()
     timer = _in_background(0.05, action)

@@ -287,6 +287,7 @@ class SlotTable:
             self._slot_of[name] = slot
             self._last_used[slot] = next(self._tick)
             self._stats["loads"] += 1
+            self._cond.notify_all()  # an idle adapter now: a waiting load may evict it
 
     def abort(self, slot: int) -> None:
         """Gives back a reserved slot; it may hold half-written weights, so it is dirty.
