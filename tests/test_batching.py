@@ -5,7 +5,9 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 
+from lora_ckpt.errors import LoRAConfigError
 from lora_ckpt.serving.batching import MicroBatcher
 
 
@@ -86,3 +88,34 @@ def test_a_request_whose_event_loop_closed_does_not_stop_later_ones():
         return await asyncio.wait_for(batcher.predict(np.ones((1,), "float32"), "two"), 5)
 
     np.testing.assert_array_equal(asyncio.run(later()), [2.0])
+
+
+def test_a_pool_answering_no_rows_or_a_failing_metrics_callback_do_not_stop_the_thread():
+    pool = RowSumPool()
+    real = pool.predict_rows
+    broken = iter([True, False])
+    pool.predict_rows = lambda images, adapters: [] if next(broken) else real(images, adapters)
+
+    def on_batch(size):
+        raise RuntimeError("metrics are down")
+
+    batcher = MicroBatcher(pool, max_batch=1, max_wait=0.0, on_batch=on_batch)
+
+    async def twice():
+        first = await asyncio.gather(
+            batcher.predict(np.ones((1,), "float32"), "one"), return_exceptions=True
+        )
+        second = await asyncio.wait_for(batcher.predict(np.ones((1,), "float32"), "two"), 5)
+        return first[0], second
+
+    first, second = asyncio.run(twice())
+    assert isinstance(first, IndexError)  # a pool that answered no rows
+    np.testing.assert_array_equal(second, [2.0])
+
+
+@pytest.mark.parametrize(
+    "options", [{"max_batch": 0}, {"max_batch": True}, {"max_wait": -1}, {"max_wait": float("nan")}]
+)
+def test_bad_batching_options_are_refused(options):
+    with pytest.raises(LoRAConfigError):
+        MicroBatcher(RowSumPool(), **options)

@@ -3,13 +3,17 @@ mixed batch through the pool."""
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import LoRAConfigError
 from .pool import AdapterPool
+
+log = logging.getLogger("lora_ckpt.serving")
 
 
 @dataclass
@@ -34,6 +38,10 @@ class MicroBatcher:
     def __init__(
         self, pool: AdapterPool, max_batch: int = 8, max_wait: float = 0.005, on_batch=None
     ):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise LoRAConfigError(f"max_batch must be a positive integer, got {max_batch!r}.")
+        if not (isinstance(max_wait, int | float) and 0 <= max_wait < float("inf")):
+            raise LoRAConfigError(f"max_wait must be a finite number >= 0, got {max_wait!r}.")
         self.pool = pool
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -63,22 +71,31 @@ class MicroBatcher:
         return batch
 
     def _run(self) -> None:
+        # Nothing may end this thread: every later request would wait forever.
         while True:
             batch = self._take_batch()
             try:
-                outputs = self.pool.predict_rows(
-                    np.stack([r.image for r in batch]), [r.adapter for r in batch]
-                )
-                results = [(r, outputs[i], None) for i, r in enumerate(batch)]
-            except Exception as exc:  # one bad request must not fail the others
-                results = self._one_by_one(batch) if len(batch) > 1 else [(batch[0], None, exc)]
+                results = self._results(batch)
+            except Exception as exc:  # a bug, not a request's fault: fail this batch only
+                log.exception("the batcher failed a batch of %d", len(batch))
+                results = [(request, None, exc) for request in batch]
             for request, output, error in results:
-                # A request whose event loop has closed must not end this thread:
-                # every later request would wait for it forever.
-                with contextlib.suppress(RuntimeError):
+                with contextlib.suppress(RuntimeError):  # the request's event loop closed
                     request.loop.call_soon_threadsafe(_settle, request.future, output, error)
             if self.on_batch is not None:
-                self.on_batch(len(batch))
+                try:
+                    self.on_batch(len(batch))
+                except Exception:
+                    log.exception("the batch callback failed")
+
+    def _results(self, batch):
+        try:
+            outputs = self.pool.predict_rows(
+                np.stack([r.image for r in batch]), [r.adapter for r in batch]
+            )
+            return [(r, outputs[i], None) for i, r in enumerate(batch)]
+        except Exception as exc:  # one bad request must not fail the others
+            return self._one_by_one(batch) if len(batch) > 1 else [(batch[0], None, exc)]
 
     def _one_by_one(self, batch):
         results = []
