@@ -1,5 +1,6 @@
 """Unit tests of the service's one-load-per-name table: pure Python, milliseconds."""
 
+import asyncio
 import concurrent.futures
 import threading
 
@@ -40,14 +41,14 @@ def test_a_load_finished_before_submit_returns_does_not_deadlock(outcome):
         return outcome
 
     loads = LoadsInFlight(InlineExecutor())
-    future = within(5, lambda: loads.submit("a", load))
-    assert future.done()
+    future, started = within(5, lambda: loads.submit("a", load))
+    assert started and future.done()
     if isinstance(outcome, Exception):
         assert future.exception() is outcome
     else:
         assert future.result() == outcome
     assert loads.running() == []
-    assert within(5, lambda: loads.submit("a", load)) is not future
+    assert within(5, lambda: loads.submit("a", load))[0] is not future
 
 
 def test_requests_for_a_loading_name_share_its_load():
@@ -60,10 +61,10 @@ def test_requests_for_a_loading_name_share_its_load():
 
     with concurrent.futures.ThreadPoolExecutor(2) as executor:
         loads = LoadsInFlight(executor)
-        first = loads.submit("a", load, "a")
-        assert loads.submit("a", load, "a") is first
-        assert loads.submit("a", load, "a", again=True) is first  # still running: wait for it
-        other = loads.submit("b", load, "b")
+        first, started = loads.submit("a", load, "a")
+        assert started and loads.submit("a", load, "a") == (first, False)
+        assert loads.submit("a", load, "a", again=True) == (first, False)  # still running
+        other, _ = loads.submit("b", load, "b")
         assert other is not first and loads.running() == ["a", "b"]
         release.set()
         assert (first.result(5), other.result(5)) == ("a", "b")
@@ -76,6 +77,55 @@ def test_again_starts_a_new_load_once_the_last_one_finished():
     versions = iter(["v1", "v2"])
     loads._futures["a"] = done = concurrent.futures.Future()  # finished, not yet forgotten
     done.set_result("v0")
-    assert loads.submit("a", lambda: next(versions)) is done
-    again = within(5, lambda: loads.submit("a", lambda: next(versions), again=True))
-    assert again.result() == "v1" and loads.running() == []
+    assert loads.submit("a", lambda: next(versions)) == (done, False)
+    again, started = within(5, lambda: loads.submit("a", lambda: next(versions), again=True))
+    assert started and again.result() == "v1" and loads.running() == []
+
+
+def test_a_waiter_that_gives_up_leaves_the_load_to_the_others():
+    # A request's time limit must not cancel a load other requests wait for
+    # (asyncio would cancel a load still queued on the executor).
+    release = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        loads = LoadsInFlight(executor)
+        executor.submit(release.wait, 5)  # the only loader thread is busy: the load queues
+
+        async def main():
+            impatient = asyncio.ensure_future(
+                asyncio.wait_for(loads.run("a", lambda: "loaded"), 0.05)
+            )
+            await asyncio.sleep(0.01)  # its load is queued
+            patient = asyncio.ensure_future(loads.run("a", lambda: "another load"))
+            outcome = await asyncio.gather(impatient, return_exceptions=True)
+            release.set()
+            return outcome[0], await asyncio.wait_for(patient, 5)
+
+        impatient, patient = asyncio.run(main())
+    assert isinstance(impatient, asyncio.TimeoutError)
+    assert patient == "loaded"
+
+
+def test_a_reload_is_not_answered_by_a_load_that_started_before_it():
+    # A load read the store's old copy; a reload asked for after that must
+    # read the store again, once that load has finished.
+    reading, release, versions = threading.Event(), threading.Event(), iter(["v1", "v2"])
+
+    def load():
+        version = next(versions)
+        if version == "v1":
+            reading.set()
+            release.wait(5)
+        return version
+
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        loads = LoadsInFlight(executor)
+
+        async def main():
+            first = asyncio.ensure_future(loads.run("a", load))
+            await asyncio.to_thread(reading.wait, 5)
+            reload = asyncio.ensure_future(loads.run("a", load, again=True))
+            await asyncio.sleep(0.05)
+            release.set()
+            return await asyncio.wait_for(asyncio.gather(first, reload), 5)
+
+        assert asyncio.run(main()) == ["v1", "v2"]

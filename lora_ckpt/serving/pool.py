@@ -164,6 +164,7 @@ class AdapterPool:
         own_classes = int(by_path[self._heads[0]].units) if heads else None
         self._classes = [own_classes] * slots  # each slot's number of classes
         self._versions: list = [None] * slots  # each slot's adapter_config.json SHA-256
+        self._metadata: list = [{}] * slots  # and its user metadata
         self._slot_variables = [
             v
             for slots in (*self._lora.values(), *self._full.values())
@@ -272,6 +273,15 @@ class AdapterPool:
         """
         return self._versions[self._table.slot_of(name)]
 
+    def metadata(self, name: str) -> dict:
+        """The user metadata (labels, ...) of the ``adapter_config.json`` adapter
+        ``name`` was loaded from.
+
+        Raises:
+            AdapterNotLoadedError: If ``name`` is not resident.
+        """
+        return self._metadata[self._table.slot_of(name)]
+
     def activate(self, name: str) -> None:
         """Makes a resident adapter the default of ``predict``: an index change.
 
@@ -367,6 +377,7 @@ class AdapterPool:
             self._write(tf.constant(slot, tf.int32), update)
             self._classes[slot] = self._classes_of(state)
             self._versions[slot] = state.config.json_sha256
+            self._metadata[slot] = state.config.metadata
             self._table.commit(name, slot)
         except BaseException:
             self._table.abort(slot)

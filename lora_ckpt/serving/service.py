@@ -127,11 +127,24 @@ class ServiceState:
             log.error("the base model failed to load: %s", self.error)
             return
         if options["preload"]:
-            for name in store_adapters(self.store)[: options["capacity"]]:
-                try:
-                    self._load(name)
-                except LoRAError:
-                    pass  # recorded in self.failed and logged by _load
+            self._preload(options["capacity"])
+
+    def _preload(self, count: int) -> None:
+        """Loads the store's first ``count`` adapters, as requests would: a
+        request for one of them meanwhile waits for the same load."""
+        try:
+            names = store_adapters(self.store)[:count]
+        except Exception as exc:  # the service still serves: adapters load on request
+            log.error("cannot list the store to preload adapters: %s", exc)
+            return
+        for name in names:
+            future, _ = self._loads.submit(name, self._load, name)
+            try:
+                future.result()
+            except LoRAError:
+                pass  # recorded in self.failed and logged by _load
+            except Exception:
+                log.exception("preloading adapter %s failed", name)
 
     def require_pool(self) -> AdapterPool:
         """The pool, or 503 while the base model is loading (or failed to)."""
@@ -142,21 +155,11 @@ class ServiceState:
 
     # ---- loading ------------------------------------------------------------------------
 
-    def store_version(self, name: str) -> str:
-        """SHA-256 of the store's ``adapter_config.json`` of ``name``.
-
-        Raises:
-            AdapterNotFoundError: If the store has no such adapter.
-            CorruptAdapterError: If its config cannot be read.
-            StoreError: If an object store cannot be reached.
-        """
-        return hashlib.sha256(adapter_config_bytes(self.store, name)).hexdigest()
-
     def _load(self, name: str, reload: bool = False) -> str:
         """Loads (or reloads) ``name`` from the store; runs on a loader thread."""
         pool = self.require_pool()
+        version = None  # the store's version, once its config has been read
         try:
-            # One read of the config: its hash is the version, its metadata the labels.
             raw = adapter_config_bytes(self.store, name)
             version = hashlib.sha256(raw).hexdigest()
             resident = name in pool.names()
@@ -166,9 +169,10 @@ class ServiceState:
             if failed is not None and failed[0] == version:
                 raise AdapterFailedError(failed[1])
             path = adapter_path(self.store, name)
-            config = AdapterConfig.from_json(raw, path)
+            AdapterConfig.from_json(raw, path)  # a bad config fails here, before any weight
             pool.load(name, path)
-            self.labels[name] = _labels(config.metadata)
+            # From what the pool loaded: the store's copy may have changed since `raw`.
+            self.labels[name] = _labels(pool.metadata(name))
             self.failed.pop(name, None)
             log.info("adapter %s %s", name, "reloaded" if resident else "loaded")
             return "reloaded" if resident else "loaded"
@@ -177,18 +181,13 @@ class ServiceState:
         except LoRAError as exc:
             # A full pool or a merge in progress is the pool's state, not the adapter's.
             if isinstance(exc, AdapterError) and not isinstance(exc, AdapterFailedError):
-                version = self._version_or_none(name)
+                # Remembered for the version that failed (None: its config was
+                # unreadable), so a fixed copy published meanwhile is tried.
                 self.failed[name] = (version, f"{type(exc).__name__}: {exc}")
                 log.warning("adapter %s failed to load: %s", name, exc)
                 if self.metrics is not None:
                     self.metrics.load_failures.inc()
             raise
-
-    def _version_or_none(self, name: str):
-        try:
-            return self.store_version(name)
-        except LoRAError:
-            return None
 
     async def ensure_resident(self, name: str, reload: bool = False) -> str:
         """Makes ``name`` resident (loading it on a loader thread), within the time limit.
@@ -206,9 +205,10 @@ class ServiceState:
             return "resident"
         if name not in await self.store_names():
             raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
-        future = self._loads.submit(name, self._load, name, reload, again=reload)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.load_timeout)
+            return await asyncio.wait_for(
+                self._loads.run(name, self._load, name, reload, again=reload), self.load_timeout
+            )
         except asyncio.TimeoutError:
             raise HTTPError(
                 504,
