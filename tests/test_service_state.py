@@ -4,9 +4,12 @@ Two states over one store act as two Ray replicas holding the same adapter:
 one reloads it after the store's copy changed, the other follows the
 directory's order (the replica's heartbeat hands each order to exactly this
 call); a failed reload keeps the old version serving; an unload order frees
-the slot. And listing the store never holds up the event loop."""
+the slot. And neither listing the store nor decoding an image holds up the
+event loop."""
 
 import asyncio
+import base64
+import io
 import os
 import threading
 import time
@@ -14,10 +17,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from lora_ckpt import save_lora_state
 from lora_ckpt.errors import CorruptAdapterError
-from lora_ckpt.serving import service
+from lora_ckpt.serving import http_common, service
 from lora_ckpt.serving.app import create_app
 from lora_ckpt.serving.orders import RELOAD, UNLOAD, Order
 from lora_ckpt.serving.service import ServiceState
@@ -121,3 +125,39 @@ def test_listing_the_store_does_not_hold_up_other_requests(tmp_path, monkeypatch
     assert adapters.json()["store"] == ["a0"]
     assert answered_first == [True, True]
     assert state.pool.names() == ["a0"]
+
+
+def test_decoding_an_image_does_not_hold_up_other_requests(tmp_path, monkeypatch):
+    store = str(tmp_path / "store")
+    make_tiny_store(store, ["a0"])
+    decode, answered_first = http_common.decode_image, []
+    health_answered = threading.Event()
+
+    def slow_decode(*args):
+        answered_first.append(health_answered.wait(10))
+        return decode(*args)
+
+    monkeypatch.setattr(http_common, "decode_image", slow_decode)
+    app = create_app(store, capacity=2)
+    png = io.BytesIO()
+    Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(png, format="PNG")
+    b64 = base64.b64encode(png.getvalue()).decode()
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            while (await client.get("/ready")).status_code != 200:
+                await asyncio.sleep(0.05)
+            one = asyncio.create_task(client.post("/predict/off", json={"image_base64": b64}))
+            many = asyncio.create_task(
+                client.post("/v1/models/a0:predict", json={"instances": [{"b64": b64}]})
+            )
+            await asyncio.sleep(0.2)  # both are decoding
+            health = await client.get("/health")
+            health_answered.set()
+            return health, await one, await many
+
+    health, one, many = asyncio.run(main())
+    assert health.status_code == 200
+    assert one.status_code == 200 and many.status_code == 200, (one.text, many.text)
+    assert answered_first == [True, True]

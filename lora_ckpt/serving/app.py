@@ -208,7 +208,8 @@ def create_app(
     async def tfs_predict(request):
         name = adapter_name(request)
         pool = state.require_pool()
-        images = tfs_instances(await body_of(request), pool.input_shape, max_pixels, max_instances)
+        body = await body_of(request)
+        images = await tfs_instances(body, pool.input_shape, max_pixels, max_instances)
         rows = await observed(name, state.predict(name, images))
         return JSONResponse({"predictions": [row.tolist() for row in rows]})
 

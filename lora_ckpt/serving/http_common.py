@@ -6,6 +6,8 @@ Both fronts call these functions, so a request is parsed, and answered, the
 same way whichever process runs the model.
 """
 
+import asyncio
+import concurrent.futures
 import time
 
 import numpy as np
@@ -113,7 +115,12 @@ async def predict_image(request: Request, body: bytes, shape, max_pixels: int) -
         HTTPError: 400 for anything else, 413 for too many pixels.
     """
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return await multipart_image(request, body, shape, max_pixels)
+        upload = await multipart_image(request, body)
+        return await off_the_loop(decode_image, upload, shape, max_pixels)
+    return await off_the_loop(_json_image, body, shape, max_pixels)
+
+
+def _json_image(body: bytes, shape, max_pixels: int) -> np.ndarray:
     payload = parse_json(body)
     if not isinstance(payload, dict) or not ({"tensor", "image_base64"} & set(payload)):
         raise HTTPError(400, "BadRequest", "Send {'tensor': [...]} or {'image_base64': '...'}.")
@@ -122,12 +129,27 @@ async def predict_image(request: Request, body: bytes, shape, max_pixels: int) -
     return decode_image(decode_base64(payload["image_base64"]), shape, max_pixels)
 
 
-def tfs_instances(body: bytes, shape, max_pixels: int, max_instances: int) -> np.ndarray:
+# Parsing and decoding take up to seconds (a 4096x4096 image), so they run on
+# threads of their own, never on the event loop: two, so that a burst of
+# large images holds at most two decoded images in memory at once.
+_DECODERS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-ckpt-decode")
+
+
+async def off_the_loop(function, *args):
+    """``function(*args)`` on a decoding thread, awaited."""
+    return await asyncio.get_running_loop().run_in_executor(_DECODERS, function, *args)
+
+
+async def tfs_instances(body: bytes, shape, max_pixels: int, max_instances: int) -> np.ndarray:
     """The samples of a TF Serving ``:predict`` body ``{"instances": [...]}``.
 
     Raises:
         HTTPError: 400 for a bad body or instance, 413 for too many instances.
     """
+    return await off_the_loop(_tfs_instances, body, shape, max_pixels, max_instances)
+
+
+def _tfs_instances(body: bytes, shape, max_pixels: int, max_instances: int) -> np.ndarray:
     payload = parse_json(body)
     instances = payload.get("instances") if isinstance(payload, dict) else None
     if not isinstance(instances, list) or not instances:

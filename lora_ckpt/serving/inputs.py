@@ -141,8 +141,12 @@ def decode_base64(text) -> bytes:
         raise HTTPError(400, "BadImage", "The image is not valid base64.") from None
 
 
-async def multipart_image(request: Request, body: bytes, shape, max_pixels: int) -> np.ndarray:
-    """The ``image`` field of a multipart body that was already read (bounded)."""
+async def multipart_image(request: Request, body: bytes) -> bytes:
+    """The ``image`` field's bytes, from a multipart body that was already read (bounded).
+
+    Raises:
+        HTTPError: 400 for a body that does not parse or has no ``image`` file.
+    """
 
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}
@@ -154,4 +158,4 @@ async def multipart_image(request: Request, body: bytes, shape, max_pixels: int)
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise HTTPError(400, "BadRequest", "A multipart request needs a file field 'image'.")
-    return decode_image(await upload.read(), shape, max_pixels)
+    return await upload.read()

@@ -250,7 +250,7 @@ def build_ingress_app(ingress: LoRAIngress) -> Starlette:
     async def tfs_predict(request):
         name = adapter_name(request)
         shape = await ingress.input_shape()
-        images = tfs_instances(
+        images = await tfs_instances(
             await body_of(request), shape, limits["max_pixels"], limits["max_instances"]
         )
         result = await observed(name, ingress.call("predict", name, images, model=name))
