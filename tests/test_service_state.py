@@ -92,7 +92,7 @@ def test_replicas_follow_reload_and_unload_orders(tmp_path):
 def test_listing_the_store_does_not_hold_up_other_requests(tmp_path, monkeypatch):
     # An object store that answers slowly (or not at all until its timeout):
     # the listing waits until /health has answered, which it can only do if
-    # the listing is off the event loop.
+    # the listing is off the event loop. A cold load does not list at all.
     store = str(tmp_path / "store")
     make_tiny_store(store, ["a0"])
     listing, answered_first = service.store_adapters, []
@@ -114,17 +114,19 @@ def test_listing_the_store_does_not_hold_up_other_requests(tmp_path, monkeypatch
             x = images(1)[0]
             predict = asyncio.create_task(client.post("/predict/a0", json={"tensor": x.tolist()}))
             adapters = asyncio.create_task(client.get("/adapters"))
-            await asyncio.sleep(0.2)  # both are now listing the store
+            await asyncio.sleep(0.2)  # /adapters is now listing the store
             health = await client.get("/health")
             health_answered.set()
-            return health, await predict, await adapters
+            missing = await client.post("/predict/a9", json={"tensor": x.tolist()})
+            return health, await predict, await adapters, missing
 
-    health, predicted, adapters = asyncio.run(main())
+    health, predicted, adapters, missing = asyncio.run(main())
     assert health.status_code == 200
     assert predicted.status_code == 200, predicted.text
     assert adapters.json()["store"] == ["a0"]
-    assert answered_first == [True, True]
+    assert answered_first == [True]  # /adapters listed; the load of a0 did not
     assert state.pool.names() == ["a0"]
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "AdapterNotFound"
 
 
 def test_decoding_an_image_does_not_hold_up_other_requests(tmp_path, monkeypatch):

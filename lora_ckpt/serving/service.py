@@ -203,8 +203,9 @@ class ServiceState:
         validate_adapter_name(name)
         if name == OFF or (not reload and name in pool.names()):
             return "resident"
-        if name not in await self.store_names():
-            raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
+        # No listing of the store: reading the config says whether the adapter
+        # exists, in one request to an object store, and names of unfinished
+        # saves are not valid adapter names.
         try:
             return await asyncio.wait_for(
                 self._loads.run(name, self._load, name, reload, again=reload), self.load_timeout
@@ -215,6 +216,8 @@ class ServiceState:
                 "LoadTimeout",
                 f"Loading adapter {name!r} took longer than {self.load_timeout:g} s.",
             ) from None
+        except AdapterNotFoundError:
+            raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.") from None
 
     async def predict(self, name: str, images: np.ndarray) -> list[np.ndarray]:
         """Outputs of ``images`` through adapter ``name`` (loaded first if need be),
