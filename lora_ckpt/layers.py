@@ -172,15 +172,12 @@ def column_norm(kernel: tf.Tensor) -> tf.Tensor:
     return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=axes))
 
 
-def bits_checksum(*tensors) -> int:
-    """A checksum of the tensors' bit patterns: any change to a value changes
-    it (short of changes that cancel out), at the cost of one pass."""
-    total = 0
-    for tensor in tensors:
-        tensor = tf.convert_to_tensor(tensor)
-        bits = {2: tf.int16, 4: tf.int32, 8: tf.int64}[tensor.dtype.size]
-        total += int(tf.reduce_sum(tf.cast(tf.bitcast(tensor, bits), tf.int64)).numpy())
-    return total
+def kernel_fingerprint(kernel: tf.Variable) -> bytes:
+    """The bits of a kernel's first output column: weights loaded over the
+    kernel change them (a load replaces every value). Read through a numpy
+    view of the variable's buffer, with no TensorFlow op of its own: a check
+    beside every merge and unmerge must cost next to nothing."""
+    return np.asarray(kernel.value())[..., :1].tobytes()
 
 
 def dora_scale(magnitude: tf.Tensor, updated_kernel: tf.Tensor) -> tf.Tensor:
@@ -241,7 +238,7 @@ class LoRALayerMixin:
         self.lora_hook = None
         self._pristine_kernel = None
         self._pristine_bias = None
-        self._merged_bits = None  # bits_checksum of kernel and bias right after merging
+        self._merged_bits = None  # kernel_fingerprint right after merging
         # Merged in a saved model that was reloaded: no pristine copy exists.
         self._merged_without_copy = False
 
@@ -364,7 +361,7 @@ class LoRALayerMixin:
             self._merged_without_copy = False
 
     def _check_pristine(self) -> None:
-        """Forgets the pristine copy if the kernel or bias changed since merging
+        """Forgets the pristine copy if the kernel changed since merging
         (weights of another merged model loaded over this one): it is no longer
         the base of what the layer holds, and restoring it would corrupt."""
         if self._pristine_kernel is None:
@@ -372,12 +369,9 @@ class LoRALayerMixin:
         with tf.init_scope():
             if not tf.executing_eagerly():
                 return
-            if self._merged_bits != bits_checksum(*self._kernel_and_bias()):
+            if self._merged_bits != kernel_fingerprint(self.kernel):
                 self._pristine_kernel = self._pristine_bias = None
                 self._merged_without_copy = True
-
-    def _kernel_and_bias(self) -> list:
-        return [self.kernel] + ([self.bias] if self.use_bias else [])
 
     def lora_branch_active(self) -> bool:
         """Whether ``call`` adds the low-rank branch (enabled and not merged)."""
@@ -457,7 +451,7 @@ class LoRALayerMixin:
             self._pristine_bias = tf.identity(self.bias)
             self.bias.assign(bias)
         self._pristine_kernel = pristine
-        self._merged_bits = bits_checksum(*self._kernel_and_bias())
+        self._merged_bits = kernel_fingerprint(self.kernel)
         self._write_lora_state()
 
     def unmerge_weights(self) -> None:
