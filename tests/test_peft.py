@@ -83,11 +83,16 @@ def test_dora_conv_forward_matches_its_merged_kernel_in_numpy():
     np.testing.assert_allclose(layer(x).numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def _dora_dense(rng, inputs: int, units: int):
+    """A built Dense and its rank-2 DoRA layer with random A, B and magnitude."""
+    base = tf.keras.layers.Dense(units)
+    base.build((None, inputs))
+    return base, _dora_layer(convert_to_lora_layer(base, lora_rank=2, lora_use_dora=True), rng)
+
+
 def test_dora_gradients_reach_magnitude_a_and_b_exactly():
     rng = np.random.default_rng(2)
-    base = tf.keras.layers.Dense(3)
-    base.build((None, 4))
-    layer = _dora_layer(convert_to_lora_layer(base, lora_rank=2, lora_use_dora=True), rng)
+    base, layer = _dora_dense(rng, 4, 3)
     x = rng.normal(size=(5, 4)).astype("float32")
     weights = [layer.kernel_lora_a, layer.kernel_lora_b, layer.lora_magnitude]
     with tf.GradientTape() as tape:
@@ -115,9 +120,7 @@ def test_dora_gradients_reach_magnitude_a_and_b_exactly():
 
 def test_dora_merge_is_exact_and_unmerge_bitwise():
     rng = np.random.default_rng(3)
-    base = tf.keras.layers.Dense(6)
-    base.build((None, 5))
-    layer = _dora_layer(convert_to_lora_layer(base, lora_rank=2, lora_use_dora=True), rng)
+    _, layer = _dora_dense(rng, 5, 6)
     x = rng.normal(size=(4, 5)).astype("float32")
     kernel = layer.kernel.numpy()
     expected = layer(x).numpy()
