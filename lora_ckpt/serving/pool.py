@@ -36,9 +36,8 @@ from .._tf import tf
 from ..errors import LayerNotFoundError, LoRAConfigError, MergeStateError
 from ..models import lora_layers
 from ..selection import classifier_paths, lora_settings, match_layers
-from ..state import AdapterState, ModelSignature, check_base, check_fit
+from ..state import AdapterState, ModelSignature, check_base, check_fit, read_lora_state
 from ..state.fit import SlotLimits
-from ..state.object_store import read_adapter
 from ..traversal import named_layers
 from .slot_table import OFF, SlotTable
 from .slots import BASE_ONLY, FullLayerSlots, LoRASlots, Routing
@@ -335,32 +334,23 @@ class AdapterPool:
             return self._values_of(state)
 
     def load(self, name: str, path: str) -> int:
-        """Reads an adapter from disk into a slot (evicting the least recently
-        used idle adapter if the pool is full).
-
-        Loading a name that is resident replaces it: requests already running
-        finish with the old weights, later ones see the new ones.
+        """Reads an adapter from its store into a slot: :func:`read_lora_state`
+        then :meth:`load_state`.
 
         Args:
             name: The name requests use; any string but ``"off"``.
-            path: The adapter directory, or its ``s3://`` URL (fetched through
-                the local cache of :mod:`lora_ckpt.state.object_store`).
+            path: The adapter directory or URL.
 
         Returns:
             The slot index.
 
         Raises:
-            LoRAConfigError: For an invalid name.
-            AdapterNotFoundError, CorruptAdapterError, AdapterVersionError:
-                As :func:`read_lora_state` (also for NaN/Inf weights).
-            AdapterMismatchError: Another architecture, a rank above
-                ``max_rank``, a head wider than ``max_classes``, layers the
-                pool does not keep per slot, or a DoRA magnitude that is not
-                one value per output of its layer.
-            BaseModelMismatchError: Trained on other base weights.
-            MergeStateError: ``name`` is the merged adapter (unmerge first).
-            PoolFullError: Every slot is in use by running requests.
+            As :func:`read_lora_state` and :meth:`load_state`.
         """
+        self._check_name(name)
+        return self.load_state(name, read_lora_state(path))
+
+    def _check_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or name == OFF:
             raise LoRAConfigError(
                 f"Adapter name must be a non-empty string other than {OFF!r}, got {name!r}."
@@ -369,7 +359,33 @@ class AdapterPool:
             raise MergeStateError(
                 f"Adapter {name!r} is merged; call unmerge() before reloading it."
             )
-        state = read_adapter(path)
+
+    def load_state(self, name: str, state: AdapterState) -> int:
+        """Writes an adapter already read (and checked) by :func:`read_lora_state`
+        into a slot (evicting the least recently used idle adapter if the pool
+        is full).
+
+        Loading a name that is resident replaces it: requests already running
+        finish with the old weights, later ones see the new ones.
+
+        Args:
+            name: The name requests use; any string but ``"off"``.
+            state: The adapter, as :func:`read_lora_state` returned it.
+
+        Returns:
+            The slot index.
+
+        Raises:
+            LoRAConfigError: For an invalid name.
+            AdapterMismatchError: Another architecture, a rank above
+                ``max_rank``, a head wider than ``max_classes``, layers the
+                pool does not keep per slot, or a DoRA magnitude that is not
+                one value per output of its layer.
+            BaseModelMismatchError: Trained on other base weights.
+            MergeStateError: ``name`` is the merged adapter (unmerge first).
+            PoolFullError: Every slot is in use by running requests.
+        """
+        self._check_name(name)
         update = self._prepare(state)
         reservation = self._table.reserve(timeout=self.load_timeout)
         slot = reservation.slot
