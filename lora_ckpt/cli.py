@@ -113,7 +113,7 @@ def _human_size(size: int) -> str:
 def _inspect(args) -> int:
     from .state import inspect_adapter
 
-    info = inspect_adapter(args.path)  # a directory or an s3:// URL
+    info = inspect_adapter(args.path, verify=args.verify)  # a directory or a URL
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -140,21 +140,9 @@ def _inspect(args) -> int:
 
 
 def _list(args) -> int:
-    from .errors import StoreError
-    from .state import list_adapters
-    from .state.object_store import adapters_root, is_object_store
+    from .state.inspect import adapters_root, list_adapters
 
-    if is_object_store(args.store):
-        adapters = list_adapters(adapters_root(args.store))
-    else:
-        if not os.path.isdir(args.store):
-            raise StoreError(f"{args.store} is not a directory of adapters or a store.")
-        root = (
-            os.path.join(args.store, "adapters")
-            if os.path.isdir(os.path.join(args.store, "adapters"))
-            else args.store
-        )
-        adapters = list_adapters(root)
+    adapters = list_adapters(adapters_root(args.store), verify=args.verify)
     if args.json:
         print(json.dumps(adapters, indent=2))
         return 0
@@ -174,13 +162,11 @@ def _export(args) -> int:
     from .export import export_merged_savedmodel
     from .serving.store import adapter_path, build_base_model, store_base_weights
     from .state import from_adapter, load_lora_state, read_lora_state
-    from .state.object_store import localize
 
     is_path = os.path.sep in args.adapter or os.path.isdir(args.adapter)
     path = args.adapter if is_path else adapter_path(args.store, args.adapter)
     name = os.path.basename(os.path.normpath(path))
     print(f"[1/3] reading adapter {path}", flush=True)
-    path = localize(path)  # an s3:// adapter: its verified copy in the local cache
     config = read_lora_state(path).config
     width = (config.base_model.config or {}).get("nb_classes")
     print("[2/3] building the adapter's model and loading base and adapter", flush=True)
@@ -202,14 +188,10 @@ def _export(args) -> int:
 
 
 def _gc(args) -> int:
-    from .state import object_store
     from .state.atomic import collect_garbage
+    from .state.inspect import adapters_root
 
-    if object_store.is_object_store(args.store):
-        touched = object_store.collect_garbage(object_store.adapters_root(args.store))
-    else:
-        root = os.path.join(args.store, "adapters")
-        touched = collect_garbage(root if os.path.isdir(root) else args.store)
+    touched = collect_garbage(adapters_root(args.store))
     for path in touched:
         print(f"cleaned {path}")
     print(f"{len(touched)} leftover(s) of interrupted saves cleaned")
@@ -327,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("path", help="the adapter directory (or its s3:// URL)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument(
+        "--verify", action="store_true", help="also check every file's SHA-256 (reads them all)"
+    )
     inspect.set_defaults(run=_inspect)
 
     listing = commands.add_parser("list", help="the adapters of a store or directory")
@@ -337,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a store or a directory of adapters (local or s3://)",
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument(
+        "--verify", action="store_true", help="also check every file's SHA-256 (reads them all)"
+    )
     listing.set_defaults(run=_list)
 
     export = commands.add_parser("export", help="base + adapter merged, as a TensorFlow SavedModel")

@@ -650,10 +650,10 @@ def test_labels_are_kept_when_all_inputs_agree_and_ram_paths_work(base_file, tmp
     model = lora_convnext(base_file, lora_train_classifier=False)
     randomize_lora(model, seed=11)
     labels = ["a", "b", "c", "d"]
-    first = save_lora_state(model, "ram://combine/first", labels=labels)
-    second = save_lora_state(model, "ram://combine/second", labels=labels)
+    first = save_lora_state(model, "memory://combine/first", labels=labels)
+    second = save_lora_state(model, "memory://combine/second", labels=labels)
     other = save_lora_state(model, str(tmp_path / "other"), labels=list("wxyz"))
-    out = combine_adapters([first, second], [1, 1], "ram://combine/out", metadata={"task": "t"})
+    out = combine_adapters([first, second], [1, 1], "memory://combine/out", metadata={"task": "t"})
     metadata = read_lora_state(out).config.metadata
     assert metadata["labels"] == labels and metadata["task"] == "t"
     out = combine_adapters([first, other], [1, 1], str(tmp_path / "mixed"))
@@ -699,14 +699,15 @@ def test_cli_combine(adapters, tmp_path):
 def test_object_store_inputs_and_output(adapters, tmp_path, monkeypatch):
     pytest.importorskip("s3fs", reason="needs the scale extra: pip install 'lora_ckpt[scale]'")
     pytest.importorskip("moto", reason="needs the scale extra: pip install 'lora_ckpt[scale]'")
-    from lora_ckpt.state import object_store
+    from lora_ckpt.serving.store import copy_adapter
+    from lora_ckpt.storage import CACHE_ENV
 
     from .helpers.scale import moto_s3
 
-    monkeypatch.setenv(object_store.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     with moto_s3():
         remote = "s3://lora/adapters/c1"
-        object_store.upload_adapter(adapters["c1"], remote)
+        copy_adapter(adapters["c1"], remote)
         out = combine_adapters([remote, adapters["c2"]], [0.5, 0.5], "s3://lora/adapters/sum")
         expected = weighted_sum(read(adapters["c1"], adapters["c2"]), [0.5, 0.5])
         combined = read_lora_state(out)

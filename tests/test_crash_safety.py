@@ -1,7 +1,8 @@
 """A save that fails or dies at any step never leaves an adapter that loads wrong.
 
-Fault injection (fast): every file-system step of a save, as
-lora_ckpt.state.atomic performs it, is made to fail in turn: the k-th call
+Fault injection (fast): every storage step of a save, as the local and the
+in-memory (object-store-like) backends of lora_ckpt.storage perform it, is
+made to fail in turn: the k-th call
 raises, for every k up to the number of calls a save makes. Two ways to fail:
 
 - ``crash``: the process dies at that step; no later step runs (the error
@@ -31,9 +32,10 @@ import numpy as np
 import pytest
 
 import lora_ckpt
-from lora_ckpt import tf
 from lora_ckpt.errors import AdapterNotFoundError
 from lora_ckpt.state import atomic
+from lora_ckpt.storage import FsspecStore, open_store
+from lora_ckpt.storage import local as local_backend
 
 from .helpers.save_loop import build_model, fill_version
 
@@ -48,48 +50,60 @@ class InjectedFault(OSError):
 
 
 class Faults:
-    """Wraps the file-system calls atomic.py makes; records them, and makes the
-    call number ``fail_at`` (0-based) raise. With ``crash``, every later call
-    raises too: the process is dead and the disk stays as it was."""
+    """Wraps the storage calls a save makes; records them, and makes the call
+    number ``fail_at`` (0-based) raise. With ``crash``, every later call
+    raises too: the process is dead and the store stays as it was."""
 
     def __init__(self, fail_at=None, crash=True):
         self.fail_at, self.crash = fail_at, crash
         self.calls = []
         self.failed = False
+        self.inside = False
 
-    def _wrap(self, name, real):
+    def _wrap(self, name, real, method=False):
         def step(*args, **kwargs):
-            self.calls.append((name, args))
+            if self.inside:  # a call os.makedirs makes: part of that one step
+                return real(*args, **kwargs)
+            recorded = args[1:2] if method else args  # an object-store method: its path
+            self.calls.append((name, recorded))
             if len(self.calls) - 1 == self.fail_at or (self.failed and self.crash):
                 self.failed = True
-                raise InjectedFault(f"injected at {name}{args}")
-            return real(*args, **kwargs)
+                raise InjectedFault(f"injected at {name}{recorded}")
+            self.inside = name == "os.makedirs"
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.inside = False
 
         return step
 
-    def _wrap_gfile_open(self, real):
-        wrapped = self._wrap("GFile(w)", real)
+    def _wrap_open(self, real):
+        wrapped = self._wrap("open(w)", real)
 
-        def open_file(path, mode="r"):
+        def open_file(path, mode="r", *args, **kwargs):
             # Only writes are steps of a save; reads are not.
-            return (wrapped if "w" in mode else real)(path, mode)
+            opener = wrapped if any(m in mode for m in "wxa") else real
+            return opener(path, mode, *args, **kwargs)
 
         return open_file
 
     def install(self, patch):
-        gfile = atomic._gfile
-        patch.setattr(atomic.os, "rename", self._wrap("os.rename", atomic.os.rename))
-        patch.setattr(atomic.os, "fsync", self._wrap("os.fsync", atomic.os.fsync))
-        for name in ("rename", "rmtree", "remove", "makedirs"):
-            patch.setattr(gfile, name, self._wrap(f"gfile.{name}", getattr(gfile, name)))
-        patch.setattr(gfile, "GFile", self._wrap_gfile_open(gfile.GFile))
+        os_ = local_backend.os
+        for name in ("rename", "replace", "fsync", "mkdir", "makedirs", "unlink"):
+            patch.setattr(os_, name, self._wrap(f"os.{name}", getattr(os_, name)))
+        shutil_ = local_backend.shutil
+        patch.setattr(shutil_, "rmtree", self._wrap("shutil.rmtree", shutil_.rmtree))
+        patch.setattr(local_backend, "open", self._wrap_open(open), raising=False)
+        for name in ("write", "remove"):
+            real = getattr(FsspecStore, name)
+            patch.setattr(FsspecStore, name, self._wrap(f"store.{name}", real, method=True))
 
 
 def adapter_path(storage, tmp_path):
     """A fresh path per save: nothing of an earlier iteration can be read back."""
     if storage == "local":
         return str(tmp_path / uuid.uuid4().hex[:8] / "adapter")
-    return f"ram://crash-{uuid.uuid4().hex[:8]}/adapter"
+    return f"memory://crash-{uuid.uuid4().hex[:8]}/adapter"
 
 
 def read_version(path):
@@ -115,13 +129,16 @@ def save(model, path, version):
 
 def commit_step(calls, path, storage):
     """The index of the step that commits the new adapter: on local disk the
-    rename of the temporary directory onto the path; file by file (ram://,
-    object stores) the move of the new adapter_config.json into place."""
+    rename of the temporary directory onto the path; file by file (memory://,
+    object stores) the write of the new adapter_config.json."""
     if storage == "local":
-        target, name = path, "os.rename"
+        commits = [i for i, (n, args) in enumerate(calls) if n == "os.rename" and args[1] == path]
     else:
-        target, name = f"{path}/{CONFIG}", "gfile.rename"
-    commits = [i for i, (n, args) in enumerate(calls) if n == name and args[1] == target]
+        commits = [
+            i
+            for i, (n, args) in enumerate(calls)
+            if n == "store.write" and args[0] == f"{path}/{CONFIG}"
+        ]
     assert len(commits) == 1, calls
     return commits[0]
 
@@ -133,7 +150,7 @@ def listed(parent):
 
 @pytest.mark.parametrize("mode", ["crash", "io_error"])
 @pytest.mark.parametrize("kind", ["first_save", "overwrite"])
-@pytest.mark.parametrize("storage", ["local", "ram"])
+@pytest.mark.parametrize("storage", ["local", "memory"])
 def test_failure_at_every_step_leaves_old_or_new_adapter(
     storage, kind, mode, tmp_path, monkeypatch
 ):
@@ -166,7 +183,7 @@ def test_failure_at_every_step_leaves_old_or_new_adapter(
         faults = Faults(fail_at=k, crash=mode == "crash")
         # Removing leftovers after the commit may fail without failing the save
         # (a warning says `lora-ckpt gc` will); every other failure raises.
-        cleanup = k > commit and name in ("gfile.rmtree", "gfile.remove")
+        cleanup = k > commit and name in ("shutil.rmtree", "os.unlink", "store.remove")
         expectation = (
             pytest.warns(UserWarning, match="gc") if cleanup else pytest.raises(InjectedFault)
         )
@@ -191,8 +208,9 @@ def test_failure_at_every_step_leaves_old_or_new_adapter(
         # A retried save repairs whatever the failure left, leftovers included.
         save(model, path, NEW)
         assert read_version(path) == NEW
-        assert sorted(n.rstrip("/") for n in tf.io.gfile.listdir(parent)) == ["adapter"]
-        assert len(tf.io.gfile.listdir(path)) == 3, tf.io.gfile.listdir(path)
+        store, _ = open_store(path)
+        assert sorted(store.listdir(parent)) == ["adapter"]
+        assert len(store.listdir(path)) == 3, store.listdir(path)
 
     if overwrite:  # no step leaves the path without an adapter once it had one
         assert None not in [version for _, version in outcomes], outcomes

@@ -10,6 +10,7 @@ LEVELS = {
     "errors": 0,
     "version": 0,
     "_tf": 1,
+    "storage": 1,
     "layers": 2,
     "traversal": 3,
     "selection": 4,
@@ -26,6 +27,7 @@ LEVELS = {
     "cli": 10,
 }
 PURE_PYTHON = {"errors", "version", "serving/slot_table"}
+NO_TENSORFLOW = ["storage", "state/files.py", "state/inspect.py", "state/atomic.py"]
 
 
 def _top(module: pathlib.Path) -> str:

@@ -25,7 +25,7 @@ import pytest
 
 from lora_ckpt import AdapterPool, save_lora_state
 from lora_ckpt.serving.store import adapter_path, build_base_model, upload_store
-from lora_ckpt.state.object_store import upload_adapter
+from lora_ckpt.serving.store import copy_adapter as upload_adapter
 from tests.helpers.scale import images, make_tiny_store, moto_s3, vary
 
 pytestmark = pytest.mark.slow

@@ -254,15 +254,21 @@ def test_inspect_and_list(trained_adapter, tmp_path):
     assert [s["name"] for s in lora_ckpt.list_adapters(str(tmp_path))] == ["adapter", "second"]
 
 
-def test_ram_filesystem_round_trip(trained_adapter, images, base_files):
+def test_memory_store_round_trip(trained_adapter, images, base_files):
+    from lora_ckpt.storage import open_store
+
     model, _ = trained_adapter
-    path = "ram://adapters/ram_test"
+    path = "memory://adapters/ram_test"
     save_lora_state(model, path)
     save_lora_state(model, path, overwrite=True)  # the by-file commit path
     fresh = lora_model_on_base(base_files["h5"])
     load_lora_state(fresh, path)
     np.testing.assert_array_equal(fresh(images).numpy(), model(images).numpy())
-    assert sorted(tf.io.gfile.listdir("ram://adapters/")) == ["ram_test"]  # no temp leftovers
+    store, _ = open_store(path)
+    assert sorted(store.listdir("memory://adapters")) == ["ram_test"]  # no temp leftovers
+    config = read_lora_state(path).config
+    # The old version's files are gone: only the new config and its checkpoint remain.
+    assert sorted(store.listdir(path)) == sorted(["adapter_config.json", *config.files])
 
 
 def test_batchnorm_statistics_as_extra_layers(tmp_path):

@@ -8,10 +8,10 @@
       adapters/NAME/   one adapter directory each (see lora_ckpt.state)
 
 The demo writes a store; ``lora-ckpt serve`` and ``export`` read one. A store
-may live in S3-compatible object storage (``s3://bucket/prefix``, same
-layout): adapters and ``base.h5`` are then read through the local cache of
-:mod:`lora_ckpt.state.object_store`, and :func:`upload_store` copies a local
-store there.
+may live in any store of :mod:`lora_ckpt.storage` (``s3://bucket/prefix``,
+``gs://``, ``az://``, ``memory://``; same layout): a remote ``base.h5`` is
+read through the verified local cache, and :func:`upload_store` copies a
+local store there.
 """
 
 import dataclasses
@@ -22,20 +22,22 @@ import tempfile
 
 from tfimm.models import model_config
 
-from .._tf import tf
-from ..errors import BaseWeightsError, LoRAConfigError, StoreError
+from ..errors import AdapterNotFoundError, BaseWeightsError, LoRAConfigError, StoreError
 from ..models import create_model
 from ..selection import classifier_paths
-from ..state import load_base_weights, object_store
-from ..state.files import MAX_CONFIG_BYTES, is_work_directory, read_bounded, resolve_adapter
-from ..state.format import CONFIG_FILE
-from ..state.object_store import is_object_store
+from ..state import load_base_weights
+from ..state.atomic import begin_write, commit_files
+from ..state.files import is_work_directory, read_config_bytes, read_verified
+from ..state.format import CONFIG_FILE, AdapterConfig
+from ..storage import UnsafeFileError, open_store
 
 BASE_CONFIG = "base.json"
 BASE_WEIGHTS = "base.h5"
 ADAPTERS = "adapters"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_BASE_CONFIG_BYTES = 1 << 20
+MAX_BASE_BYTES = 64 << 30
+"""The largest base weights file read from a store."""
 
 
 def validate_adapter_name(name: str) -> str:
@@ -61,9 +63,8 @@ def validate_adapter_name(name: str) -> str:
 
 
 def _join(store: str, *parts: str) -> str:
-    return (
-        object_store.join(store, *parts) if is_object_store(store) else os.path.join(store, *parts)
-    )
+    backend, store = open_store(store)
+    return backend.join(store, *parts)
 
 
 def adapter_path(store: str, name: str) -> str:
@@ -80,36 +81,34 @@ def adapter_config_bytes(store: str, name: str) -> bytes:
     Raises:
         AdapterNotFoundError: If the store has no such committed adapter.
         CorruptAdapterError: If the config cannot be read.
-        StoreError: If an object store cannot be reached.
+        StoreError: If the store cannot be reached.
     """
-    path = adapter_path(store, name)
-    if is_object_store(path):
-        return object_store.read_adapter_config(path)
-    return read_bounded(resolve_adapter(path), CONFIG_FILE, MAX_CONFIG_BYTES)
+    backend, path = open_store(adapter_path(store, name))
+    return read_config_bytes(backend, path)[1]
 
 
 def store_adapters(store: str) -> list[str]:
-    """Names of the committed adapters in ``store``, sorted.
+    """Names of the committed adapters in ``store``, sorted (one listing; on an
+    object store a directory whose first save never committed is listed, and
+    reading it says so).
 
     Raises:
-        StoreError: If an object store cannot be reached.
+        StoreError: If the store cannot be reached.
     """
-    if is_object_store(store):
-        tree = object_store.list_directories(_join(store, ADAPTERS))
-        return sorted(
-            name
-            for name, files in tree.items()
-            if _NAME.fullmatch(name) and not is_work_directory(name) and CONFIG_FILE in files
-        )
-    root = os.path.join(store, ADAPTERS)
-    if not tf.io.gfile.isdir(root):
+    backend, store = open_store(store)
+    root = backend.join(store, ADAPTERS)
+    try:
+        entries = backend.listdir(root)
+    except UnsafeFileError:
         return []
     return sorted(
-        name.rstrip("/")
-        for name in tf.io.gfile.listdir(root)
-        if _NAME.fullmatch(name.rstrip("/"))
-        and not is_work_directory(name.rstrip("/"))
-        and tf.io.gfile.exists(os.path.join(root, name, CONFIG_FILE))
+        name
+        for name, entry in entries.items()
+        if entry.kind == "dir"
+        and _NAME.fullmatch(name)
+        and not is_work_directory(name)
+        # Costs nothing on an object store, which says so when the config is read.
+        and backend.committed(backend.join(root, name), CONFIG_FILE) is not None
     )
 
 
@@ -124,42 +123,38 @@ def write_base(store: str, model_name: str, config: dict, lora: dict, regular_mo
         regular_model: The trained regular base model.
 
     Raises:
-        StoreError: If an object store cannot be reached.
+        StoreError: If the store cannot be reached.
     """
-    if is_object_store(store):
-        with tempfile.TemporaryDirectory(prefix="lora_ckpt-base-") as tmp:
-            write_base(tmp, model_name, config, lora, regular_model)
-            for name in (BASE_WEIGHTS, BASE_CONFIG):  # base.json last: the store exists
-                object_store.upload_file(os.path.join(tmp, name), _join(store, name))
-        return
-    tf.io.gfile.makedirs(os.path.join(store, ADAPTERS))
-    regular_model.save_weights(os.path.join(store, BASE_WEIGHTS))
-    with tf.io.gfile.GFile(os.path.join(store, BASE_CONFIG), "w") as handle:
-        json.dump({"model": model_name, "config": config, "lora": lora}, handle, indent=2)
+    backend, store = open_store(store)
+    with tempfile.TemporaryDirectory(prefix="lora_ckpt-base-") as tmp:
+        # h5py writes a local file; the store gets its bytes.
+        regular_model.save_weights(os.path.join(tmp, BASE_WEIGHTS))
+        with open(os.path.join(tmp, BASE_WEIGHTS), "rb") as handle:
+            weights = handle.read()
+    backend.write(backend.join(store, BASE_WEIGHTS), weights)
+    text = json.dumps({"model": model_name, "config": config, "lora": lora}, indent=2)
+    backend.write(backend.join(store, BASE_CONFIG), text.encode())  # last: the store exists
 
 
 def read_base_config(store: str) -> dict:
     """The parsed ``base.json`` of a store.
 
     Raises:
-        StoreError: If the store has no ``base.json`` (or it is not JSON).
+        StoreError: If the store has no ``base.json`` (or it is not JSON), or
+            cannot be reached.
     """
-    path = _join(store, BASE_CONFIG)
-    missing = StoreError(
-        f"{store} is not an adapter store (no {BASE_CONFIG}); run `lora-ckpt demo` "
-        "to create one (and lora_ckpt.serving.store.upload_store to copy it to object "
-        "storage), or pass --model and --base-weights."
-    )
-    if is_object_store(path):
-        try:
-            text = object_store.read_object(path, MAX_BASE_CONFIG_BYTES)
-        except FileNotFoundError:
-            raise missing from None
-    else:
-        if not tf.io.gfile.exists(path):
-            raise missing
-        with tf.io.gfile.GFile(path, "rb") as handle:
-            text = handle.read()
+    backend, store = open_store(store)
+    path = backend.join(store, BASE_CONFIG)
+    try:
+        text = backend.read(path, MAX_BASE_CONFIG_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
+        raise StoreError(
+            f"{store} is not an adapter store (no {BASE_CONFIG}); run `lora-ckpt demo` "
+            "to create one (and lora_ckpt.serving.store.upload_store to copy it to another "
+            "store), or pass --model and --base-weights."
+        ) from None
+    except UnsafeFileError as exc:
+        raise StoreError(f"{path} cannot be read: {exc}") from None
     try:
         return json.loads(text)
     except ValueError as exc:
@@ -167,21 +162,20 @@ def read_base_config(store: str) -> dict:
 
 
 def _has_base_config(store: str) -> bool:
-    path = _join(store, BASE_CONFIG)
-    return object_store.exists(path) if is_object_store(path) else tf.io.gfile.exists(path)
+    backend, store = open_store(store)
+    return backend.exists(backend.join(store, BASE_CONFIG))
 
 
 def _local_base_weights(path: str) -> str | None:
     """A local path to load base weights from (downloaded to the cache for a URL),
     or ``None`` if there are none."""
-    if is_object_store(path):
-        try:
-            return object_store.fetch_file(path)
-        except FileNotFoundError:
-            return None
-    if tf.io.gfile.exists(path) or tf.io.gfile.exists(path + ".index"):
-        return path
-    return None
+    backend, path = open_store(path)
+    if not (backend.exists(path) or backend.exists(path + ".index")):
+        return None
+    try:
+        return backend.local_file(path, MAX_BASE_BYTES)
+    except FileNotFoundError:
+        return None
 
 
 def store_base_weights(store: str, base_weights: str | None = None) -> str | None:
@@ -192,7 +186,7 @@ def store_base_weights(store: str, base_weights: str | None = None) -> str | Non
         base_weights: Another base weights file or URL to use.
 
     Returns:
-        A local file or checkpoint prefix (an object store's is downloaded into
+        A local file or checkpoint prefix (a remote store's is downloaded into
         the cache once per version), or ``None`` if there is none.
     """
     return _local_base_weights(base_weights or _join(store, BASE_WEIGHTS))
@@ -243,32 +237,76 @@ def build_base_model(
     return model, base
 
 
-def upload_store(local: str, url: str, overwrite: bool = False) -> list[str]:
-    """Copies a local store to object storage: ``base.h5``, then each adapter
-    (committed atomically, see :func:`lora_ckpt.state.object_store.upload_adapter`),
-    then ``base.json`` (which makes the prefix a store).
+def copy_adapter(source: str, target: str, overwrite: bool = False) -> str:
+    """Copies an adapter between stores, verified and committed atomically.
+
+    Each file is read once and checked against the source config's size and
+    SHA-256, then written under the target's fresh names; the config, naming
+    them, is written last.
 
     Args:
-        local: A local store directory.
+        source: The adapter's directory or URL.
+        target: Where it goes.
+        overwrite: Replace an adapter already at ``target``.
+
+    Returns:
+        ``target``.
+
+    Raises:
+        AdapterNotFoundError, CorruptAdapterError: If ``source`` is not a valid adapter.
+        AdapterExistsError: If an adapter is at ``target`` and not ``overwrite``.
+        StoreError: If a store cannot be reached.
+    """
+    backend, source = open_store(source)
+    directory, raw = read_config_bytes(backend, source)
+    config = AdapterConfig.from_json(raw, source)
+    files = {name: read_verified(backend, directory, name, r) for name, r in config.files.items()}
+    atomic = begin_write(target, overwrite)
+    # A checkpoint's index does not name its data file: renaming both keeps it valid.
+    prefix = atomic.fresh_name("adapter")
+    renamed = {name: name.replace(config.checkpoint_prefix, prefix, 1) for name in files}
+    config.checkpoint_prefix = prefix
+    config.files = {renamed[name]: record for name, record in config.files.items()}
+    commit_files(
+        atomic, {renamed[name]: data for name, data in files.items()}, config.to_json().encode()
+    )
+    return target
+
+
+def upload_store(local: str, url: str, overwrite: bool = False) -> list[str]:
+    """Copies a store to another (a local store to object storage): ``base.h5``,
+    then each adapter (:func:`copy_adapter`), then ``base.json`` (which makes
+    the target a store).
+
+    Args:
+        local: A store directory or URL.
         url: Its destination, e.g. ``s3://bucket/store``.
         overwrite: Replace adapters that already exist at ``url``.
 
     Returns:
-        The names of the adapters uploaded.
+        The names of the adapters copied.
 
     Raises:
-        StoreError: If ``local`` is not a store, or the object store cannot be reached.
+        StoreError: If ``local`` is not a store, or a store cannot be reached.
         AdapterExistsError: If an adapter exists at ``url`` and not ``overwrite``.
-        CorruptAdapterError: If a local adapter fails its checks (nothing of it is uploaded).
+        CorruptAdapterError: If an adapter fails its checks (nothing of it is copied).
     """
-    if not os.path.isfile(os.path.join(local, BASE_CONFIG)):
-        raise StoreError(f"{local} is not an adapter store (no {BASE_CONFIG}).")
-    if os.path.isfile(os.path.join(local, BASE_WEIGHTS)):
-        object_store.upload_file(os.path.join(local, BASE_WEIGHTS), _join(url, BASE_WEIGHTS))
-    names = store_adapters(local)
-    for name in names:
-        object_store.upload_adapter(
-            adapter_path(local, name), adapter_path(url, name), overwrite=overwrite
-        )
-    object_store.upload_file(os.path.join(local, BASE_CONFIG), _join(url, BASE_CONFIG))
+    source, local = open_store(local)
+    target, url = open_store(url)
+    base_config = read_base_config(local)
+    try:
+        weights = source.read(source.join(local, BASE_WEIGHTS), MAX_BASE_BYTES)
+    except FileNotFoundError:
+        weights = None
+    if weights is not None:
+        target.write(target.join(url, BASE_WEIGHTS), weights)
+    names = []
+    for name in store_adapters(local):
+        try:
+            copy_adapter(adapter_path(local, name), adapter_path(url, name), overwrite=overwrite)
+        except AdapterNotFoundError:
+            continue  # a directory with no committed adapter
+        names.append(name)
+    text = json.dumps(base_config, indent=2).encode()
+    target.write(target.join(url, BASE_CONFIG), text)
     return names

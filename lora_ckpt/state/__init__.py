@@ -1,35 +1,46 @@
-"""The partial-state subsystem: adapters as small tf.train.Checkpoint directories."""
+"""The partial-state subsystem: adapters as small tf.train.Checkpoint directories.
 
-from .base_weights import load_base_weights
-from .combine import combine_adapters, write_lora_state
-from .fit import LoadReport, ModelSignature, check_base, check_fit
-from .format import CONFIG_FILE, FORMAT_VERSION, AdapterConfig
-from .from_adapter import from_adapter
-from .inspect import inspect_adapter, list_adapters
-from .load import AdapterState, load_lora_state, read_config, read_lora_state
-from .save import save_lora_state
-from .training import AdapterCheckpoint, AdapterCheckpointManager, restore_training_checkpoint
+Names are imported on first use (PEP 562): listing and inspecting adapters
+(:mod:`lora_ckpt.state.inspect`) needs no TensorFlow.
+"""
 
-__all__ = [
-    "CONFIG_FILE",
-    "FORMAT_VERSION",
-    "AdapterCheckpoint",
-    "AdapterCheckpointManager",
-    "AdapterConfig",
-    "AdapterState",
-    "LoadReport",
-    "ModelSignature",
-    "check_base",
-    "check_fit",
-    "combine_adapters",
-    "from_adapter",
-    "inspect_adapter",
-    "list_adapters",
-    "load_base_weights",
-    "load_lora_state",
-    "read_config",
-    "read_lora_state",
-    "restore_training_checkpoint",
-    "save_lora_state",
-    "write_lora_state",
-]
+import importlib
+
+_EXPORTS = {
+    "load_base_weights": "base_weights",
+    "combine_adapters": "combine",
+    "write_lora_state": "combine",
+    "LoadReport": "fit",
+    "ModelSignature": "fit",
+    "check_base": "fit",
+    "check_fit": "fit",
+    "CONFIG_FILE": "format",
+    "FORMAT_VERSION": "format",
+    "AdapterConfig": "format",
+    "from_adapter": "from_adapter",
+    "inspect_adapter": "inspect",
+    "list_adapters": "inspect",
+    "AdapterState": "load",
+    "load_lora_state": "load",
+    "read_config": "load",
+    "read_lora_state": "load",
+    "save_lora_state": "save",
+    "AdapterCheckpoint": "training",
+    "AdapterCheckpointManager": "training",
+    "restore_training_checkpoint": "training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

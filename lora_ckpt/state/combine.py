@@ -34,10 +34,10 @@ from ..errors import (
     BaseModelMismatchError,
     LoRAConfigError,
 )
+from ..storage import is_url
 from ..version import __version__
-from . import object_store
 from .atomic import check_writable
-from .files import MAX_CONFIG_BYTES, is_local
+from .files import MAX_CONFIG_BYTES
 from .format import (
     CHECKPOINT_PREFIX,
     MAX_JSON_DEPTH,
@@ -204,14 +204,13 @@ def combine_adapters(
     paths, weights, rank = _check_arguments(paths, weights, method, rank)
     out_path = str(out_path).rstrip("/")
     metadata = _user_metadata(metadata)
-    remote = object_store.is_object_store(out_path)
     for source in paths:
         if _same_location(source, out_path) and not overwrite:
             raise AdapterExistsError(
                 f"The output {out_path} is one of the inputs; pass overwrite=True to replace "
                 "it with the combination, or choose another path."
             )
-    (object_store.check_writable if remote else check_writable)(out_path, overwrite)
+    check_writable(out_path, overwrite)
 
     # The configs first: everything they can refuse is refused before a tensor is read.
     checked = [AdapterState(p, _read_config(p), {}) for p in paths]
@@ -436,15 +435,13 @@ def _check_readable(config: AdapterConfig) -> None:
 
 
 def _same_location(a: str, b: str) -> bool:
-    if is_local(a) and is_local(b):
+    if not is_url(a) and not is_url(b):
         return os.path.realpath(a) == os.path.realpath(b)
     return a.rstrip("/") == b.rstrip("/")
 
 
 def _read_config(path: str) -> AdapterConfig:
     """An input's config alone, validated as the full read validates it."""
-    if object_store.is_object_store(path):
-        return AdapterConfig.from_json(object_store.read_adapter_config(path), path)
     return read_config(path)[1]
 
 

@@ -1,34 +1,64 @@
-"""Summaries of adapters on disk, for listings and the CLI."""
+"""Summaries of adapters in a store, for listings and the CLI (no TensorFlow)."""
 
-from .._tf import tf
-from ..errors import AdapterNotFoundError, LoRAError
-from .files import is_object_store, is_work_directory
-from .format import CONFIG_FILE
-from .load import read_config
+from ..errors import AdapterNotFoundError, LoRAError, StoreError
+from ..storage import UnsafeFileError, open_store
+from .files import check_file_sizes, is_work_directory, read_config_bytes, read_verified
+from .format import AdapterConfig
+
+ADAPTERS = "adapters"
+"""A store's directory of adapters (beside its ``base.json`` and ``base.h5``)."""
 
 
-def inspect_adapter(path: str) -> dict:
+def adapters_root(path: str) -> str:
+    """``path/adapters`` if ``path`` is a store (it has one), else ``path`` itself:
+    a store or a directory of adapters, as the CLI takes them.
+
+    Raises:
+        StoreError: If ``path`` does not exist or the store cannot be reached.
+    """
+    store, path = open_store(path)
+    try:
+        entries = store.listdir(path)
+    except UnsafeFileError:
+        raise StoreError(f"{path} is not a directory of adapters or a store.") from None
+    if not entries and not store.exists(path):
+        raise StoreError(f"{path} is not a directory of adapters or a store.")
+    entry = entries.get(ADAPTERS)
+    return store.join(path, ADAPTERS) if entry is not None and entry.kind == "dir" else path
+
+
+def inspect_adapter(path: str, *, verify: bool = False) -> dict:
     """Summarises an adapter from its config, without reading its tensors.
 
+    The checkpoint files are always checked to be regular files of the sizes
+    the config records (one listing); with ``verify`` they are read and their
+    SHA-256 checked too.
+
     Args:
-        path: The adapter directory.
+        path: The adapter directory or URL.
+        verify: Also read every checkpoint file and check its SHA-256.
 
     Returns:
         A dict with ``path``, ``format_version``, ``library_version``,
-        ``created``, ``architecture``, ``base_fingerprint``, ``ranks`` (layer
-        path -> rank), ``saved``, ``variables`` (key -> shape, dtype, kind),
-        ``num_parameters``, ``size_bytes`` and ``metadata``.
+        ``created``, ``architecture``, ``base_architecture``,
+        ``base_fingerprint``, ``ranks`` (layer path -> rank), ``saved``,
+        ``variables`` (key -> shape, dtype, kind), ``num_parameters``,
+        ``size_bytes``, ``config_sha256`` and ``metadata``.
 
     Raises:
-        AdapterNotFoundError, CorruptAdapterError, AdapterVersionError: As
-            :func:`read_config`.
+        AdapterNotFoundError: If there is no committed adapter at ``path``.
+        CorruptAdapterError, AdapterVersionError: If the config is invalid, or
+            a checkpoint file is missing, odd, of another size (or, with
+            ``verify``, another SHA-256).
+        StoreError: If the store cannot be reached.
     """
-    if is_object_store(path):
-        from .object_store import inspect_remote_adapter  # it inspects through here
-
-        return inspect_remote_adapter(path)
-    path = str(path).rstrip("/")
-    _, config = read_config(path)
+    store, path = open_store(path)
+    directory, raw = read_config_bytes(store, path)
+    config = AdapterConfig.from_json(raw, path)
+    check_file_sizes(store, directory, config.files)
+    if verify:
+        for name, record in config.files.items():
+            read_verified(store, directory, name, record)
     document = config.to_dict()
     return {
         "path": path,
@@ -43,47 +73,48 @@ def inspect_adapter(path: str) -> dict:
         "variables": document["variables"],
         "num_parameters": config.num_parameters,
         "size_bytes": sum(f.size for f in config.files.values()) + config.json_bytes,
+        "config_sha256": config.json_sha256,
         "metadata": config.metadata,
     }
 
 
-def list_adapters(directory: str) -> list[dict]:
+def list_adapters(directory: str, *, verify: bool = False) -> list[dict]:
     """Summarises every adapter directly inside ``directory``.
 
     Directories that are not adapters, or whose save never committed, are
     left out, and so are a save's work directories (``*.tmp-*``,
-    ``*.old-*``). A broken adapter is listed with its ``error`` instead of
-    failing the whole listing.
+    ``*.old-*``). A broken adapter (a bad config, a truncated or missing
+    file) is listed with its ``error`` instead of failing the whole listing.
 
     Args:
-        directory: A store of adapters, one subdirectory each.
+        directory: A directory of adapters, one subdirectory each (any store).
+        verify: Also check every file's SHA-256 (reads every byte).
 
     Returns:
         One :func:`inspect_adapter` summary per adapter (with ``name``), or
         ``{"name", "path", "error"}`` for a broken one, sorted by name.
-    """
-    if is_object_store(directory):
-        from .object_store import list_remote_adapters
 
-        return list_remote_adapters(directory)
-    directory = str(directory).rstrip("/")
-    if not tf.io.gfile.isdir(directory):
+    Raises:
+        StoreError: If the store cannot be reached.
+    """
+    store, directory = open_store(directory)
+    try:
+        entries = store.listdir(directory)
+    except UnsafeFileError:
         return []
+    # A local save killed between its renames leaves only NAME.old-*: NAME is still there.
+    recoverable = {n.split(".old-")[0] for n in entries if ".old-" in n}
+    names = {n for n, e in entries.items() if e.kind == "dir" and not is_work_directory(n)}
     summaries = []
-    names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(directory))
-    # A save killed between its renames leaves NAME.old-*: NAME is still there.
-    recoverable = {n.split(".old-")[0] for n in names if ".old-" in n}
-    for name in sorted({n for n in names if not is_work_directory(n)} | recoverable):
-        path = f"{directory}/{name}"
+    for name in sorted(names | recoverable):
+        path = store.join(directory, name)
         try:
-            if name not in recoverable and not tf.io.gfile.exists(f"{path}/{CONFIG_FILE}"):
-                continue
-            summary = inspect_adapter(path)
+            summary = inspect_adapter(path, verify=verify)
         except AdapterNotFoundError:
-            continue  # a NAME.old-* leftover with no committed adapter to recover
+            continue  # not an adapter, or a leftover with nothing committed to recover
+        except StoreError:
+            raise  # the store, not this adapter
         except LoRAError as exc:
             summary = {"path": path, "error": str(exc)}
-        except tf.errors.OpError as exc:
-            summary = {"path": path, "error": exc.message}
         summaries.append(dict(summary, name=name))
     return summaries

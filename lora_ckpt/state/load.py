@@ -1,23 +1,29 @@
-"""read_lora_state and load_lora_state: validate everything, then assign."""
+"""read_lora_state and load_lora_state: validate everything, then assign.
+
+One read path for every store: the config, then each checkpoint file it
+names (one read each, hashed once), then the checkpoint parsed from those
+bytes. A save may replace the adapter while it is read; a file that is then
+gone or different, with a config that changed meanwhile, means "read the new
+version", and the read starts over: a reader sees the old adapter or the new
+one, never an error for a save that committed.
+"""
 
 from dataclasses import dataclass
 
 import numpy as np
 
 from .._tf import tf
-from ..errors import CorruptAdapterError
+from ..errors import CorruptAdapterError, StoreError
+from ..storage import UnsafeFileError, open_store
 from . import fit
+from .checkpoint_bytes import checkpoint_reader
 from .compiled import assign_all
-from .files import (
-    MAX_CONFIG_BYTES,
-    checkpoint_reader,
-    is_object_store,
-    read_bounded,
-    read_verified,
-    resolve_adapter,
-)
+from .files import MAX_CONFIG_BYTES, read_config_bytes, read_verified
 from .fit import LoadReport, ModelSignature, check_fit
 from .format import CHECKPOINT_ROOT, CONFIG_FILE, AdapterConfig, checkpoint_key
+
+_ATTEMPTS = 5
+"""Reads tried while saves keep replacing the adapter under the reader."""
 
 
 @dataclass
@@ -49,7 +55,7 @@ def read_config(path: str) -> tuple[str, AdapterConfig]:
     """Reads and validates an adapter's ``adapter_config.json``.
 
     Args:
-        path: The adapter directory.
+        path: The adapter directory or URL.
 
     Returns:
         ``(directory, config)``: the directory it was read from (``path``, or
@@ -59,10 +65,11 @@ def read_config(path: str) -> tuple[str, AdapterConfig]:
     Raises:
         AdapterNotFoundError: If there is no committed adapter at ``path``.
         CorruptAdapterError, AdapterVersionError: If the config is invalid.
+        StoreError: If the store cannot be reached.
     """
-    directory = resolve_adapter(path)
-    text = read_bounded(directory, CONFIG_FILE, MAX_CONFIG_BYTES)
-    return directory, AdapterConfig.from_json(text, str(path).rstrip("/"))
+    store, path = open_store(path)
+    directory, raw = read_config_bytes(store, path)
+    return directory, AdapterConfig.from_json(raw, path)
 
 
 def read_lora_state(path: str) -> AdapterState:
@@ -75,7 +82,9 @@ def read_lora_state(path: str) -> AdapterState:
     config, and finite values.
 
     Args:
-        path: The adapter directory.
+        path: The adapter directory or URL (any store: local, ``memory://``,
+            ``s3://``, ``gs://``, ``az://``; remote files are kept in the
+            verified local cache).
 
     Returns:
         The :class:`AdapterState`.
@@ -85,21 +94,40 @@ def read_lora_state(path: str) -> AdapterState:
         CorruptAdapterError: If a file is missing, odd, truncated or altered,
             the checkpoint disagrees with the config, or a tensor holds NaN/Inf.
         AdapterVersionError: For an unknown format version.
+        StoreError: If the store cannot be reached.
     """
-    if is_object_store(path):
-        from .object_store import read_adapter  # it reads its cached copy through here
-
-        return read_adapter(path)
-    directory, config = read_config(path)
-    path = str(path).rstrip("/")
-    files = {name: read_verified(directory, name, record) for name, record in config.files.items()}
-    with checkpoint_reader(files, config.checkpoint_prefix) as reader:
+    store, path = open_store(path)
+    for attempt in range(_ATTEMPTS):
+        directory, raw = read_config_bytes(store, path)
+        config = AdapterConfig.from_json(raw, path)
         try:
-            return AdapterState(path, config, _read_tensors(reader, config, path))
-        except (tf.errors.OpError, RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise CorruptAdapterError(
-                f"The checkpoint of {path} cannot be read: {exc!s:.300}"
-            ) from exc
+            files = {
+                name: read_verified(store, directory, name, record)
+                for name, record in config.files.items()
+            }
+        except CorruptAdapterError:
+            if attempt + 1 < _ATTEMPTS and _replaced(store, directory, raw):
+                continue  # a save committed meanwhile: read its version
+            raise
+        with checkpoint_reader(files, config.checkpoint_prefix) as reader:
+            try:
+                return AdapterState(path, config, _read_tensors(reader, config, path))
+            except (tf.errors.OpError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise CorruptAdapterError(
+                    f"The checkpoint of {path} cannot be read: {exc!s:.300}"
+                ) from exc
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _replaced(store, directory: str, raw: bytes) -> bool:
+    """Whether ``directory`` no longer holds the config ``raw`` (a save renamed
+    it away or committed another version into it)."""
+    try:
+        return store.read(store.join(directory, CONFIG_FILE), MAX_CONFIG_BYTES) != raw
+    except FileNotFoundError:
+        return True
+    except (OSError, UnsafeFileError, StoreError):
+        return False
 
 
 def _read_tensors(reader, config: AdapterConfig, path: str) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """save_lora_state: write a model's adapter variables as an adapter directory."""
 
 import datetime
+import hashlib
 import json
 from collections.abc import Iterable
 
@@ -8,20 +9,18 @@ from .._tf import tf
 from ..errors import CorruptAdapterError, LoRAConfigError
 from ..selection import StateSelection, select_state
 from ..version import __version__
-from . import object_store
-from .atomic import check_writable, write_directory_atomically
-from .files import MAX_CONFIG_BYTES, file_record
+from .atomic import begin_write, commit_files
+from .checkpoint_bytes import checkpoint_bytes
+from .files import MAX_CONFIG_BYTES
 from .fingerprint import base_fingerprint
 from .fit import model_identity
 from .format import (
-    CHECKPOINT_ROOT,
-    CONFIG_FILE,
+    CHECKPOINT_PREFIX,
     AdapterConfig,
+    FileRecord,
     LayerRecord,
     SavedRecord,
     VariableRecord,
-    checkpoint_files,
-    nest_variables,
 )
 
 
@@ -74,9 +73,9 @@ def save_lora_state(
 
     Args:
         model: A built model with LoRA layers (not merged).
-        path: The adapter directory (local, ``ram://``, ``gs://``, ...) or an
-            object-storage URL (``s3://bucket/...``, through s3fs: see
-            :mod:`lora_ckpt.state.object_store`), committed by one config write.
+        path: The adapter directory or URL: local, or any store of
+            :mod:`lora_ckpt.storage` (``s3://``, ``gs://``, ``az://``,
+            ``memory://``), committed atomically either way.
         include_bias: ``"none"``, ``"lora_only"`` or ``"all"``; defaults to
             the model's ``lora_train_bias``.
         extra_layers: Layers saved in full, by path, name or glob pattern
@@ -99,7 +98,7 @@ def save_lora_state(
             ``extra_layers`` pattern matches nothing.
         MergeStateError: If the model is merged.
         LoRAConfigError: For a bad bias mode or non-JSON metadata.
-        StoreError: For an ``s3://`` path the object store cannot be reached at.
+        StoreError: For a store that cannot be reached.
     """
     path = str(path).rstrip("/")
     metadata = dict(metadata or {})
@@ -126,11 +125,13 @@ def commit_adapter(path: str, config: AdapterConfig, variables: dict, overwrite:
     """Writes ``variables`` and their config as the adapter at ``path``, atomically.
 
     The one write path of ``save_lora_state`` and ``write_lora_state``: the
-    checkpoint first, its file records and prefix into the config, the config
-    checked against itself, then written last (the commit).
+    checkpoint is made in memory, its file records and prefix go into the
+    config, the config is checked as every reader will check it, then the
+    files go straight to the store and the config is written last (the
+    commit). Nothing is written if a check fails.
 
     Args:
-        path: The adapter directory, or an object-storage URL.
+        path: The adapter directory or URL (any store).
         config: Its config; ``files``, ``checkpoint_prefix`` and
             ``format_version`` are set here.
         variables: Variable key -> ``tf.Variable``, the keys of ``config.variables``.
@@ -142,39 +143,37 @@ def commit_adapter(path: str, config: AdapterConfig, variables: dict, overwrite:
     Raises:
         AdapterExistsError: If an adapter is at ``path`` and not ``overwrite``.
         LoRAConfigError: If the config contradicts itself (nothing is committed).
-        StoreError: For an object store that cannot be reached.
+        StoreError: For a store that cannot be reached.
     """
-    remote = object_store.is_object_store(path)
-    (object_store.check_writable if remote else check_writable)(path, overwrite)
-    checkpoint = tf.train.Checkpoint(**{CHECKPOINT_ROOT: nest_variables(variables)})
-
-    def write(directory: str, prefix: str) -> None:
-        checkpoint.write(f"{directory}/{prefix}")
+    atomic = begin_write(path, overwrite)
+    try:
+        prefix = atomic.fresh_name(CHECKPOINT_PREFIX)
+        files = checkpoint_bytes(variables, prefix)
         config.checkpoint_prefix = prefix
         config.files = {
-            name: file_record(f"{directory}/{name}") for name in checkpoint_files(prefix)
+            name: FileRecord(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+            for name, data in files.items()
         }
         config.format_version = config.needed_version  # the version to_json writes
-        text = config.to_json()
-        # Exactly what every reader will check: nothing is committed that no
-        # loader accepts (an error here removes the temporary directory).
-        if len(text.encode("utf-8")) > MAX_CONFIG_BYTES:
-            raise LoRAConfigError(
-                f"The adapter's config would be {len(text.encode('utf-8'))} bytes, over the "
-                f"{MAX_CONFIG_BYTES}-byte limit readers enforce; keep metadata small."
-            )
-        try:
-            AdapterConfig.from_json(text, path)
-        except CorruptAdapterError as exc:
-            raise LoRAConfigError(f"The adapter to write would not read back: {exc}") from exc
-        with tf.io.gfile.GFile(f"{directory}/{CONFIG_FILE}", "w") as handle:
-            handle.write(text)
-
-    if remote:
-        # Saved locally the normal way, then uploaded: data first, the config last.
-        object_store.save_via_local(
-            path, lambda local: write_directory_atomically(local, write), overwrite
-        )
-    else:
-        write_directory_atomically(path, write)
+        text = _checked_json(config, path)
+    except BaseException:
+        atomic.abort()
+        raise
+    commit_files(atomic, files, text.encode("utf-8"))
     return path
+
+
+def _checked_json(config: AdapterConfig, path: str) -> str:
+    """The config's JSON, refused unless every reader would accept it."""
+    text = config.to_json()
+    size = len(text.encode("utf-8"))
+    if size > MAX_CONFIG_BYTES:
+        raise LoRAConfigError(
+            f"The adapter's config would be {size} bytes, over the {MAX_CONFIG_BYTES}-byte "
+            "limit readers enforce; keep metadata small."
+        )
+    try:
+        AdapterConfig.from_json(text, path)
+    except CorruptAdapterError as exc:
+        raise LoRAConfigError(f"The adapter to write would not read back: {exc}") from exc
+    return text

@@ -11,7 +11,7 @@ import numpy as np
 from lora_ckpt import tf
 from lora_ckpt.serving.store import adapter_path, build_base_model, write_base
 from lora_ckpt.state import save_lora_state
-from lora_ckpt.state.object_store import filesystem
+from lora_ckpt.storage import open_store
 
 MODEL = "convnext_tiny"
 CONFIG = dict(
@@ -54,7 +54,7 @@ def moto_s3(bucket: str = "lora"):
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
-        filesystem().mkdir(bucket)
+        open_store("s3://")[0].remote.fs.mkdir(bucket)
         yield env
     finally:
         for name, value in saved.items():
