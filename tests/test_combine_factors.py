@@ -8,6 +8,7 @@ import pytest
 
 from lora_ckpt.errors import LoRAConfigError
 from lora_ckpt.state.combine_factors import (
+    FullValue,
     LayerTerms,
     Term,
     cat_factors,
@@ -82,3 +83,34 @@ def test_factors_that_overflow_the_dtype_are_refused():
     layer = layer_of([1], [1e5])
     with pytest.raises(LoRAConfigError, match="layer big .*float16"):
         combine_layer(layer, "cat", None, np.dtype("float16"), "big")
+
+
+def test_a_full_value_held_identically_is_kept_byte_for_byte():
+    value = np.random.default_rng(2).normal(size=(3, 4)).astype("float32")
+    full = FullValue.start("fc/kernel", 0.5, value)
+    full.add(0.25, value.copy(), "in1")
+    assert full.identical
+    assert full.combined().tobytes() == value.tobytes()
+
+
+def test_differing_full_values_are_their_weighted_sum_in_float64():
+    rng = np.random.default_rng(3)
+    values = [rng.normal(size=(4,)).astype("float32") for _ in range(3)]
+    weights = [0.3, 0.7, -0.2]
+    full = FullValue.start("fc/bias", weights[0], values[0])
+    for w, v in zip(weights[1:], values[1:], strict=True):
+        full.add(w, v, "in")
+    want = sum(w * v.astype(np.float64) for w, v in zip(weights, values, strict=True))
+    got = full.combined()
+    assert not full.identical and got.dtype == np.float32
+    np.testing.assert_allclose(got, want.astype("float32"), rtol=0, atol=0)
+
+
+def test_differing_full_values_that_cannot_be_summed_are_refused():
+    ints = FullValue.start("steps", 0.5, np.array([1, 2], "int64"))
+    with pytest.raises(LoRAConfigError, match="steps .*not floating point"):
+        ints.add(0.5, np.array([1, 3], "int64"), "in1")
+    half = FullValue.start("fc/bias", 3e4, np.array([1.0], "float16"))
+    half.add(3e4, np.array([2.0], "float16"), "in1")
+    with pytest.raises(LoRAConfigError, match="fc/bias .*float16"):
+        half.combined()

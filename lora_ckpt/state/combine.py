@@ -18,6 +18,7 @@ private function of it (``_check_output_writable``, ``_read_input_config``,
 import dataclasses
 import datetime
 import logging
+import math
 import os
 from collections.abc import Sequence
 
@@ -38,11 +39,10 @@ from .combine_checks import (
     check_configs,
     check_json,
     check_user_metadata,
-    differing_full,
     full_keys,
     lora_dtype,
 )
-from .combine_factors import METHODS, LayerTerms, Term, combine_layer
+from .combine_factors import METHODS, FullValue, LayerTerms, Term, combine_layer
 from .files import MAX_CONFIG_BYTES, is_local
 from .format import (
     CHECKPOINT_PREFIX,
@@ -120,15 +120,25 @@ def combine_adapters(
     ``metadata["combined"]`` records for every method the method, the source
     paths, the SHA-256 of their configs and the weights.
 
-    Biases and full (extra) layers are values, not updates: they cannot be
-    combined without the base, so they are copied when every input holds
-    byte-identical ones, and refused otherwise. The base model record, bias
-    mode and extra layers are the inputs' (which must agree); the labels are
-    kept when every input has the same ``metadata["labels"]``. The factors are
-    computed in float64 and written in the inputs' dtype.
+    Biases and full (extra) layers, such as a classifier head trained in
+    full, are whole values that replace the base's, not updates. For every
+    method, a value every input holds byte for byte is written as it is; a
+    value that differs between inputs is written as the weighted sum
+    ``sum_i w_i v_i`` of the inputs' values (computed in float64): an
+    average when the weights add up to 1, scaled by their sum otherwise
+    (logged as a warning). ``metadata["combined"]["summed_values"]`` lists
+    the variables written as such sums. Values whose shapes differ (heads
+    for different numbers of classes) are refused, and so is a bias or
+    extra layer that only some inputs saved (the others use the base's,
+    which a combination without the base cannot know). The base model
+    record, bias mode and extra layers are the inputs' (which must agree);
+    the labels are kept when every input has the same
+    ``metadata["labels"]``. Everything is computed in float64 and written in
+    the inputs' dtype.
 
     Every check the configs alone allow (input count, models, base
-    fingerprints, DoRA, dtypes, saved variables, layer shapes, ranks, metadata) is made after reading only the inputs' configs,
+    fingerprints, DoRA, dtypes, saved variables and their shapes, layer
+    shapes, ranks, metadata) is made after reading only the inputs' configs,
     before any tensor is read; the inputs are then read one at a time, and
     the checks are made again for an input whose config changed meanwhile.
 
@@ -155,13 +165,14 @@ def combine_adapters(
             non-finite weights (or integers too large for a float), a
             missing or invalid ``rank`` for ``"svd"`` (or one given for
             another method), DoRA inputs (their magnitudes do not combine
-            linearly), inputs of different dtypes, biases or extra layers that
-            differ between inputs, unequal ranks of a layer for
+            linearly), inputs of different dtypes, biases or extra layers
+            saved by some inputs only, unequal ranks of a layer for
             ``"linear"``, a ``"cat"`` rank above ``MAX_RANK``, metadata that
-            is not JSON or would make the config unreadable, or factors that
-            overflow the dtype.
+            is not JSON or would make the config unreadable, or factors or
+            summed values that overflow the dtype.
         AdapterMismatchError: If the inputs were saved from different
-            architectures or base configurations, or a layer's shapes differ.
+            architectures or base configurations, a layer's shapes differ,
+            or a bias or extra layer has different shapes in two inputs.
         BaseModelMismatchError: If their base weights differ (fingerprints).
         AdapterExistsError: If ``out_path`` holds an adapter (or is one of
             the inputs) and not ``overwrite``, or holds foreign files.
@@ -188,12 +199,27 @@ def combine_adapters(
 
     tensors, records, errors = _combine_layers(layers, method, rank, dtype)
     del layers
+    values = {key: value.combined() for key, value in full.items()}
+    summed = [key for key, value in full.items() if not value.identical]
+    del full
+    if summed and not math.isclose(sum(weights), 1.0):
+        log.warning(
+            "%s: the weights add up to %g, not 1, so the %d bias/extra variable(s) that "
+            "differ between the inputs (%s, ...) are scaled by %g rather than averaged",
+            out_path,
+            sum(weights),
+            len(summed),
+            summed[0],
+            sum(weights),
+        )
+
     combined = {
         "method": method,
         "sources": list(paths),
         "source_config_sha256": [c.json_sha256 for c in configs],
         "weights": list(weights),
         "rank": None,
+        "summed_values": summed,
     }
     if method == "svd":
         combined["rank"] = max(record.rank for record in records.values())
@@ -207,8 +233,8 @@ def combine_adapters(
             combined["max_svd_relative_error"],
             max(errors, key=errors.get),
         )
-    config = _output_config(configs, records, tensors, full, metadata, combined)
-    return write_lora_state(out_path, config, {**full, **tensors}, overwrite=overwrite)
+    config = _output_config(configs, records, tensors, values, metadata, combined)
+    return write_lora_state(out_path, config, {**values, **tensors}, overwrite=overwrite)
 
 
 def _output_config(
@@ -245,31 +271,30 @@ def _output_config(
 
 
 def _read_inputs(inputs: list[Input], weights: list[float], method: str):
-    """Reads the inputs one at a time, keeping only their float64 factors (and the
-    first one's biases and extra layers, compared with every other's).
+    """Reads the inputs one at a time, keeping only their float64 factors and the
+    running weighted sums of their whole values.
 
     ``inputs`` holds the configs the checks passed; an input whose config read
     with its tensors is another (it was replaced meanwhile) takes its place, and
     all the checks are made again.
 
     Returns:
-        ``(layers, full, dtype)``: the layers' terms, the variables to copy, and
-        the LoRA tensors' dtype.
+        ``(layers, full, dtype)``: the layers' terms, the whole values (key ->
+        :class:`FullValue`), and the LoRA tensors' dtype.
     """
     layers: dict[str, LayerTerms] = {}
-    full: dict[str, np.ndarray] = {}
+    full: dict[str, FullValue] = {}
     for i, ((path, config), weight) in enumerate(zip(inputs, weights, strict=True)):
         state = _read_input(path)
         if state.config.json_sha256 != config.json_sha256:
             inputs[i] = (path, state.config)
             check_configs(inputs, method)
-        if i == 0:
-            full = {key: state.tensors[key] for key in full_keys(state.config)}
-        else:
-            for key, data in full.items():
-                if state.tensors[key].tobytes() != data.tobytes():
-                    kind = state.config.variables[key].kind
-                    raise differing_full(key, kind, inputs[0][0], state.path)
+        for key in full_keys(state.config):
+            value = state.tensors[key]
+            if i == 0:
+                full[key] = FullValue.start(key, weight, value)
+            else:
+                full[key].add(weight, value, state.path)
         _add_terms(layers, state, weight)
     return layers, full, np.dtype(lora_dtype(inputs))
 

@@ -187,10 +187,10 @@ def check_configs(inputs: Sequence[Input], method: str) -> None:
     Raises:
         AdapterMismatchError: If the inputs were saved from different
             architectures or base configurations, a layer's type or shapes
-            differ.
+            differ, or a bias or extra layer has different shapes.
         BaseModelMismatchError: If their base weights differ (fingerprints).
         LoRAConfigError: For DoRA inputs, biases or extra layers saved by
-            some inputs only or with other records, LoRA tensors of
+            some inputs only (or of different dtypes), LoRA tensors of
             different dtypes, unequal ranks of a layer for ``"linear"``, or a
             ``"cat"`` rank above ``MAX_RANK``.
     """
@@ -304,33 +304,28 @@ def _check_dtypes(inputs: Sequence[Input]) -> None:
         )
 
 
-def differing_full(key: str, kind: str, first: str, other: str) -> LoRAConfigError:
-    """The error for a bias or extra layer that differs between two inputs.
-
-    Args:
-        key: The variable key.
-        kind: Its kind (``"bias"`` or ``"extra"``).
-        first: The first input's path.
-        other: The path of the input it differs in.
-
-    Returns:
-        The :class:`LoRAConfigError` to raise.
-    """
-    return LoRAConfigError(
-        f"{key} ({kind}) differs between {first} and {other}: biases and extra layers are "
-        "whole values, not updates, so no weighted combination of them is what the weights "
-        "mean without the base. Combine adapters whose biases and extra layers are identical "
-        "(for example trained with lora_train_bias='none' and lora_train_classifier=False)."
-    )
-
-
 def _check_full_records(inputs: Sequence[Input]) -> None:
+    """Each whole value one shape, dtype and kind in every input: what a weighted
+    sum of them needs (their values may differ; they are summed then)."""
     first_path, first = inputs[0]
     for key in full_keys(first):
         record = first.variables[key]
         for path, config in inputs[1:]:
-            if config.variables[key] != record:
-                raise differing_full(key, record.kind, first_path, path)
+            other = config.variables[key]
+            if other.shape != record.shape:
+                raise AdapterMismatchError(
+                    f"{key} ({record.kind}) is {list(record.shape)} in {first_path} but "
+                    f"{list(other.shape)} in {path}: values of different shapes (such as heads "
+                    "for different numbers of classes) have no weighted sum. Combine adapters "
+                    "whose biases and extra layers have one shape, or save them without that "
+                    "layer (extra_layers / lora_train_classifier=False)."
+                )
+            if (other.dtype, other.kind) != (record.dtype, record.kind):
+                raise LoRAConfigError(
+                    f"{key} is a {record.dtype} {record.kind} in {first_path} but a "
+                    f"{other.dtype} {other.kind} in {path}; combine adapters saved from models "
+                    "of one dtype and with the same include_bias and extra_layers."
+                )
 
 
 def _check_layers(inputs: Sequence[Input], method: str) -> None:

@@ -9,7 +9,8 @@ Adapter ``i`` changes the kernel of each of its LoRA layers by
 ``delta_i = s_i * A_i @ B_i`` (``s_i`` its recorded scaling; a Conv2D ``A_i``
 is viewed as ``[kh * kw * in, r]``). :class:`LayerTerms` holds, for one layer,
 every input's ``(w_i, s_i, A_i, B_i)``; the ``*_factors`` functions turn them
-into one pair ``(A, B)`` whose scaling is 1.
+into one pair ``(A, B)`` whose scaling is 1. Biases and extra layers are
+whole values, not updates: :class:`FullValue` combines them.
 """
 
 import math
@@ -196,6 +197,78 @@ def relative_error(layer: LayerTerms, a: np.ndarray, b: np.ndarray, path: str) -
         return 0.0
     residual = _small_product(np.concatenate([p, a], axis=1), np.concatenate([q, -b]), path)[1]
     return float(np.linalg.norm(residual) / norm)
+
+
+@dataclass
+class FullValue:
+    """A bias or extra-layer variable across the inputs, combined as they are read.
+
+    A whole value replaces the base's, so there is no update to add: when
+    every input holds the same bytes, that value is kept as it is; when they
+    differ, the result is their weighted sum ``sum_i w_i v_i`` (an average
+    when the weights add up to 1), computed in float64.
+
+    Attributes:
+        key: The variable key, for messages.
+        first: The first input's value, kept to compare the others with.
+        total: ``sum_i w_i v_i`` of the values added so far, in float64.
+        identical: Whether every value added so far has ``first``'s bytes.
+    """
+
+    key: str
+    first: np.ndarray
+    total: np.ndarray
+    identical: bool = True
+
+    @classmethod
+    def start(cls, key: str, weight: float, value: np.ndarray) -> "FullValue":
+        """The first input's value.
+
+        Args:
+            key: The variable key.
+            weight: The first input's weight.
+            value: Its value.
+
+        Returns:
+            The new :class:`FullValue`.
+        """
+        return cls(key, value, weight * value.astype(np.float64))
+
+    def add(self, weight: float, value: np.ndarray, source: str) -> None:
+        """Adds one more input's value.
+
+        Args:
+            weight: The input's weight.
+            value: Its value, of the first's shape and dtype (checked on the configs).
+            source: The input's path, for messages.
+
+        Raises:
+            LoRAConfigError: If the values differ and are not floating point
+                (no weighted sum of them exists in their dtype).
+        """
+        if self.identical and value.tobytes() != self.first.tobytes():
+            self.identical = False
+            if self.first.dtype.kind != "f":
+                raise LoRAConfigError(
+                    f"{self.key} ({self.first.dtype.name}) differs between the inputs (first in "
+                    f"{source}) and is not floating point, so it has no weighted sum; combine "
+                    "adapters whose non-float variables are identical."
+                )
+        self.total += weight * value.astype(np.float64)
+
+    def combined(self) -> np.ndarray:
+        """The value to write: the shared value, or the weighted sum in the inputs' dtype.
+
+        Returns:
+            The array, of the inputs' shape and dtype.
+
+        Raises:
+            LoRAConfigError: If the weighted sum overflows the dtype.
+        """
+        if self.identical:
+            return self.first
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _cast_finite(self.total, self.first.dtype, self.key)
 
 
 # ---- internals ---------------------------------------------------------------------------
