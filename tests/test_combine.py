@@ -595,11 +595,14 @@ def test_biases_and_extra_layers_saved_by_some_inputs_only_are_refused(
 
 
 def test_a_differing_extra_layer_is_the_weighted_sum_and_an_identical_one_a_copy(
-    adapters, tmp_path
+    adapters, tmp_path, caplog
 ):
     # c1 and c3 share fc/bias byte for byte; their fc/kernel differs.
     weights = [0.25, 1.5]
-    out = combine_adapters([adapters["c1"], adapters["c3"]], weights, str(tmp_path / "out"))
+    with caplog.at_level("WARNING", logger="lora_ckpt.combine"):
+        out = combine_adapters([adapters["c1"], adapters["c3"]], weights, str(tmp_path / "out"))
+    # Weights adding up to 1.75 scale the summed head rather than average it: said.
+    assert "add up to 1.75" in caplog.text and "fc/kernel" in caplog.text
     first, third = read(adapters["c1"], adapters["c3"])
     combined = read_lora_state(out)
     want = sum(

@@ -199,19 +199,8 @@ def combine_adapters(
 
     tensors, records, errors = _combine_layers(layers, method, rank, dtype)
     del layers
-    values = {key: value.combined() for key, value in full.items()}
-    summed = [key for key, value in full.items() if not value.identical]
+    values, summed = _full_values(full, weights, out_path)
     del full
-    if summed and not math.isclose(sum(weights), 1.0):
-        log.warning(
-            "%s: the weights add up to %g, not 1, so the %d bias/extra variable(s) that "
-            "differ between the inputs (%s, ...) are scaled by %g rather than averaged",
-            out_path,
-            sum(weights),
-            len(summed),
-            summed[0],
-            sum(weights),
-        )
 
     combined = {
         "method": method,
@@ -235,6 +224,28 @@ def combine_adapters(
         )
     config = _output_config(configs, records, tensors, values, metadata, combined)
     return write_lora_state(out_path, config, {**values, **tensors}, overwrite=overwrite)
+
+
+def _full_values(
+    full: dict[str, FullValue], weights: list[float], out_path: str
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The whole values to write, and the keys of those written as weighted sums."""
+    values = {key: value.combined() for key, value in full.items()}
+    summed = [key for key, value in full.items() if not value.identical]
+    total = sum(weights)
+    if summed and not math.isclose(total, 1.0):
+        # Not refused: task arithmetic uses such weights on purpose. But a head
+        # scaled by, say, 2 is rarely what was meant, so it is said.
+        log.warning(
+            "%s: the weights add up to %g, not 1, so the %d bias/extra variable(s) that "
+            "differ between the inputs (%s, ...) are scaled by %g rather than averaged",
+            out_path,
+            total,
+            len(summed),
+            summed[0],
+            total,
+        )
+    return values, summed
 
 
 def _output_config(
