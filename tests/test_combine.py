@@ -273,6 +273,98 @@ def test_rslora_inputs_are_combined_with_their_recorded_scaling(adapters, tmp_pa
         )
 
 
+# ---- biases and heads (trained in full) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_heads(base_file, tmp_path_factory):
+    """Two adapters that train the LoRA layers' biases and the head in full (the
+    demo's settings), each with its own biases and head: name -> path."""
+    root = tmp_path_factory.mktemp("trained_heads")
+    paths = {}
+    for name, seed in (("h1", 21), ("h2", 22)):
+        model = lora_convnext(base_file, lora_train_bias="lora_only")
+        randomize_lora(model, seed=seed)
+        rng = np.random.default_rng(seed)
+        for layer in [layer for _, layer in lora_ckpt.lora_layers(model)] + [model.fc]:
+            layer.bias.assign(rng.normal(0, 0.1, layer.bias.shape).astype("float32"))
+        model.fc.kernel.assign_add(rng.normal(0, 0.1, model.fc.kernel.shape).astype("float32"))
+        paths[name] = save_lora_state(model, str(root / name))
+    return paths
+
+
+def weighted_values(states, weights) -> dict[str, np.ndarray]:
+    """``sum_i w_i v_i`` in float64 of every bias and extra variable."""
+    keys = [k for k, v in states[0].config.variables.items() if v.kind != "lora"]
+    return {
+        key: sum(
+            w * s.tensors[key].astype(np.float64) for w, s in zip(weights, states, strict=True)
+        )
+        for key in keys
+    }
+
+
+@pytest.mark.parametrize("method, rank", [("cat", None), ("linear", None), ("svd", 4)])
+def test_differing_biases_and_heads_are_combined_as_their_weighted_sum(
+    trained_heads, tmp_path, method, rank
+):
+    weights = [0.3, 0.7]
+    paths = [trained_heads["h1"], trained_heads["h2"]]
+    inputs = read(*paths)
+    out = combine_adapters(paths, weights, str(tmp_path / method), method, rank)
+    combined = read_lora_state(out)
+    expected = weighted_values(inputs, weights)
+    kinds = {combined.config.variables[key].kind for key in expected}
+    assert kinds == {"bias", "extra"} and "fc/kernel" in expected
+    for key, want in expected.items():
+        assert not np.array_equal(inputs[0].tensors[key], inputs[1].tensors[key]), key
+        assert combined.tensors[key].dtype == np.float32
+        np.testing.assert_allclose(combined.tensors[key], want, rtol=1e-6, atol=1e-7)
+    assert combined.config.metadata["combined"]["summed_values"] == list(expected)
+    assert combined.config.saved == inputs[0].config.saved
+
+
+@pytest.mark.slow
+def test_a_model_loaded_with_combined_biases_and_heads_equals_the_folded_base(
+    trained_heads, base_file, tmp_path, images
+):
+    import tfimm
+
+    weights = [0.3, 0.7]
+    paths = [trained_heads["h1"], trained_heads["h2"]]
+    out = combine_adapters(paths, weights, str(tmp_path / "cat"))
+    model = lora_convnext(base_file, lora_rank=4, lora_alpha=4.0, lora_train_bias="lora_only")
+    assert load_lora_state(model, out).complete
+
+    # The base with every update folded into its kernel and every saved bias and
+    # head replaced by the numpy weighted sum of the inputs' values.
+    inputs = read(*paths)
+    folded = tfimm.create_model("convnext_tiny", **TINY_CONVNEXT)
+    folded.load_weights(base_file)
+    variables = named_variables(folded)
+    for layer, delta in weighted_sum(inputs, weights).items():
+        kernel = variables[f"{layer}/kernel"]
+        kernel.assign((kernel.numpy().astype(np.float64) + delta).astype("float32"))
+    for key, value in weighted_values(inputs, weights).items():
+        variables[key].assign(value.astype("float32"))
+    np.testing.assert_allclose(model(images).numpy(), folded(images).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_combines_adapters_that_train_biases_and_heads(trained_heads, tmp_path):
+    # Issue 21, item 9: `lora-ckpt combine OUT color size --weights 0.5 0.5 --method
+    # svd --rank 4` on the demo's adapters was refused with "bias differs".
+    out = str(tmp_path / "svd")
+    code, printed, err = _run(
+        "combine", out, trained_heads["h1"], trained_heads["h2"], "--weights", "0.5", "0.5",
+        "--method", "svd", "--rank", "4",
+    )  # fmt: skip
+    assert code == 0 and out in printed, err
+    expected = weighted_values(read(trained_heads["h1"], trained_heads["h2"]), [0.5, 0.5])
+    combined = read_lora_state(out)
+    for key, want in expected.items():
+        np.testing.assert_allclose(combined.tensors[key], want, rtol=1e-6, atol=1e-7)
+
+
 # ---- linear -----------------------------------------------------------------------------
 
 
@@ -489,15 +581,58 @@ def test_dora_adapters_are_refused(adapters, tmp_path, monkeypatch):
         combine_adapters([adapters["a"], dora], [1, 1], str(tmp_path / "out"))
 
 
-def test_differing_biases_and_extra_layers_are_refused(adapters, tmp_path, monkeypatch):
+def test_biases_and_extra_layers_saved_by_some_inputs_only_are_refused(
+    adapters, tmp_path, monkeypatch
+):
+    # Where `a` saved no head, the base's head applies, which combine cannot read.
     out = str(tmp_path / "out")
-    with pytest.raises(LoRAConfigError, match="fc/kernel .*differs between"):
-        combine_adapters([adapters["c1"], adapters["c3"]], [1, 1], out)
     with (
         tensors_unread(monkeypatch),
         pytest.raises(LoRAConfigError, match="fc/.* is saved in .*c1 but not in .*a"),
     ):
         combine_adapters([adapters["a"], adapters["c1"]], [1, 1], out)
+    assert not os.path.exists(out)
+
+
+def test_a_differing_extra_layer_is_the_weighted_sum_and_an_identical_one_a_copy(
+    adapters, tmp_path, caplog
+):
+    # c1 and c3 share fc/bias byte for byte; their fc/kernel differs.
+    weights = [0.25, 1.5]
+    with caplog.at_level("WARNING", logger="lora_ckpt.combine"):
+        out = combine_adapters([adapters["c1"], adapters["c3"]], weights, str(tmp_path / "out"))
+    # Weights adding up to 1.75 scale the summed head rather than average it: said.
+    assert "add up to 1.75" in caplog.text and "fc/kernel" in caplog.text
+    first, third = read(adapters["c1"], adapters["c3"])
+    combined = read_lora_state(out)
+    want = sum(
+        w * s.tensors["fc/kernel"].astype(np.float64)
+        for w, s in zip(weights, (first, third), strict=True)
+    )
+    np.testing.assert_allclose(combined.tensors["fc/kernel"], want, rtol=1e-6, atol=1e-7)
+    assert combined.tensors["fc/bias"].tobytes() == first.tensors["fc/bias"].tobytes()
+    assert combined.config.metadata["combined"]["summed_values"] == ["fc/kernel"]
+
+
+def test_heads_of_different_widths_are_refused(adapters, tmp_path, monkeypatch):
+    # Heads for 4 and 5 classes under one recorded base config: a model whose
+    # config does not hold the head's width (any tf_keras model) can save such
+    # adapters. Made here by hand from c1, its head one class wider.
+    state = read_lora_state(adapters["c1"])
+    config, tensors = state.config, dict(state.tensors)
+    for key in ("fc/kernel", "fc/bias"):
+        wider = np.concatenate([tensors[key], tensors[key][..., :1]], axis=-1)
+        tensors[key] = wider
+        config.variables[key] = VariableRecord(wider.shape, "float32", "extra")
+    wide = write_lora_state(str(tmp_path / "wide"), config, tensors)
+    out = str(tmp_path / "out")
+    with (
+        tensors_unread(monkeypatch),
+        pytest.raises(
+            AdapterMismatchError, match=r"fc/kernel \(extra\) is \[.*, 4\] in .*c1 but \[.*, 5\]"
+        ),
+    ):
+        combine_adapters([adapters["c1"], wide], [0.5, 0.5], out)
     assert not os.path.exists(out)
 
 

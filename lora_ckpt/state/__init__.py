@@ -9,7 +9,7 @@ import importlib
 _EXPORTS = {
     "load_base_weights": "base_weights",
     "combine_adapters": "combine",
-    "write_lora_state": "combine",
+    "write_lora_state": "save",
     "LoadReport": "fit",
     "ModelSignature": "fit",
     "check_base": "fit",

@@ -1,9 +1,12 @@
 """save_lora_state: write a model's adapter variables as an adapter directory."""
 
+import dataclasses
 import datetime
 import hashlib
 import json
 from collections.abc import Iterable
+
+import numpy as np
 
 from .._tf import tf
 from ..errors import CorruptAdapterError, LoRAConfigError
@@ -11,16 +14,20 @@ from ..selection import StateSelection, select_state
 from ..version import __version__
 from .atomic import begin_write, commit_files
 from .checkpoint_bytes import checkpoint_bytes
+from .combine_checks import check_json
 from .files import MAX_CONFIG_BYTES
 from .fingerprint import base_fingerprint
 from .fit import model_identity
 from .format import (
     CHECKPOINT_PREFIX,
+    MAX_JSON_DEPTH,
     AdapterConfig,
     FileRecord,
     LayerRecord,
     SavedRecord,
     VariableRecord,
+    checkpoint_files,
+    json_depth,
 )
 
 
@@ -177,3 +184,81 @@ def _checked_json(config: AdapterConfig, path: str) -> str:
     except CorruptAdapterError as exc:
         raise LoRAConfigError(f"The adapter to write would not read back: {exc}") from exc
     return text
+
+
+def write_lora_state(
+    path: str, config: AdapterConfig, tensors: dict[str, np.ndarray], *, overwrite: bool = False
+) -> str:
+    """Writes an adapter from a config and numpy tensors: the inverse of
+    :func:`lora_ckpt.state.read_lora_state`, with no model involved.
+
+    The checkpoint is written as ``save_lora_state`` writes it, the file
+    records (size, SHA-256) and prefix are filled in, and the whole config is
+    checked for consistency before the atomic commit. A config that no
+    loader would read back (nested deeper than ``MAX_JSON_DEPTH`` levels or
+    larger than 16 MiB, through its metadata) is refused before anything is
+    written.
+
+    Args:
+        path: The adapter directory or URL (any store).
+        config: The config to write; its ``files``, ``checkpoint_prefix``
+            and ``format_version`` are set here.
+        tensors: Variable key -> array, exactly the keys, shapes and dtypes of
+            ``config.variables``.
+        overwrite: Replace an existing adapter at ``path``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        LoRAConfigError: If the tensors do not match the config, a tensor is
+            not finite, the config contradicts itself, or its metadata is not
+            JSON or makes the config unreadable.
+        AdapterExistsError: If an adapter is at ``path`` and not
+            ``overwrite``, or ``path`` holds other files.
+        StoreError: For a store that cannot be reached.
+    """
+    path = str(path).rstrip("/")
+    if set(tensors) != set(config.variables):
+        raise LoRAConfigError(
+            f"The tensors {sorted(set(tensors) ^ set(config.variables))[:3]} are not both in "
+            "the config's variables and in the tensors given; give one tensor per variable."
+        )
+    for key, record in config.variables.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != record.shape or tensor.dtype.name != record.dtype:
+            raise LoRAConfigError(
+                f"Tensor {key} is {tensor.dtype.name}{list(tensor.shape)}, the config says "
+                f"{record.dtype}{list(record.shape)}."
+            )
+        if tensor.dtype.kind in "fc" and not np.isfinite(tensor).all():
+            raise LoRAConfigError(f"Tensor {key} holds NaN or infinite values; no loader reads it.")
+    check_json(config.metadata, "metadata")
+    _check_readable(config)
+    variables = {key: tf.Variable(tensors[key], trainable=False) for key in config.variables}
+    return commit_adapter(path, config, variables, overwrite)
+
+
+def _check_readable(config: AdapterConfig) -> None:
+    """Refuses a config the loaders would refuse for its depth or size, before a write.
+
+    Measured with the largest file records and checkpoint prefix a commit
+    can fill in, so the config written is never larger than this one.
+    """
+    prefix = f"{CHECKPOINT_PREFIX}-{'f' * 32}"
+    probe = dataclasses.replace(
+        config,
+        checkpoint_prefix=prefix,
+        files={name: FileRecord(1 << 63, "f" * 64) for name in checkpoint_files(prefix)},
+    )
+    if json_depth(probe.to_dict()) > MAX_JSON_DEPTH:
+        raise LoRAConfigError(
+            f"The adapter config would be nested deeper than {MAX_JSON_DEPTH} levels (through "
+            "its metadata); no loader would read it. Flatten the metadata."
+        )
+    size = len(probe.to_json().encode("utf-8"))
+    if size > MAX_CONFIG_BYTES:
+        raise LoRAConfigError(
+            f"The adapter config would take {size} bytes, above the {MAX_CONFIG_BYTES} a "
+            "loader reads; keep large data out of the metadata."
+        )
