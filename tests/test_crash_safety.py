@@ -94,7 +94,7 @@ class Faults:
         shutil_ = local_backend.shutil
         patch.setattr(shutil_, "rmtree", self._wrap("shutil.rmtree", shutil_.rmtree))
         patch.setattr(local_backend, "open", self._wrap_open(open), raising=False)
-        for name in ("write", "remove"):
+        for name in ("write", "remove", "remove_file"):
             real = getattr(FsspecStore, name)
             patch.setattr(FsspecStore, name, self._wrap(f"store.{name}", real, method=True))
 
@@ -183,7 +183,12 @@ def test_failure_at_every_step_leaves_old_or_new_adapter(
         faults = Faults(fail_at=k, crash=mode == "crash")
         # Removing leftovers after the commit may fail without failing the save
         # (a warning says `lora-ckpt gc` will); every other failure raises.
-        cleanup = k > commit and name in ("shutil.rmtree", "os.unlink", "store.remove")
+        cleanup = k > commit and name in (
+            "shutil.rmtree",
+            "os.unlink",
+            "store.remove",
+            "store.remove_file",
+        )
         expectation = (
             pytest.warns(UserWarning, match="gc") if cleanup else pytest.raises(InjectedFault)
         )

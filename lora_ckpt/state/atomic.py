@@ -139,6 +139,6 @@ def collect_garbage(directory: str) -> list[str]:
                 and file_name != CONFIG_FILE
                 and file_name not in config.files
             ):
-                store.remove(store.join(at, file_name))
+                store.remove_file(store.join(at, file_name))
                 touched.append(store.join(at, file_name))
     return touched

@@ -158,6 +158,11 @@ class Store(abc.ABC):
     def remove(self, path: str) -> None:
         """Removes a file or a directory tree (missing is fine; links are never followed)."""
 
+    def remove_file(self, path: str) -> None:
+        """Removes one file known to be a file (missing is fine); on an object
+        store one DELETE, where :meth:`remove` must first list a prefix."""
+        self.remove(path)
+
     @abc.abstractmethod
     def atomic_directory(self, path: str, marker: str) -> AtomicDirectory:
         """The atomic commit this backend uses for a directory at ``path``,

@@ -108,6 +108,9 @@ class VerifiedCache(Store):
     def remove(self, path: str) -> None:
         self.remote.remove(path)
 
+    def remove_file(self, path: str) -> None:
+        self.remote.remove_file(path)
+
     def atomic_directory(self, path: str, marker: str) -> AtomicDirectory:
         return self.remote.atomic_directory(path, marker)
 

@@ -57,17 +57,18 @@ def _filesystem(cls, protocol: str):
     if protocol == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         timeout = _timeout()
-        return cls(
+        fs = cls(
             endpoint_url=endpoint or None,
             # A store changes under a long-running server: no listing cache.
             use_listings_cache=False,
-            retries=2,
             config_kwargs={
                 "connect_timeout": timeout,
                 "read_timeout": timeout,
                 "retries": {"max_attempts": 1, "mode": "standard"},
             },
         )
+        fs.retries = 2  # s3fs's own retry loop (5 by default, with back-off)
+        return fs
     return cls() if protocol == "memory" else cls(use_listings_cache=False)
 
 
@@ -117,7 +118,7 @@ class _MarkerCommit(AtomicDirectory):
         for name, entry in self.previous.items():
             if entry.kind == "file" and name != self.marker and name not in self.written:
                 try:
-                    self.store.remove(self.store.join(self.path, name))
+                    self.store.remove_file(self.store.join(self.path, name))
                 except (OSError, StoreError):
                     leftovers.append(self.store.join(self.path, name))
         return leftovers
@@ -125,7 +126,7 @@ class _MarkerCommit(AtomicDirectory):
     def abort(self) -> None:
         for name in self.written:
             with contextlib.suppress(OSError, StoreError):
-                self.store.remove(self.store.join(self.path, name))
+                self.store.remove_file(self.store.join(self.path, name))
 
 
 class FsspecStore(Store):
@@ -169,25 +170,37 @@ class FsspecStore(Store):
             self.fs.pipe_file(path, data)
 
     def listdir(self, path: str) -> dict[str, Entry]:
-        with _remote(path):
-            try:
-                items = self.fs.ls(path.rstrip("/"), detail=True)
-            except FileNotFoundError:
-                return {}
         root = self.fs._strip_protocol(path).rstrip("/")
+        with _remote(path):
+            found = self._list_recursive(path.rstrip("/"))
         entries = {}
-        for item in items:
-            name = item["name"].rstrip("/")
-            if not name.startswith(root + "/") or name == root:
-                if item.get("type") == "file" and name == root:
+        for item in found:
+            name = item["name"]
+            name = name.rstrip("/")
+            if name == root:
+                if item.get("type") == "file":
                     raise UnsafeFileError(f"{path} is a file, not a directory.")
                 continue
-            child = name[len(root) + 1 :]
-            if "/" in child or not child:
+            if not name.startswith(root + "/"):
                 continue
-            kind = "dir" if item.get("type") == "directory" else "file"
-            entries[child] = Entry(kind, item.get("size") if kind == "file" else None)
+            child, _, rest = name[len(root) + 1 :].partition("/")
+            if rest or item.get("type") == "directory":
+                entries[child] = Entry("dir")
+            elif child not in entries:
+                entries[child] = Entry("file", item.get("size"))
         return entries
+
+    def _list_recursive(self, path: str) -> list[dict]:
+        """Every object under ``path`` in one paged LIST. s3fs's public ``ls`` and
+        ``find`` of a missing prefix also HEAD it and list its parent: three
+        requests on every first save instead of one, so s3fs's listing itself
+        (``_lsdir``, pinned with s3fs in setup.cfg) is called for ``s3://``."""
+        fs = self.fs
+        if self.protocol == "s3":
+            from fsspec.asyn import sync
+
+            return sync(fs.loop, fs._lsdir, path, delimiter="")
+        return list(fs.find(path, detail=True, withdirs=True).values())
 
     def exists(self, path: str) -> bool:
         with _remote(path):
@@ -199,6 +212,10 @@ class FsspecStore(Store):
                 self.fs.rm(path.rstrip("/"), recursive=True)
             else:
                 self.fs.rm_file(path)
+
+    def remove_file(self, path: str) -> None:
+        with _remote(path), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
 
     def atomic_directory(self, path: str, marker: str) -> AtomicDirectory:
         return _MarkerCommit(self, path, marker)
