@@ -1,6 +1,12 @@
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Remote stores' verified cache: the tests' own, never the user's ~/.cache.
+os.environ.setdefault(
+    "LORA_CKPT_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), "lora_ckpt-test-cache"),
+)
 
 import numpy as np
 import pytest

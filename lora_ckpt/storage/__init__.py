@@ -5,8 +5,8 @@ scheme is looked at.
   regular files only, fsync, commit by directory rename).
 - Any other URL, through fsspec: ``s3://`` (s3fs), ``gs://`` (gcsfs),
   ``az://`` (adlfs), ``memory://`` (fsspec's in-process store, for tests),
-  committed by writing a marker file last; remote stores (all but
-  ``memory://``) read through a :class:`VerifiedCache` on local disk.
+  committed by writing a marker file last, and read through a
+  :class:`VerifiedCache` on local disk.
 
 This package imports neither TensorFlow nor numpy.
 """
@@ -49,9 +49,7 @@ def is_url(path) -> bool:
 def _store(scheme: str) -> Store:
     if scheme in ("", "file"):
         return LocalStore()
-    remote = FsspecStore(scheme)
-    # fsspec's memory:// is already in this process: a cache would only copy it.
-    return remote if scheme == "memory" else VerifiedCache(remote)
+    return VerifiedCache(FsspecStore(scheme))
 
 
 def open_store(path) -> tuple[Store, str]:

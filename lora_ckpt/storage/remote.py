@@ -242,6 +242,4 @@ class FsspecStore(Store):
         return size, version
 
     def local_file(self, path: str, max_bytes: int) -> str:
-        raise StoreError(
-            f"{path} must be read through a local cache: open the store with open_store()."
-        )
+        raise NotImplementedError("open_store() wraps this store in a VerifiedCache, which has it")
