@@ -23,6 +23,7 @@ from lora_ckpt import save_lora_state
 from lora_ckpt.errors import CorruptAdapterError
 from lora_ckpt.serving import http_common, service
 from lora_ckpt.serving.app import create_app
+from lora_ckpt.serving.options import ServiceOptions
 from lora_ckpt.serving.orders import RELOAD, UNLOAD, Order
 from lora_ckpt.serving.service import ServiceState
 from lora_ckpt.serving.store import adapter_path, build_base_model
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 
 def started(store) -> ServiceState:
-    state = ServiceState(store, capacity=2, preload=False)
+    state = ServiceState(store, ServiceOptions(capacity=2, preload=False))
     deadline = time.monotonic() + 120
     while state.pool is None and state.error is None and time.monotonic() < deadline:
         time.sleep(0.05)
