@@ -1,4 +1,10 @@
-"""The ``lora-ckpt`` command: demo, serve, inspect, list, export, gc."""
+"""The ``lora-ckpt`` command: demo, serve, inspect, list, export, gc, combine.
+
+One ``_add_<command>_parser`` function per command builds its flags, and one
+function runs it. Nothing heavy is imported at module level (no TensorFlow,
+tfimm, numpy-heavy serving code or web framework): each command imports what
+it needs when it runs, so ``lora-ckpt --help`` answers at once.
+"""
 
 import argparse
 import json
@@ -19,85 +25,47 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def _serve_ray(args) -> int:
-    from .serving.ray_app import run_ray_service
-
-    service_options = dict(
-        model_name=args.model,
-        base_weights=args.base_weights,
-        max_rank=args.max_rank,
-        max_classes=args.max_classes,
-        queue_timeout=args.queue_timeout,
-        load_timeout=args.load_timeout,
-    )
-    limits = dict(
-        max_body_bytes=args.max_body_bytes,
-        max_pixels=args.max_pixels,
-        request_timeout=args.request_timeout,
-        max_instances=64,
-        top_k=5,
-        call_timeout=args.request_timeout + args.queue_timeout + args.load_timeout,
-    )
-    return run_ray_service(
-        args.store,
-        replicas=args.replicas,
-        capacity=args.capacity,
-        service_options=service_options,
-        limits=limits,
-        host=args.host,
-        port=args.port,
-        address=args.address,
-        num_cpus=args.num_cpus,
-        replica_cpus=args.replica_cpus,
-        verbose=args.log_level.lower() in ("debug", "info"),
-    )
-
-
 def _serve(args) -> int:
+    from .serving.options import ServiceOptions
+
+    options = ServiceOptions.from_namespace(args)  # a bad value fails here, before any import
+    if options.ray:
+        from .serving.ray_app import run_ray_service
+
+        return run_ray_service(args.store, options)
+    return _serve_uvicorn(args.store, options)
+
+
+def _serve_uvicorn(store: str, options) -> int:
     import faulthandler
     import signal
     import socket
 
-    if args.ray:
-        return _serve_ray(args)
     import uvicorn
+
+    from .serving.app import create_app
 
     # `kill -USR1 <pid>` prints every thread's stack: how to see where a stuck
     # server is stuck, without stopping it.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-
-    from .serving.app import create_app
-
-    app = create_app(
-        args.store,
-        model_name=args.model,
-        base_weights=args.base_weights,
-        capacity=args.capacity,
-        max_rank=args.max_rank,
-        max_classes=args.max_classes,
-        max_body_bytes=args.max_body_bytes,
-        max_pixels=args.max_pixels,
-        request_timeout=args.request_timeout,
-        queue_timeout=args.queue_timeout,
-        load_timeout=args.load_timeout,
-        startup_delay=args.startup_delay,
-    )
+    app = create_app(store, options)
     # Bind first, so "Serving" is printed only once the port is ours.
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    host, port = options.host, options.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock.bind((host, port))
     except OSError as exc:
-        print(f"lora-ckpt serve: cannot bind {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"lora-ckpt serve: cannot bind {host}:{port}: {exc}", file=sys.stderr)
         return 1
     config = uvicorn.Config(
         app,
-        log_level=args.log_level,
-        timeout_keep_alive=args.timeout_keep_alive,
-        limit_concurrency=args.limit_concurrency,
+        log_level=options.log_level,
+        timeout_keep_alive=options.timeout_keep_alive,
+        limit_concurrency=options.limit_concurrency,
     )
-    where = args.store if _is_url(args.store) else os.path.abspath(args.store)
-    print(f"Serving {where} on http://{args.host}:{args.port}", flush=True)
+    where = store if _is_url(store) else os.path.abspath(store)
+    print(f"Serving {where} on http://{host}:{port}", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -218,117 +186,75 @@ def _combine(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lora-ckpt``."""
-    parser = argparse.ArgumentParser(
-        prog="lora-ckpt", description="LoRA adapters for TensorFlow vision models."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser(
-        "demo", help="train a base and three task adapters, serve them, print a table"
-    )
-    demo.add_argument(
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    """Parent parsers of the flags several commands share."""
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
         "--store",
         default=DEFAULT_STORE,
-        help=f"where to write the store (default: {DEFAULT_STORE})",
+        help=f"the adapter store: a directory or s3:// URL (default: {DEFAULT_STORE})",
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON")
+    return {"store": store, "json": as_json}
+
+
+def _add_demo_parser(commands, parents) -> None:
+    demo = commands.add_parser(
+        "demo",
+        parents=[parents["store"]],
+        help="train a base and three task adapters, serve them, print a table",
     )
     demo.add_argument("--quick", action="store_true", help="a smaller model and data set (seconds)")
     demo.set_defaults(run=_demo)
 
-    serve = commands.add_parser("serve", help="the HTTP inference service")
-    serve.add_argument(
-        "--store", default=DEFAULT_STORE, help="the adapter store to serve (a directory or s3://)"
+
+def _add_serve_parser(commands, parents) -> None:
+    # Plain Python, no TensorFlow: the flags are the fields of the options.
+    from .serving.options import add_service_arguments
+
+    serve = commands.add_parser(
+        "serve", parents=[parents["store"]], help="the HTTP inference service"
     )
-    serve.add_argument(
-        "--model", default=None, help="tfimm model name (default: the store's base.json)"
-    )
-    serve.add_argument(
-        "--base-weights", default=None, help="base weights file (default: STORE/base.h5)"
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    serve.add_argument("--port", type=int, default=8080, help="port to bind")
-    serve.add_argument("--capacity", type=int, default=8, help="adapters resident at once")
-    serve.add_argument("--max-rank", type=int, default=None, help="largest adapter rank served")
-    serve.add_argument(
-        "--max-classes", type=int, default=None, help="widest adapter head (default: the base's)"
-    )
-    serve.add_argument(
-        "--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413"
-    )
-    serve.add_argument(
-        "--max-pixels", type=int, default=4096 * 4096, help="larger images get 413, before decoding"
-    )
-    serve.add_argument(
-        "--request-timeout", type=float, default=30.0, help="seconds a request body may take"
-    )
-    serve.add_argument(
-        "--queue-timeout",
-        type=float,
-        default=10.0,
-        help="seconds a request waits for a slot when every slot is busy (then 503)",
-    )
-    serve.add_argument(
-        "--load-timeout", type=float, default=30.0, help="seconds an adapter load may take (504)"
-    )
-    serve.add_argument(
-        "--timeout-keep-alive", type=int, default=5, help="seconds an idle connection stays open"
-    )
-    serve.add_argument(
-        "--limit-concurrency",
-        type=int,
-        default=256,
-        help="connections and tasks at once; more get 503",
-    )
-    serve.add_argument("--startup-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    scale = serve.add_argument_group(
-        "scaling out (Ray Serve; needs the scale extra: pip install 'lora_ckpt[scale]')"
-    )
-    scale.add_argument(
-        "--ray",
-        action="store_true",
-        help="serve through Ray Serve: replicas with adapters multiplexed by name",
-    )
-    scale.add_argument("--replicas", type=int, default=2, help="replicas with --ray (default 2)")
-    scale.add_argument(
-        "--address",
-        default=None,
-        help="a Ray cluster to join ('auto', HEAD:6379); default: start a local one",
-    )
-    scale.add_argument(
-        "--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)"
-    )
-    scale.add_argument(
-        "--replica-cpus", type=float, default=None, help="Ray CPUs reserved per replica"
-    )
-    serve.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    add_service_arguments(serve)
     serve.set_defaults(run=_serve)
 
+
+def _add_inspect_parser(commands, parents) -> None:
     inspect = commands.add_parser(
-        "inspect", help="an adapter's config, variables, size and base identity"
+        "inspect",
+        parents=[parents["json"]],
+        help="an adapter's config, variables, size and base identity",
     )
     inspect.add_argument("path", help="the adapter directory (or its s3:// URL)")
-    inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.add_argument(
         "--verify", action="store_true", help="also check every file's SHA-256 (reads them all)"
     )
     inspect.set_defaults(run=_inspect)
 
-    listing = commands.add_parser("list", help="the adapters of a store or directory")
+
+def _add_list_parser(commands, parents) -> None:
+    listing = commands.add_parser(
+        "list", parents=[parents["json"]], help="the adapters of a store or directory"
+    )
     listing.add_argument(
         "store",
         nargs="?",
         default=DEFAULT_STORE,
         help="a store or a directory of adapters (local or s3://)",
     )
-    listing.add_argument("--json", action="store_true", help="print JSON")
     listing.add_argument(
         "--verify", action="store_true", help="also check every file's SHA-256 (reads them all)"
     )
     listing.set_defaults(run=_list)
 
-    export = commands.add_parser("export", help="base + adapter merged, as a TensorFlow SavedModel")
-    export.add_argument("--store", default=DEFAULT_STORE, help="the store whose base to use")
+
+def _add_export_parser(commands, parents) -> None:
+    export = commands.add_parser(
+        "export",
+        parents=[parents["store"]],
+        help="base + adapter merged, as a TensorFlow SavedModel",
+    )
     export.add_argument("--base", default=None, help="base weights file (default: STORE/base.h5)")
     export.add_argument(
         "--model", default=None, help="tfimm model name (default: the store's base.json)"
@@ -350,10 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export)
 
+
+def _add_gc_parser(commands, parents) -> None:
     gc = commands.add_parser("gc", help="clean what interrupted saves left in a store")
     gc.add_argument("store", nargs="?", default=DEFAULT_STORE, help="a store or adapter directory")
     gc.set_defaults(run=_gc)
 
+
+def _add_combine_parser(commands, parents) -> None:
     combine = commands.add_parser(
         "combine", help="a new adapter from a weighted combination of adapters of one base"
     )
@@ -378,11 +308,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an adapter already at OUT"
     )
     combine.set_defaults(run=_combine)
+
+
+_COMMANDS = (
+    _add_demo_parser,
+    _add_serve_parser,
+    _add_inspect_parser,
+    _add_list_parser,
+    _add_export_parser,
+    _add_gc_parser,
+    _add_combine_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lora-ckpt``: one function per command, parent
+    parsers for the flags commands share.
+
+    Returns:
+        The parser; ``parse_args`` gives a namespace whose ``run(args)`` runs
+        the command and returns its exit code.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lora-ckpt", description="LoRA adapters for TensorFlow vision models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    parents = _parents()
+    for add in _COMMANDS:
+        add(commands, parents)
     return parser
 
 
 def main(argv=None) -> int:
-    """Runs ``lora-ckpt``; returns the exit code (1 with a message for a LoRAError)."""
+    """Runs ``lora-ckpt``.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: the command's, or 1 with a message on stderr for a LoRAError.
+    """
     args = build_parser().parse_args(argv)
     from .errors import LoRAError
 

@@ -23,6 +23,7 @@ from lora_ckpt import save_lora_state
 from lora_ckpt.errors import CorruptAdapterError
 from lora_ckpt.serving import http_common, service
 from lora_ckpt.serving.app import create_app
+from lora_ckpt.serving.options import ServiceOptions
 from lora_ckpt.serving.orders import RELOAD, UNLOAD, Order
 from lora_ckpt.serving.service import ServiceState
 from lora_ckpt.serving.store import adapter_path, build_base_model
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 
 def started(store) -> ServiceState:
-    state = ServiceState(store, capacity=2, preload=False)
+    state = ServiceState(store, ServiceOptions(capacity=2, preload=False))
     deadline = time.monotonic() + 120
     while state.pool is None and state.error is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -163,3 +164,35 @@ def test_decoding_an_image_does_not_hold_up_other_requests(tmp_path, monkeypatch
     assert health.status_code == 200
     assert one.status_code == 200 and many.status_code == 200, (one.text, many.text)
     assert answered_first == [True, True]
+
+
+def test_a_load_reads_the_adapter_once(tmp_path, monkeypatch):
+    # read_lora_state is the one read of a load; the config alone is read only
+    # to find that nothing needs reading (resident and unchanged, or failed).
+    store = str(tmp_path / "store")
+    make_tiny_store(store, ["a0", "a1"])
+    reads = []
+    read_state, read_config = service.read_lora_state, service.adapter_config_bytes
+    monkeypatch.setattr(
+        service, "read_lora_state", lambda p: reads.append("state") or read_state(p)
+    )
+    monkeypatch.setattr(
+        service, "adapter_config_bytes", lambda s, n: reads.append("config") or read_config(s, n)
+    )
+    state = started(store)
+    assert asyncio.run(state.ensure_resident("a0")) == "loaded"
+    assert reads == ["state"]
+    assert asyncio.run(state.ensure_resident("a0")) == "resident"
+    assert asyncio.run(state.ensure_resident("a0", reload=True)) == "resident"
+    assert reads == ["state", "config"]  # an unchanged copy: its config only
+
+    data = os.path.join(adapter_path(store, "a1"), "adapter.data-00000-of-00001")
+    with open(data, "r+b") as handle:
+        handle.truncate(64)
+    reads.clear()
+    with pytest.raises(CorruptAdapterError):
+        asyncio.run(state.ensure_resident("a1"))
+    assert reads == ["state", "config"]  # the config says which copy failed
+    with pytest.raises(service.AdapterFailedError):
+        asyncio.run(state.ensure_resident("a1"))
+    assert reads == ["state", "config", "config"]  # that copy is not read again

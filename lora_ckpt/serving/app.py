@@ -1,88 +1,44 @@
-"""The HTTP service: predictions per adapter, TF Serving-compatible REST,
-adapter management, health, readiness and Prometheus metrics, on Starlette
-(served by uvicorn).
+"""The single-process HTTP service: the app of :mod:`lora_ckpt.serving.http_app`
+over a :class:`~lora_ckpt.serving.service.ServiceState` in this process
+(Starlette, served by uvicorn).
 
-Endpoints (JSON unless noted):
-
-- ``GET /health``: the process is up.
-- ``GET /ready``: 200 once the base model is loaded, 503 before (with why).
-- ``GET /adapters``: resident, store and failed adapters (with reasons).
-- ``POST /adapters/{name}``: load an adapter of the store, or reload it if
-  the store's copy changed.
-- ``DELETE /adapters/{name}``: unload it.
-- ``POST /predict/{name}``: one image through adapter ``name`` (``off`` for the
-  base): JSON ``{"tensor": [...]}`` (the model's input, with or without the
-  batch axis) or ``{"image_base64": "<PNG/JPEG>"}``, or a multipart upload
-  with field ``image``. Images are resized to the model's input and mapped to
-  ``pixel / 127.5 - 1``. Answers ``{"adapter", "logits", "class", "label",
-  "top_k": [{"class", "label", "probability"}]}``.
-- ``POST /v1/models/{name}:predict``: TF Serving's REST predict:
-  ``{"instances": [tensor or {"b64": image}, ...]}`` -> ``{"predictions": [logits, ...]}``.
-- ``GET /v1/models/{name}``, ``GET /v1/models/{name}/metadata``: TF
-  Serving's status and metadata (input shape, dtype, classes, labels,
-  preprocessing).
-- ``GET /metrics``: Prometheus text format.
-
-Errors are ``{"error": {"type", "message"}}`` with status 400 (bad input),
-404 (unknown adapter), 408 (body too slow), 409 (merge state), 413 (body or
-image too large), 422 (an adapter that failed to load, with the reason), 503
-(not ready, or every slot busy past the queue timeout), 504 (a load past its
-time limit).
+The routes, statuses and bodies are documented in :mod:`.http_app`; this
+module adds what only this process has: the pool's gauges and batch sizes in
+``GET /metrics``, and ``merge`` state in ``GET /adapters``.
 """
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
-# Parsing, answers and error statuses are shared with the Ray Serve ingress.
-from .http_common import (
-    PREPROCESSING,  # noqa: F401  (where it was defined before)
-    RequestMetrics,
-    adapter_name,
-    answer,
-    error_parts,
-    error_response,
-    predict_image,
-    service_app,
-    tfs_instances,
-    tfs_metadata,
-    tfs_status,
-)
-from .inputs import HTTPError, read_body
+from .backend import Prediction, ServiceBackend
+from .http_app import build_app
+from .options import ServiceOptions
 from .pool import OFF
 from .service import ServiceState
 
 
-class _Metrics:
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        self.requests = RequestMetrics(self.registry)
+class _PoolMetrics:
+    """The pool's metrics; :class:`ServiceState` observes batch sizes and
+    load failures into them, :meth:`refresh` reads the rest from the pool."""
+
+    def __init__(self, registry):
         self.batch_size = Histogram(
             "lora_batch_size",
             "Samples per pool batch",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
-            registry=self.registry,
+            registry=registry,
         )
-        self.loads = Gauge(
-            "lora_adapter_loads", "Adapters loaded into the pool", registry=self.registry
-        )
+        self.loads = Gauge("lora_adapter_loads", "Adapters loaded into the pool", registry=registry)
         self.evictions = Gauge(
-            "lora_adapter_evictions", "Adapters evicted from the pool", registry=self.registry
+            "lora_adapter_evictions", "Adapters evicted from the pool", registry=registry
         )
-        self.resident = Gauge("lora_resident_adapters", "Adapters resident", registry=self.registry)
+        self.resident = Gauge("lora_resident_adapters", "Adapters resident", registry=registry)
         self.failed = Gauge(
-            "lora_failed_adapters", "Store adapters that failed to load", registry=self.registry
+            "lora_failed_adapters", "Store adapters that failed to load", registry=registry
         )
         self.load_failures = Counter(
-            "lora_adapter_load_failures", "Failed adapter loads", registry=self.registry
+            "lora_adapter_load_failures", "Failed adapter loads", registry=registry
         )
 
     def refresh(self, state: ServiceState) -> None:
@@ -94,162 +50,98 @@ class _Metrics:
         self.failed.set(len(state.failed))
 
 
-def create_app(
-    store: str,
-    model_name: str | None = None,
-    base_weights: str | None = None,
-    capacity: int = 8,
-    max_rank: int | None = None,
-    max_classes: int | None = None,
-    preload: bool = True,
-    max_body_bytes: int = 4 << 20,
-    max_pixels: int = 4096 * 4096,
-    request_timeout: float = 30.0,
-    max_instances: int = 64,
-    max_batch: int = 8,
-    max_wait: float = 0.005,
-    queue_timeout: float = 10.0,
-    load_timeout: float = 30.0,
-    top_k: int = 5,
-    startup_delay: float = 0.0,
-) -> Starlette:
-    """Builds the ASGI app; the base model and pool are built in the background.
+class InProcessBackend(ServiceBackend):
+    """The service's backend in this process: one :class:`ServiceState`
+    (pool, batcher, loads), started in the background.
 
     Args:
         store: The adapter store (see :mod:`lora_ckpt.serving.store`).
-        model_name, base_weights: Override the store's base model.
-        capacity, max_rank, max_classes: Of the AdapterPool.
-        preload: Load the store's adapters (up to ``capacity``) at start-up.
-        max_body_bytes: Larger bodies get 413, also chunked and multipart ones.
-        max_pixels: Larger images (by their header) get 413 before decoding.
-        request_timeout: Seconds a body may take to arrive (408 past it).
-        max_instances: Most samples in one TF Serving ``:predict`` request.
-        max_batch, max_wait: Dynamic batching.
-        queue_timeout: Seconds a request waits for a slot when all are busy.
-        load_timeout: Seconds a load from the store may take.
-        top_k: Classes with probabilities in each answer.
-        startup_delay: Seconds to wait before loading (readiness probes).
+        options: The service's options.
+
+    Attributes:
+        state: The :class:`ServiceState`.
+    """
+
+    def __init__(self, store: str, options: ServiceOptions):
+        super().__init__(options)
+        self._metrics = _PoolMetrics(self.registry)
+        self.state = ServiceState(store, options, metrics=self._metrics)
+
+    async def readiness(self) -> dict:
+        state = self.state
+        if state.pool is None:
+            return {"ready": False, "reason": state.error or "loading the base model"}
+        return {"ready": True, "resident": state.pool.names(), "failed": sorted(state.failed)}
+
+    async def describe(self) -> dict:
+        return await self.state.describe()
+
+    async def load(self, name: str) -> dict:
+        outcome = await self.state.ensure_resident(name, reload=True)
+        self._metrics.refresh(self.state)
+        return {"adapter": name, "outcome": outcome, "resident": self.state.pool.names()}
+
+    async def unload(self, name: str) -> dict:
+        pool = self.state.require_pool()
+        pool.unload(name)
+        self._metrics.refresh(self.state)
+        return {"unloaded": name, "resident": pool.names()}
+
+    async def input_shape(self) -> tuple:
+        return self.state.require_pool().input_shape
+
+    async def predict(self, name: str, images: np.ndarray) -> Prediction:
+        rows = await self.state.predict(name, images)
+        return Prediction(rows, self.state.labels.get(name))
+
+    async def resident(self) -> list[str]:
+        return self.state.require_pool().names()
+
+    async def store_names(self) -> list[str]:
+        return await self.state.store_names()
+
+    async def failure(self, name: str) -> str | None:
+        failed = self.state.failed.get(name)
+        return failed[1] if failed is not None else None
+
+    async def adapter_metadata(self, name: str) -> dict:
+        pool = self.state.require_pool()
+        if name != OFF:
+            await self.state.ensure_resident(name)
+        return {
+            "input_shape": pool.input_shape,
+            "classes": pool.classes(name),
+            "labels": self.state.labels.get(name),
+        }
+
+    async def metrics_text(self) -> str:
+        self._metrics.refresh(self.state)
+        return ""
+
+    def counts_as_known(self, name: str, status: str) -> bool:
+        pool = self.state.pool
+        return name == OFF or (pool is not None and name in pool.names())
+
+
+def create_app(store: str, options: ServiceOptions | None = None, **changes) -> Starlette:
+    """The single-process service's ASGI app; the base model and pool are
+    built in the background (``GET /ready`` says when they are).
+
+    Args:
+        store: The adapter store (see :mod:`lora_ckpt.serving.store`).
+        options: The service's options (default: :class:`ServiceOptions`'s defaults).
+        **changes: Fields of ``options`` to change (``capacity=2``, ...).
 
     Returns:
-        The Starlette application (``app.state.service`` is its ServiceState).
+        The Starlette application (``app.state.service`` is its ServiceState,
+        ``app.state.backend`` its backend).
+
+    Raises:
+        LoRAConfigError: For a bad option.
+        TypeError: For a keyword that is not an option.
     """
-    metrics = _Metrics()
-    state = ServiceState(
-        store,
-        model_name=model_name,
-        base_weights=base_weights,
-        capacity=capacity,
-        max_rank=max_rank,
-        max_classes=max_classes,
-        preload=preload,
-        max_batch=max_batch,
-        max_wait=max_wait,
-        queue_timeout=queue_timeout,
-        load_timeout=load_timeout,
-        startup_delay=startup_delay,
-        metrics=metrics,
-    )
-
-    def handle(endpoint):
-        async def wrapped(request: Request):
-            try:
-                return await endpoint(request)
-            except Exception as exc:
-                parts = error_parts(exc)  # HTTPError and LoRAError: JSON with a status
-                if parts is None:
-                    raise
-                return error_response(*parts)
-
-        return wrapped
-
-    async def body_of(request) -> bytes:
-        return await read_body(request, max_body_bytes, request_timeout)
-
-    def known(name: str, status: str) -> bool:
-        return name == OFF or (state.pool is not None and name in state.pool.names())
-
-    async def observed(name: str, work):
-        return await metrics.requests.observed(name, work, known)
-
-    async def health(request):
-        return JSONResponse({"status": "ok"})
-
-    async def ready(request):
-        if state.pool is None:
-            reason = state.error or "loading the base model"
-            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
-        return JSONResponse(
-            {"ready": True, "resident": state.pool.names(), "failed": sorted(state.failed)}
-        )
-
-    async def adapters(request):
-        return JSONResponse(await state.describe())
-
-    async def load_adapter(request):
-        name = adapter_name(request)
-        outcome = await state.ensure_resident(name, reload=True)
-        metrics.refresh(state)
-        return JSONResponse({"adapter": name, "outcome": outcome, "resident": state.pool.names()})
-
-    async def unload_adapter(request):
-        name = adapter_name(request)
-        state.require_pool().unload(name)
-        metrics.refresh(state)
-        return JSONResponse({"unloaded": name, "resident": state.pool.names()})
-
-    async def predict(request):
-        name = adapter_name(request)
-        pool = state.require_pool()
-        body = await body_of(request)
-        image = await predict_image(request, body, pool.input_shape, max_pixels)
-        (logits,) = await observed(name, state.predict(name, image[None]))
-        return JSONResponse(answer(name, logits, state.labels.get(name), top_k))
-
-    async def tfs_predict(request):
-        name = adapter_name(request)
-        pool = state.require_pool()
-        body = await body_of(request)
-        images = await tfs_instances(body, pool.input_shape, max_pixels, max_instances)
-        rows = await observed(name, state.predict(name, images))
-        return JSONResponse({"predictions": [row.tolist() for row in rows]})
-
-    async def known_adapter(name: str) -> None:
-        pool = state.require_pool()
-        if name != OFF and name not in pool.names() and name not in await state.store_names():
-            raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
-
-    async def tfs_status_endpoint(request):
-        name = adapter_name(request)
-        await known_adapter(name)
-        failed = state.failed.get(name)
-        return JSONResponse(tfs_status(failed[1] if failed is not None else None))
-
-    async def tfs_metadata_endpoint(request):
-        name = adapter_name(request)
-        await known_adapter(name)
-        pool = state.pool
-        if name != OFF:
-            await state.ensure_resident(name)
-        return JSONResponse(
-            tfs_metadata(name, pool.input_shape, pool.classes(name), state.labels.get(name))
-        )
-
-    async def metrics_endpoint(request):
-        metrics.refresh(state)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    endpoints = {
-        "health": health,
-        "ready": ready,
-        "adapters": adapters,
-        "load_adapter": load_adapter,
-        "unload_adapter": unload_adapter,
-        "predict": predict,
-        "tfs_predict": tfs_predict,
-        "tfs_metadata": tfs_metadata_endpoint,
-        "tfs_status": tfs_status_endpoint,
-        "metrics": metrics_endpoint,
-    }
-    app = service_app(handle, endpoints)
-    app.state.service = state
+    options = (options or ServiceOptions()).replace(**changes)
+    backend = InProcessBackend(store, options)
+    app = build_app(backend)
+    app.state.service = backend.state
     return app

@@ -1,9 +1,9 @@
-"""What every HTTP front of the service shares (the single-process app and the
-Ray Serve ingress): request bodies turned into model inputs, answers, TF
-Serving documents, and the status of each error.
+"""The pieces of the service's HTTP API (:mod:`lora_ckpt.serving.http_app`):
+request bodies turned into model inputs, answers, TF Serving documents, the
+status of each error, and the request metrics.
 
-Both fronts call these functions, so a request is parsed, and answered, the
-same way whichever process runs the model.
+The Ray replicas use :func:`error_parts` too, to answer errors as data the
+ingress turns into the same HTTP answer.
 """
 
 import asyncio
@@ -12,11 +12,8 @@ import time
 
 import numpy as np
 from prometheus_client import Counter, Histogram
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from ..errors import (
     AdapterError,
@@ -194,41 +191,6 @@ def tfs_metadata(name: str, input_shape, classes: int, labels) -> dict:
             "preprocessing": PREPROCESSING,
         },
     }
-
-
-def service_app(handle, endpoints: dict, extra_routes: tuple = ()) -> Starlette:
-    """The service's routes over ``endpoints``, answering errors as JSON.
-
-    Both the single-process app and the Ray ingress serve this one API.
-
-    Args:
-        handle: Wraps an endpoint so its errors become JSON responses.
-        endpoints: ``health``, ``ready``, ``adapters``, ``load_adapter``,
-            ``unload_adapter``, ``predict``, ``tfs_predict``, ``tfs_metadata``,
-            ``tfs_status`` and ``metrics`` coroutines taking the request.
-        extra_routes: More routes (e.g. the Ray ingress's ``/replicas``).
-
-    Returns:
-        The Starlette application.
-    """
-    routes = [
-        Route("/health", handle(endpoints["health"])),
-        Route("/ready", handle(endpoints["ready"])),
-        Route("/adapters", handle(endpoints["adapters"])),
-        Route("/adapters/{name}", handle(endpoints["load_adapter"]), methods=["POST"]),
-        Route("/adapters/{name}", handle(endpoints["unload_adapter"]), methods=["DELETE"]),
-        Route("/predict/{name}", handle(endpoints["predict"]), methods=["POST"]),
-        Route("/v1/models/{name}:predict", handle(endpoints["tfs_predict"]), methods=["POST"]),
-        Route("/v1/models/{name}/metadata", handle(endpoints["tfs_metadata"])),
-        Route("/v1/models/{name}", handle(endpoints["tfs_status"])),
-        Route("/metrics", handle(endpoints["metrics"])),
-        *extra_routes,
-    ]
-
-    async def http_exception(request, exc):  # unknown routes and methods, as JSON too
-        return error_response(exc.status_code, "HTTPError", str(exc.detail))
-
-    return Starlette(routes=routes, exception_handlers={StarletteHTTPException: http_exception})
 
 
 class RequestMetrics:

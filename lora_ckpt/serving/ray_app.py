@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 
+from .options import ServiceOptions
 from .store import read_base_config
 
 APP_NAME = "lora_ckpt"
@@ -52,58 +53,53 @@ def _require_ray():
 
 
 def build_application(
-    store: str,
-    *,
-    replicas: int,
-    capacity: int,
-    replica_cpus: float,
-    service_options: dict,
-    limits: dict,
-    env: dict | None = None,
+    store: str, options: ServiceOptions, *, replica_cpus: float, env: dict | None = None
 ):
     """The bound Ray Serve application (see the module docstring).
 
     Args:
         store: The adapter store every replica reads (``s3://`` on a cluster).
-        replicas: How many AdapterReplica replicas.
-        capacity: Adapters resident per replica (pool slots and Ray's
-            ``max_num_models_per_replica``).
+        options: The service's options: ``replicas`` AdapterReplica replicas
+            of ``capacity`` adapters each (pool slots and Ray's
+            ``max_num_models_per_replica``); the same object reaches the
+            ingress and every replica.
         replica_cpus: Ray CPUs reserved per replica.
-        service_options: :class:`~lora_ckpt.serving.service.ServiceState` options.
-        limits: The ingress's limits (see :class:`LoRAIngress`).
         env: Environment variables for every deployment's processes.
 
     Returns:
         The application to pass to ``serve.run``.
+
+    Raises:
+        LoRAConfigError: If Ray Serve is not installed.
     """
     _, serve = _require_ray()
     from .ray_ingress import LoRAIngress
     from .ray_replica import AdapterReplica, ReplicaDirectory
 
-    options = {"runtime_env": {"env_vars": env}} if env else {}
+    actor = {"runtime_env": {"env_vars": env}} if env else {}
     directory = serve.deployment(
         ReplicaDirectory,
         name="ReplicaDirectory",
         num_replicas=1,
-        ray_actor_options={"num_cpus": 0, **options},
+        ray_actor_options={"num_cpus": 0, **actor},
     ).bind()
     replica = serve.deployment(
         AdapterReplica,
         name="AdapterReplica",
-        num_replicas=replicas,
+        num_replicas=options.replicas,
         # Enough requests per replica for its batcher to fill batches.
-        max_ongoing_requests=max(16, 4 * service_options.get("max_batch", 8)),
+        max_ongoing_requests=max(16, 4 * options.max_batch),
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
-        ray_actor_options={"num_cpus": replica_cpus, **options},
-    ).bind(store, capacity, service_options, directory)
+        ray_actor_options={"num_cpus": replica_cpus, **actor},
+    ).bind(store, options, directory)
     return serve.deployment(
         LoRAIngress,
         name="LoRAIngress",
         num_replicas=1,
         max_ongoing_requests=256,
-        ray_actor_options={"num_cpus": 0, **options},
-    ).bind(store, replica, directory, limits)
+        ray_actor_options={"num_cpus": 0, **actor},
+    ).bind(store, replica, directory, options)
 
 
 def forwarded_environment() -> dict:
@@ -124,32 +120,20 @@ def _port_free(host: str, port: int) -> str | None:
 
 
 def run_ray_service(
-    store: str,
-    *,
-    replicas: int,
-    capacity: int,
-    service_options: dict,
-    limits: dict,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    address: str | None = None,
-    num_cpus: int | None = None,
-    replica_cpus: float | None = None,
-    verbose: bool = False,
-    log=lambda line: print(line, flush=True),
+    store: str, options: ServiceOptions, log=lambda line: print(line, flush=True)
 ) -> int:
     """Runs the service on Ray Serve until SIGTERM or SIGINT.
 
     Args:
         store: The adapter store.
-        replicas, capacity, service_options, limits: See :func:`build_application`.
-        host, port: Where Ray Serve's HTTP proxy listens.
-        address: A Ray cluster to join (``auto``, ``HOST:6379``); ``None``
-            starts a local one with ``num_cpus`` CPUs, stopped on exit.
-        num_cpus: CPUs of a local cluster (default: this machine's).
-        replica_cpus: Ray CPUs per replica (default: a local cluster's CPUs
-            shared among the replicas, at most 1; 1 on a joined cluster).
-        verbose: Show the workers' logs.
+        options: The service's options; besides those of
+            :func:`build_application`: ``host`` and ``port`` (where Ray
+            Serve's HTTP proxy listens), ``address`` (a Ray cluster to join,
+            ``auto`` or ``HOST:6379``; ``None`` starts a local one with
+            ``num_cpus`` CPUs, default this machine's, stopped on exit),
+            ``replica_cpus`` (default: a local cluster's CPUs shared among
+            the replicas, at most 1; 1 on a joined cluster), and
+            ``log_level`` (``info`` or ``debug`` show the workers' logs).
         log: Where the "Serving" line goes (printed once the replicas are up).
 
     Returns:
@@ -160,15 +144,17 @@ def run_ray_service(
         StoreError: If ``store`` is not a store (no ``base.json``) or cannot be reached.
     """
     ray, serve = _require_ray()
-    if service_options.get("model_name") is None:
+    if options.model_name is None:
         # A missing store fails here, at once, not in every replica's retries.
         read_base_config(store)
+    host, port, address, replicas = options.host, options.port, options.address, options.replicas
     problem = _port_free(host, port)
     if problem is not None:
         print(f"lora-ckpt serve: cannot bind {host}:{port}: {problem}", file=sys.stderr)
         return 1
     local = address is None
-    cpus = num_cpus or os.cpu_count() or 1
+    cpus = options.num_cpus or os.cpu_count() or 1
+    replica_cpus = options.replica_cpus
     if replica_cpus is None:
         replica_cpus = min(1.0, cpus / replicas) if local else 1.0
     stop = threading.Event()
@@ -178,26 +164,18 @@ def run_ray_service(
             address="local",
             num_cpus=cpus,
             include_dashboard=False,
-            log_to_driver=verbose,
+            log_to_driver=options.verbose,
             # Requests and answers are small: a bounded object store, not 30% of RAM.
             object_store_memory=256 << 20,
         )
     else:
-        ray.init(address=address, log_to_driver=verbose)
+        ray.init(address=address, log_to_driver=options.verbose)
     # Installed after ray.init, so they replace Ray's own handlers.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        app = build_application(
-            store,
-            replicas=replicas,
-            capacity=capacity,
-            replica_cpus=replica_cpus,
-            service_options=service_options,
-            limits=limits,
-            env=env,
-        )
+        app = build_application(store, options, replica_cpus=replica_cpus, env=env)
         try:
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as exc:  # a replica could not start (its log says why)

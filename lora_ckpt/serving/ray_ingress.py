@@ -15,7 +15,8 @@ replica that holds the adapter follow, and the answer waits (up to
 ``call_timeout``) until each live replica has, listing them in
 ``"replicas": {"done", "pending"}``.
 
-Endpoints are those of :mod:`lora_ckpt.serving.app`, plus ``GET /replicas``
+The routes are those of :mod:`lora_ckpt.serving.http_app` (the app is built
+there, over :class:`IngressBackend`), plus ``GET /replicas``
 (each live replica: id, pid, node, resident adapters, loads and requests per
 adapter). Predictions carry the header ``x-lora-replica`` (the replica that
 answered). ``GET /adapters`` lists the union of what the replicas hold, and
@@ -25,32 +26,15 @@ answered). ``GET /adapters`` lists the union of what the replicas hold, and
 import asyncio
 import time
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    generate_latest,
-)
+import numpy as np
+from prometheus_client import Counter
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from .http_common import (
-    RequestMetrics,
-    adapter_name,
-    answer,
-    error_parts,
-    error_response,
-    predict_image,
-    service_app,
-    tfs_instances,
-    tfs_metadata,
-    tfs_status,
-)
-from .inputs import HTTPError, read_body
+from .backend import Prediction, ServiceBackend
+from .http_app import build_app
+from .inputs import HTTPError
+from .options import ServiceOptions
 from .orders import RELOAD, UNLOAD
 from .pool import OFF
 from .store import store_adapters
@@ -64,27 +48,28 @@ def _escape(value) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-@serve.ingress()
-class LoRAIngress:
-    """The HTTP front of the Ray Serve application.
+async def _result(response):
+    return await response
+
+
+class IngressBackend(ServiceBackend):
+    """The service's backend in the Ray ingress: calls to ``AdapterReplica``
+    replicas (routed by adapter name) and the replica directory.
 
     Args:
         store: The adapter store (for ``GET /adapters``).
         replica: A handle to the ``AdapterReplica`` deployment.
         directory: A handle to the ``ReplicaDirectory`` deployment.
-        limits: ``max_body_bytes``, ``max_pixels``, ``request_timeout``,
-            ``max_instances``, ``top_k``, ``call_timeout`` (seconds a call to a
+        options: The service's options (``call_timeout``: seconds a call to a
             replica may take, loads included).
     """
 
-    def __init__(self, store: str, replica, directory, limits: dict):
+    def __init__(self, store: str, replica, directory, options: ServiceOptions):
+        super().__init__(options)
         self.store = store
         self.replica = replica
         self.directory = directory
-        self.limits = dict(limits)
         self._input_shape = None
-        self.registry = CollectorRegistry()
-        self.requests = RequestMetrics(self.registry)
         self.retries = Counter(
             "lora_replica_retries",
             "Calls sent again after their replica died",
@@ -95,11 +80,16 @@ class LoRAIngress:
 
     async def call(self, method: str, *args, model: str | None = None):
         """Calls ``method`` on a replica (one holding adapter ``model``, if any),
-        again on another if the replica dies; error answers become HTTPError."""
+        again on another if the replica dies.
+
+        Raises:
+            HTTPError: The replica's error answer; 503 if no replica could
+                answer; 504 past ``call_timeout``.
+        """
         handle = self.replica
         if model and model != OFF:
             handle = handle.options(multiplexed_model_id=model)
-        timeout = self.limits["call_timeout"]
+        timeout = self.options.call_timeout
         for attempt in range(RETRIES):
             try:
                 result = await asyncio.wait_for(
@@ -121,12 +111,8 @@ class LoRAIngress:
             raise HTTPError(*result["error"])
         return result
 
-    async def input_shape(self) -> list:
-        if self._input_shape is None:
-            self._input_shape = (await self.call("info"))["input_shape"]
-        return self._input_shape
-
     async def replicas(self) -> list[dict]:
+        """The live replicas' latest reports (see ``ReplicaDirectory.replicas``)."""
         return await self.directory.replicas.remote()
 
     async def broadcast(self, kind: str, name: str, version: str | None = None) -> dict:
@@ -137,153 +123,78 @@ class LoRAIngress:
             ``{"done": [replica, ...], "pending": [...]}``.
         """
         seq = await self.directory.order.remote(kind, name, version)
-        deadline = time.monotonic() + self.limits["call_timeout"]
+        deadline = time.monotonic() + self.options.call_timeout
         while True:
             progress = await self.directory.progress.remote(seq)
             if not progress["pending"] or time.monotonic() > deadline:
                 return progress
             await asyncio.sleep(0.2)
 
-    # ---- the ASGI app ---------------------------------------------------------------------
+    # ---- the backend ----------------------------------------------------------------------
 
-    def __serve_build_asgi_app__(self):
-        return build_ingress_app(self)
-
-
-async def _result(response):
-    return await response
-
-
-def build_ingress_app(ingress: LoRAIngress) -> Starlette:
-    """The Starlette app of the ingress (the routes of the single-process app)."""
-    limits = ingress.limits
-
-    def handle(endpoint):
-        async def wrapped(request: Request):
-            try:
-                return await endpoint(request)
-            except RayTaskError as exc:  # a replica's bug: its log has the traceback
-                return error_response(500, "InternalError", f"A replica failed: {exc!s:.300}")
-            except Exception as exc:
-                parts = error_parts(exc)
-                if parts is None:
-                    raise
-                return error_response(*parts)
-
-        return wrapped
-
-    async def body_of(request) -> bytes:
-        return await read_body(request, limits["max_body_bytes"], limits["request_timeout"])
-
-    async def observed(name: str, work):
-        # A name becomes a label only once a replica served it.
-        return await ingress.requests.observed(name, work, lambda _, status: status == "ok")
-
-    async def health(request):
-        return JSONResponse({"status": "ok"})
-
-    async def ready(request):
-        replicas = await ingress.replicas()
+    async def readiness(self) -> dict:
+        replicas = await self.replicas()
         if not replicas:
-            return JSONResponse(
-                {"ready": False, "reason": "no replica has loaded the base model yet"},
-                status_code=503,
-            )
-        return JSONResponse(
-            {
-                "ready": True,
-                "replicas": len(replicas),
-                "resident": sorted({n for r in replicas for n in r["resident"]}),
-                "failed": sorted({n for r in replicas for n in r["failed"]}),
-            }
-        )
+            return {"ready": False, "reason": "no replica has loaded the base model yet"}
+        return {
+            "ready": True,
+            "replicas": len(replicas),
+            "resident": _union(replicas, "resident"),
+            "failed": _union(replicas, "failed"),
+        }
 
-    async def adapters(request):
-        replicas = await ingress.replicas()
-        store = await asyncio.to_thread(store_adapters, ingress.store)
-        failed = {}
-        for replica in replicas:
-            failed.update(replica["failed"])
-        return JSONResponse(
-            {
-                "resident": sorted({n for r in replicas for n in r["resident"]}),
-                "store": store,
-                "failed": dict(sorted(failed.items())),
-                "active": OFF,
-                "merged": None,
-                "capacity": replicas[0]["capacity"] if replicas else None,
-                "replicas": {r["replica"]: r["resident"] for r in replicas},
-            }
-        )
+    async def describe(self) -> dict:
+        replicas = await self.replicas()
+        store = await self.store_names()
+        return {
+            "resident": _union(replicas, "resident"),
+            "store": store,
+            "failed": dict(sorted(_failures(replicas).items())),
+            "active": OFF,
+            "merged": None,
+            "capacity": replicas[0]["capacity"] if replicas else None,
+            "replicas": {r["replica"]: r["resident"] for r in replicas},
+        }
 
-    async def replicas_endpoint(request):
-        return JSONResponse({"replicas": await ingress.replicas()})
-
-    async def load_adapter(request):
-        name = adapter_name(request)
-        result = await ingress.call("load", name, model=name)
+    async def load(self, name: str) -> dict:
+        result = await self.call("load", name, model=name)
         # Ray routed the load to one replica; the others holding it follow.
-        result["replicas"] = await ingress.broadcast(RELOAD, name, result.pop("version"))
-        return JSONResponse(result)
+        result["replicas"] = await self.broadcast(RELOAD, name, result.pop("version"))
+        return result
 
-    async def unload_adapter(request):
-        name = adapter_name(request)
-        holders = [r["replica"] for r in await ingress.replicas() if name in r["resident"]]
+    async def unload(self, name: str) -> dict:
+        holders = [r["replica"] for r in await self.replicas() if name in r["resident"]]
         if not holders:
             raise HTTPError(
                 404, "AdapterNotLoadedError", f"Adapter {name!r} is not resident on any replica."
             )
-        progress = await ingress.broadcast(UNLOAD, name)
-        return JSONResponse({"unloaded": name, "from": holders, "replicas": progress})
+        progress = await self.broadcast(UNLOAD, name)
+        return {"unloaded": name, "from": holders, "replicas": progress}
 
-    async def predict(request):
-        name = adapter_name(request)
-        shape = await ingress.input_shape()
-        body = await body_of(request)
-        image = await predict_image(request, body, shape, limits["max_pixels"])
-        result = await observed(name, ingress.call("predict", name, image[None], model=name))
-        return JSONResponse(
-            answer(name, result["rows"][0], result["labels"], limits["top_k"]),
-            headers={REPLICA_HEADER: result["replica"]},
-        )
+    async def input_shape(self) -> tuple:
+        if self._input_shape is None:
+            self._input_shape = tuple((await self.call("info"))["input_shape"])
+        return self._input_shape
 
-    async def tfs_predict(request):
-        name = adapter_name(request)
-        shape = await ingress.input_shape()
-        images = await tfs_instances(
-            await body_of(request), shape, limits["max_pixels"], limits["max_instances"]
-        )
-        result = await observed(name, ingress.call("predict", name, images, model=name))
-        return JSONResponse(
-            {"predictions": [row.tolist() for row in result["rows"]]},
-            headers={REPLICA_HEADER: result["replica"]},
-        )
+    async def predict(self, name: str, images: np.ndarray) -> Prediction:
+        result = await self.call("predict", name, images, model=name)
+        return Prediction(result["rows"], result["labels"], {REPLICA_HEADER: result["replica"]})
 
-    async def known_adapter(name: str) -> None:
-        if name == OFF:
-            return
-        if name not in await asyncio.to_thread(store_adapters, ingress.store):
-            raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
+    async def resident(self) -> list[str]:
+        return _union(await self.replicas(), "resident")
 
-    async def tfs_status_endpoint(request):
-        name = adapter_name(request)
-        await known_adapter(name)
-        failed = {}
-        for replica in await ingress.replicas():
-            failed.update(replica["failed"])
-        return JSONResponse(tfs_status(failed.get(name)))
+    async def store_names(self) -> list[str]:
+        return await asyncio.to_thread(store_adapters, self.store)
 
-    async def tfs_metadata_endpoint(request):
-        name = adapter_name(request)
-        await known_adapter(name)
-        meta = await ingress.call("metadata", name, model=name)
-        return JSONResponse(
-            tfs_metadata(name, meta["input_shape"], meta["classes"], meta["labels"])
-        )
+    async def failure(self, name: str) -> str | None:
+        return _failures(await self.replicas()).get(name)
 
-    async def metrics_endpoint(request):
-        lines = [generate_latest(ingress.registry).decode()]
-        replicas = await ingress.replicas()
+    async def adapter_metadata(self, name: str) -> dict:
+        return await self.call("metadata", name, model=name)
+
+    async def metrics_text(self) -> str:
+        replicas = await self.replicas()
+        lines = []
         # Per replica and adapter: which replica loaded (and served) which adapter.
         for metric, key, text in (
             ("lora_replica_adapter_loads", "loads", "Adapter loads per replica"),
@@ -298,18 +209,49 @@ def build_ingress_app(ingress: LoRAIngress) -> Starlette:
                     )
         lines.append("# HELP lora_replicas Live replicas\n# TYPE lora_replicas gauge\n")
         lines.append(f"lora_replicas {len(replicas)}\n")
-        return Response("".join(lines), media_type=CONTENT_TYPE_LATEST)
+        return "".join(lines)
 
-    endpoints = {
-        "health": health,
-        "ready": ready,
-        "adapters": adapters,
-        "load_adapter": load_adapter,
-        "unload_adapter": unload_adapter,
-        "predict": predict,
-        "tfs_predict": tfs_predict,
-        "tfs_metadata": tfs_metadata_endpoint,
-        "tfs_status": tfs_status_endpoint,
-        "metrics": metrics_endpoint,
-    }
-    return service_app(handle, endpoints, (Route("/replicas", handle(replicas_endpoint)),))
+    def counts_as_known(self, name: str, status: str) -> bool:
+        return status == "ok"  # a name becomes a label only once a replica served it
+
+    def error_parts(self, exc: Exception) -> tuple[int, str, str] | None:
+        # First: a RayTaskError is also an instance of the error it wraps.
+        if isinstance(exc, RayTaskError):  # a replica's bug: its log has the traceback
+            return 500, "InternalError", f"A replica failed: {exc!s:.300}"
+        return super().error_parts(exc)
+
+    def extra_endpoints(self) -> dict:
+        async def replicas() -> dict:
+            return {"replicas": await self.replicas()}
+
+        return {"/replicas": replicas}
+
+
+def _union(replicas: list[dict], key: str) -> list[str]:
+    return sorted({name for replica in replicas for name in replica[key]})
+
+
+def _failures(replicas: list[dict]) -> dict[str, str]:
+    failed = {}
+    for replica in replicas:
+        failed.update(replica["failed"])
+    return failed
+
+
+@serve.ingress()
+class LoRAIngress:
+    """The HTTP front of the Ray Serve application: the service's app over an
+    :class:`IngressBackend`.
+
+    Args:
+        store: The adapter store (for ``GET /adapters``).
+        replica: A handle to the ``AdapterReplica`` deployment.
+        directory: A handle to the ``ReplicaDirectory`` deployment.
+        options: The service's options.
+    """
+
+    def __init__(self, store: str, replica, directory, options: ServiceOptions):
+        self.backend = IngressBackend(store, replica, directory, options)
+
+    def __serve_build_asgi_app__(self):
+        return build_app(self.backend)

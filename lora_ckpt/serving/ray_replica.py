@@ -27,6 +27,7 @@ from ray import serve
 
 from ..errors import LoRAError, StoreError
 from .http_common import error_parts
+from .options import ServiceOptions
 from .orders import Order, OrderLog
 from .pool import OFF
 from .service import ServiceState
@@ -68,10 +69,9 @@ class AdapterReplica:
 
     Args:
         store: The adapter store (a directory every node can read, or ``s3://``).
-        capacity: Adapters resident at once: the pool's slots and Ray's
-            ``max_num_models_per_replica``.
-        service_options: Keyword arguments of :class:`ServiceState`
-            (``model_name``, ``max_batch``, ``load_timeout``, ...).
+        options: The service's options; ``capacity`` is also Ray's
+            ``max_num_models_per_replica``. (A replica never preloads: Ray's
+            router decides which replica holds which adapter.)
         directory: A handle to the :class:`ReplicaDirectory` deployment.
         startup_timeout: Seconds the base model may take to load.
 
@@ -83,14 +83,13 @@ class AdapterReplica:
     async def __init__(
         self,
         store: str,
-        capacity: int,
-        service_options: dict,
+        options: ServiceOptions,
         directory=None,
         startup_timeout: float = 600.0,
     ):
         self.store = store
-        self.capacity = capacity
-        self.state = ServiceState(store, capacity=capacity, preload=False, **service_options)
+        self.capacity = options.capacity
+        self.state = ServiceState(store, options.replace(preload=False))
         deadline = time.monotonic() + startup_timeout
         while self.state.pool is None and self.state.error is None:
             if time.monotonic() > deadline:
@@ -113,7 +112,7 @@ class AdapterReplica:
 
         # Set up here, not as a decorated method: the limit is a constructor
         # argument. (A plain function: Ray keeps its LRU as an attribute of it.)
-        self._multiplexed = serve.multiplexed(max_num_models_per_replica=capacity)(load)
+        self._multiplexed = serve.multiplexed(max_num_models_per_replica=self.capacity)(load)
         self._directory = directory
         self._heartbeat = (
             asyncio.get_running_loop().create_task(self._report_forever()) if directory else None

@@ -25,10 +25,11 @@ from ..errors import (
     AdapterNotLoadedError,
     LoRAError,
 )
-from ..state.format import AdapterConfig
+from ..state import read_lora_state
 from .batching import MicroBatcher
 from .inflight import LoadsInFlight
 from .inputs import HTTPError
+from .options import ServiceOptions
 from .orders import UNLOAD, Order
 from .pool import OFF, AdapterPool
 from .store import (
@@ -51,83 +52,53 @@ class ServiceState:
 
     Args:
         store: The adapter store directory, or its ``s3://`` URL.
-        model_name, base_weights: Override the store's base model.
-        capacity, max_rank, max_classes: Of the :class:`AdapterPool`.
-        preload: Load the store's adapters (up to ``capacity``) after start-up.
-        max_batch, max_wait: Dynamic batching.
-        queue_timeout: Seconds a load waits for a slot when every slot is in
-            use, before 503.
-        load_timeout: Seconds a load from the store may take before 504.
-        startup_delay: Seconds to wait before loading (readiness probes).
-        metrics: The service's metrics (``loads``, ``evictions``, ...).
+        options: The service's options; this uses the model (``model_name``,
+            ``base_weights``), the pool's (``capacity``, ``max_rank``,
+            ``max_classes``), ``preload``, batching (``max_batch``,
+            ``max_wait``), ``queue_timeout`` (seconds a load waits for a slot
+            when every slot is in use, before 503), ``load_timeout`` (seconds
+            a load from the store may take before 504) and ``startup_delay``.
+        metrics: The service's metrics (``batch_size``, ``load_failures``), or ``None``.
     """
 
-    def __init__(
-        self,
-        store: str,
-        *,
-        model_name=None,
-        base_weights=None,
-        capacity: int = 8,
-        max_rank=None,
-        max_classes=None,
-        preload: bool = True,
-        max_batch: int = 8,
-        max_wait: float = 0.005,
-        queue_timeout: float = 10.0,
-        load_timeout: float = 30.0,
-        startup_delay: float = 0.0,
-        metrics=None,
-    ):
+    def __init__(self, store: str, options: ServiceOptions | None = None, metrics=None):
         self.store = store
+        self.options = options or ServiceOptions()
         self.pool: AdapterPool | None = None
         self.batcher: MicroBatcher | None = None
         self.error: str | None = None
         self.metrics = metrics
-        self.load_timeout = load_timeout
-        self.failed: dict[str, tuple[str, str]] = {}  # name -> (config sha, reason)
+        self.failed: dict[str, tuple[str | None, str]] = {}  # name -> (config sha, reason)
         self.labels: dict[str, list[str] | None] = {}  # name -> class names
         self._loads = LoadsInFlight(
             concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-ckpt-load")
-        )
-        self._options = dict(
-            model_name=model_name,
-            base_weights=base_weights,
-            capacity=capacity,
-            max_rank=max_rank,
-            max_classes=max_classes,
-            preload=preload,
-            max_batch=max_batch,
-            max_wait=max_wait,
-            queue_timeout=queue_timeout,
-            startup_delay=startup_delay,
         )
         threading.Thread(target=self._start, name="lora-ckpt-startup", daemon=True).start()
 
     # ---- start-up -------------------------------------------------------------------
 
     def _start(self) -> None:
-        options = self._options
+        options = self.options
         try:
-            time.sleep(options["startup_delay"])
-            model, _ = build_base_model(self.store, options["model_name"], options["base_weights"])
+            time.sleep(options.startup_delay)
+            model, _ = build_base_model(self.store, options.model_name, options.base_weights)
             pool = AdapterPool(
                 model,
-                capacity=options["capacity"],
-                max_rank=options["max_rank"],
-                max_classes=options["max_classes"],
-                load_timeout=options["queue_timeout"],
+                capacity=options.capacity,
+                max_rank=options.max_rank,
+                max_classes=options.max_classes,
+                load_timeout=options.queue_timeout,
             )
             on_batch = self.metrics.batch_size.observe if self.metrics else None
-            self.batcher = MicroBatcher(pool, options["max_batch"], options["max_wait"], on_batch)
+            self.batcher = MicroBatcher(pool, options.max_batch, options.max_wait, on_batch)
             self.pool = pool
             log.info("base model loaded: ready")
         except Exception as exc:  # reported by /ready and the log: the base itself is broken
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("the base model failed to load: %s", self.error)
             return
-        if options["preload"]:
-            self._preload(options["capacity"])
+        if options.preload:
+            self._preload(options.capacity)
 
     def _preload(self, count: int) -> None:
         """Loads the store's first ``count`` adapters, as requests would: a
@@ -156,23 +127,34 @@ class ServiceState:
     # ---- loading ------------------------------------------------------------------------
 
     def _load(self, name: str, reload: bool = False) -> str:
-        """Loads (or reloads) ``name`` from the store; runs on a loader thread."""
+        """Loads (or reloads) ``name`` from the store; runs on a loader thread.
+
+        The adapter is read once (:func:`read_lora_state`) and that read is
+        what the pool writes. Only to decide that nothing needs reading (a
+        resident adapter whose store copy is unchanged, or a copy that already
+        failed) is the config alone read first: one small read, no tensors.
+        """
         pool = self.require_pool()
-        version = None  # the store's version, once its config has been read
+        version = None  # the store copy's config SHA-256, once known
         try:
-            raw = adapter_config_bytes(self.store, name)
-            version = hashlib.sha256(raw).hexdigest()
             resident = name in pool.names()
-            if resident and (not reload or pool.version(name) == version):
+            if resident and not reload:
                 return "resident"
             failed = self.failed.get(name)
-            if failed is not None and failed[0] == version:
-                raise AdapterFailedError(failed[1])
-            path = adapter_path(self.store, name)
-            AdapterConfig.from_json(raw, path)  # a bad config fails here, before any weight
-            pool.load(name, path)
-            # From what the pool loaded: the store's copy may have changed since `raw`.
-            self.labels[name] = _labels(pool.metadata(name))
+            if resident or failed is not None:
+                version = self._store_version(name)
+                if resident and pool.version(name) == version:
+                    return "resident"
+                if failed is not None and failed[0] == version:
+                    raise AdapterFailedError(failed[1])
+            # A failure below is remembered for that version even if the copy
+            # read is newer: then the next request tries again, which is safe.
+            state = read_lora_state(adapter_path(self.store, name))
+            version = state.config.json_sha256
+            if resident and pool.version(name) == version:
+                return "resident"  # the store's copy changed back meanwhile
+            pool.load_state(name, state)
+            self.labels[name] = _labels(state.config.metadata)
             self.failed.pop(name, None)
             log.info("adapter %s %s", name, "reloaded" if resident else "loaded")
             return "reloaded" if resident else "loaded"
@@ -181,13 +163,29 @@ class ServiceState:
         except LoRAError as exc:
             # A full pool or a merge in progress is the pool's state, not the adapter's.
             if isinstance(exc, AdapterError) and not isinstance(exc, AdapterFailedError):
-                # Remembered for the version that failed (None: its config was
-                # unreadable), so a fixed copy published meanwhile is tried.
-                self.failed[name] = (version, f"{type(exc).__name__}: {exc}")
-                log.warning("adapter %s failed to load: %s", name, exc)
-                if self.metrics is not None:
-                    self.metrics.load_failures.inc()
+                self._remember_failure(name, version, exc)
             raise
+
+    def _store_version(self, name: str) -> str:
+        """The SHA-256 of the store's ``adapter_config.json`` of ``name``: its version."""
+        return hashlib.sha256(adapter_config_bytes(self.store, name)).hexdigest()
+
+    def _remember_failure(self, name: str, version: str | None, exc: LoRAError) -> None:
+        """Remembers why ``name`` failed, for the version that failed, so that
+        it is not read again until the store's copy changes."""
+        if version is None:
+            # The read failed before its config was known (a truncated or
+            # hostile file): the config alone says which copy that was. A
+            # copy published in the instant between the two reads would be
+            # taken for the failed one, until it changes again.
+            try:
+                version = self._store_version(name)
+            except LoRAError:
+                version = None  # unreadable: every request tries again
+        self.failed[name] = (version, f"{type(exc).__name__}: {exc}")
+        log.warning("adapter %s failed to load: %s", name, exc)
+        if self.metrics is not None:
+            self.metrics.load_failures.inc()
 
     async def ensure_resident(self, name: str, reload: bool = False) -> str:
         """Makes ``name`` resident (loading it on a loader thread), within the time limit.
@@ -208,13 +206,14 @@ class ServiceState:
         # saves are not valid adapter names.
         try:
             return await asyncio.wait_for(
-                self._loads.run(name, self._load, name, reload, again=reload), self.load_timeout
+                self._loads.run(name, self._load, name, reload, again=reload),
+                self.options.load_timeout,
             )
         except asyncio.TimeoutError:
             raise HTTPError(
                 504,
                 "LoadTimeout",
-                f"Loading adapter {name!r} took longer than {self.load_timeout:g} s.",
+                f"Loading adapter {name!r} took longer than {self.options.load_timeout:g} s.",
             ) from None
         except AdapterNotFoundError:
             raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.") from None
@@ -227,7 +226,7 @@ class ServiceState:
             HTTPError: 404, 503 (an adapter evicted again and again), 504.
             LoRAError: As :meth:`ensure_resident`.
         """
-        deadline = time.monotonic() + self._options["queue_timeout"]
+        deadline = time.monotonic() + self.options.queue_timeout
         while True:
             await self.ensure_resident(name)
             try:
