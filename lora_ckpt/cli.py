@@ -21,10 +21,6 @@ def _demo(args) -> int:
     return 0
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def _serve(args) -> int:
     from .serving.options import ServiceOptions
 
@@ -64,7 +60,9 @@ def _serve_uvicorn(store: str, options) -> int:
         timeout_keep_alive=options.timeout_keep_alive,
         limit_concurrency=options.limit_concurrency,
     )
-    where = store if _is_url(store) else os.path.abspath(store)
+    from .storage import is_url
+
+    where = store if is_url(store) else os.path.abspath(store)
     print(f"Serving {where} on http://{host}:{port}", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
