@@ -2,7 +2,8 @@
 
 1. Trains a small tfimm ConvNeXt base on a generated pretext task.
 2. Trains one LoRA adapter per task (colour, stripes, size) on that base,
-   saving each as an adapter directory in the store.
+   with a classifier head of the task's own width trained in full, saving
+   each (head and class names included) as an adapter directory in the store.
 3. Loads the adapters into an AdapterPool and answers requests for each,
    comparing with the base alone, and prints a table.
 
@@ -29,8 +30,16 @@ ADAPTER_TASKS = ("color", "stripes", "size")
 LORA = {
     "lora_rank": 4,
     "lora_alpha": 8.0,
-    "lora_layer_groups": ["mlp", "head"],
+    "lora_layer_groups": ["mlp"],
     "lora_train_bias": "lora_only",
+    # Each task has a head of its own width (3 classes on the 4-class base),
+    # trained in full and saved with the adapter; the pool serves it per slot.
+    "lora_train_classifier": True,
+}
+LABELS = {
+    "color": ["red", "green", "blue"],
+    "stripes": ["horizontal", "vertical", "none"],
+    "size": ["small", "medium", "large"],
 }
 
 
@@ -77,6 +86,7 @@ def _compile(model, learning_rate):
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    # The base's own head has the pretext task's width: its first classes stand in.
     return float(np.mean(logits[:, :classes].argmax(-1) == labels))
 
 
@@ -127,7 +137,7 @@ def run_demo(store: str, quick: bool = False, log: Callable[[str], None] = print
 
     log(f"[2/3] Training one LoRA adapter per task: {', '.join(ADAPTER_TASKS)}")
     for i, task in enumerate(ADAPTER_TASKS):
-        model, _ = build_base_model(store)
+        model, _ = build_base_model(store, overrides={"nb_classes": TASKS[task]})
         x, y = make_task_dataset(task, settings["task_n"], size, seed=10 + i)
         _compile(model, 1e-2).fit(
             x,
@@ -142,11 +152,17 @@ def run_demo(store: str, quick: bool = False, log: Callable[[str], None] = print
             adapter_path(store, task),
             overwrite=True,
             metadata={"task": task, "classes": TASKS[task]},
+            labels=LABELS[task],
         )
 
     log("[3/3] Serving every adapter from one AdapterPool on one base model")
     model, _ = build_base_model(store)
-    pool = AdapterPool(model, capacity=len(ADAPTER_TASKS), max_rank=LORA["lora_rank"])
+    pool = AdapterPool(
+        model,
+        capacity=len(ADAPTER_TASKS),
+        max_rank=LORA["lora_rank"],
+        max_classes=max(TASKS[task] for task in (PRETEXT_TASK, *ADAPTER_TASKS)),
+    )
     base_bytes = os.path.getsize(os.path.join(store, BASE_WEIGHTS))
     rows = []
     for i, task in enumerate(ADAPTER_TASKS):
@@ -163,7 +179,7 @@ def run_demo(store: str, quick: bool = False, log: Callable[[str], None] = print
         rows.append(
             {
                 "task": task,
-                "classes": TASKS[task],
+                "classes": pool.classes(task),  # the width of the head it serves
                 "adapter_accuracy": _accuracy(pool.predict(x), y, TASKS[task]),
                 "base_accuracy": _accuracy(pool.predict(x, adapter="off"), y, TASKS[task]),
                 "adapter_bytes": inspect_adapter(path)["size_bytes"],
