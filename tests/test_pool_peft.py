@@ -130,7 +130,7 @@ def pool(shared_pool):
 
 
 def slot_snapshot(pool):
-    return [v.numpy().copy() for v in pool._slot_variables]
+    return [v.numpy().copy() for v in pool._layers.slot_variables]
 
 
 # ---- the Done-when ------------------------------------------------------------------
