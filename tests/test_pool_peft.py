@@ -211,6 +211,20 @@ def test_dora_output_scale_is_computed_from_the_base_kernel_while_merged(pool, p
     )
 
 
+def test_a_dora_adapter_loads_with_the_base_check_while_another_is_merged(pool, peft):
+    # DoRA's magnitudes make its variable set new to the pool: its base
+    # fingerprint is computed while merged, from the kept base kernels.
+    pool.load("rslora", peft["paths"]["rslora"])
+    pool.merge("rslora")
+    merged = pool.predict(peft["x"], adapter="rslora")
+    pool.load("dora", peft["paths"]["dora"])
+    np.testing.assert_array_equal(pool.predict(peft["x"], adapter="rslora"), merged)
+    pool.unmerge()
+    np.testing.assert_allclose(
+        pool.predict(peft["x"], adapter="dora"), peft["reference"]["dora"], **TOL
+    )
+
+
 @pytest.mark.slow
 def test_a_freed_dora_slot_no_longer_scales(pool, peft):
     x, reference = peft["x"], peft["reference"]

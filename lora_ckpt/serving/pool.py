@@ -161,8 +161,7 @@ class AdapterPool:
         self._table.activate(name)
 
     def load(self, name: str, path: str) -> int:
-        """Reads an adapter from its store into a slot: :func:`read_lora_state`
-        then :meth:`load_state`.
+        """Reads an adapter into a slot: :func:`read_lora_state`, then :meth:`load_state`.
 
         Args:
             name: The name requests use; any string but ``"off"``.
@@ -178,9 +177,8 @@ class AdapterPool:
         return self.load_state(name, read_lora_state(path))
 
     def load_state(self, name: str, state: AdapterState) -> int:
-        """Writes an adapter already read (and checked) by :func:`read_lora_state`
-        into a slot (evicting the least recently used idle adapter if the pool
-        is full).
+        """Writes an adapter already read (and checked) by :func:`read_lora_state` into a
+        slot (evicting the least recently used idle adapter if the pool is full).
 
         Loading a name that is resident replaces it: requests already running
         finish with the old weights, later ones see the new ones.
@@ -198,12 +196,12 @@ class AdapterPool:
                 a head wider than ``max_classes``, layers the pool does not keep
                 per slot, or a DoRA magnitude of the wrong shape.
             BaseModelMismatchError: Trained on other base weights.
-            MergeStateError: ``name`` is the merged adapter (unmerge first).
+            MergeStateError: ``name`` is the merged adapter (unmerge first; see :meth:`merge`).
             PoolFullError: Every slot is in use by running requests.
         """
         self._table.check_name(name)
         with self._rw.reading():  # no merge or unmerge changes the kernels meanwhile
-            values, record = self._layers.prepare(state, self.check_base, self.merged)
+            values, record = self._layers.prepare(state, self.check_base)
         return self._slots.put(name, values, record, self.load_timeout)
 
     def unload(self, name: str) -> None:
@@ -217,9 +215,8 @@ class AdapterPool:
         self._slots.remove(name)
 
     def using(self, names):
-        """A context manager that holds the slots of ``names`` for a request and
-        yields their ids (int32): they are neither evicted nor overwritten
-        until the block ends.
+        """A context manager that holds the slots of ``names`` for a request and yields
+        their ids (int32): they are neither evicted nor overwritten until the block ends.
 
         Raises:
             AdapterNotLoadedError: If a name is not resident.
@@ -270,12 +267,15 @@ class AdapterPool:
         return outputs.numpy(), classes
 
     def merge(self, name: str) -> None:
-        """Folds one resident adapter into the base kernels (and biases): for
-        each LoRA layer ``(W0 + scale * A @ B) * g`` (``g``: the DoRA output
-        scale, 1 for plain LoRA, which multiplies exactly).
+        """Folds one resident adapter into the base kernels (and biases): for each LoRA
+        layer ``(W0 + scale * A @ B) * g`` (``g``: DoRA's output scale, 1 for plain LoRA).
 
-        Until :meth:`unmerge`, requests for ``name`` run the plain base graph
-        with no LoRA branch; requests for other adapters are refused.
+        Until :meth:`unmerge`, requests for ``name`` run the plain base graph with no LoRA
+        branch; requests for any other adapter (``"off"`` too) raise MergeStateError, as
+        the slot graphs would add their updates to ``name``'s. Loads go on: another
+        adapter loads into a free (or evicted) slot, which the merge does not touch,
+        checked against the base ``name`` was merged into (base fingerprint, DoRA scale),
+        and serves once unmerged. Reloading ``name`` itself is refused.
 
         Raises:
             AdapterNotLoadedError: If ``name`` is not resident.

@@ -6,10 +6,19 @@ an adapter may carry in full (a classifier head, norm statistics) a
 against them (the partial-state subsystem's one fit check, and the base
 fingerprint), turns an adapter into one slot's flat values, and folds a slot
 into the base kernels and back (merge/unmerge).
+
+While an adapter is merged, the LoRA layers' kernels hold ``(W0 + delta) * g``
+and their biases the adapter's. Whatever an adapter loaded meanwhile needs
+from the base reads the copies kept of it instead: its base fingerprint (from
+the layers' pristine kernels and the biases kept at merge), and DoRA's output
+scale (:meth:`LoRASlots.output_scale` reads the layer's ``base_kernel()``).
 """
+
+import dataclasses
 
 import numpy as np
 
+from .._tf import tf
 from ..errors import LayerNotFoundError, LoRAConfigError, MergeStateError
 from ..models import lora_layers
 from ..selection import classifier_paths, lora_settings, match_layers
@@ -63,6 +72,7 @@ class PoolLayers:
         self.routing = routing = Routing()
         self.signature = ModelSignature.of(model)
         self._fingerprints: dict = {}  # check_base's cache: one per set of variables left out
+        self._merged_biases: dict | None = None  # path -> its base bias, while merged
         slots = capacity + 1
         self.lora = {p: LoRASlots(layer, slots, max_rank, routing) for p, layer in layers.items()}
         patterns = lora_settings(model).trainable_layers if full_layers is None else full_layers
@@ -99,16 +109,15 @@ class PoolLayers:
 
     # ---- adapters ---------------------------------------------------------------------
 
-    def prepare(self, state: AdapterState, base: bool, merged: str | None):
+    def prepare(self, state: AdapterState, base: bool):
         """Checks an adapter against these slots and the base; computes its slot.
 
-        The caller keeps merge and unmerge out meanwhile: DoRA output scales
-        and the base fingerprint are computed from the base kernels.
+        Works while an adapter is merged too (see the module's docstring);
+        the caller keeps merge and unmerge out meanwhile.
 
         Args:
             state: The adapter, as :func:`read_lora_state` returned it.
             base: Whether to check the base fingerprint.
-            merged: The merged adapter's name, or ``None``.
 
         Returns:
             The slot's flat values (see :meth:`values_of`) and its :class:`SlotRecord`.
@@ -117,15 +126,9 @@ class PoolLayers:
             AdapterMismatchError: As :meth:`check_fit` and :meth:`values_of`.
             BaseModelMismatchError: As :meth:`check_base`.
             LoRAConfigError: As :meth:`check_fit`.
-            MergeStateError: ``base`` while an adapter is merged.
         """
         self.check_fit(state)
         if base:
-            if merged is not None:
-                raise MergeStateError(
-                    f"Adapter {merged!r} is merged; unmerge before loading adapters, "
-                    "so the base weights can be checked."
-                )
             self.check_base(state)
         return self.values_of(state), self.record_of(state)
 
@@ -146,12 +149,29 @@ class PoolLayers:
                 )
 
     def check_base(self, state: AdapterState) -> None:
-        """Refuses an adapter trained on other base weights.
+        """Refuses an adapter trained on other base weights, also while merged.
 
         Raises:
             BaseModelMismatchError: If the base fingerprints differ.
         """
-        check_base(self.signature, state.config, state.path, cache=self._fingerprints)
+        signature = self.signature
+        if self._merged_biases is not None:
+            # The kernels hold W0 + delta: fingerprint the base they were merged from.
+            signature = dataclasses.replace(signature, variables=self._base_variables())
+        # Fingerprints computed either way are the base's, so they share one cache.
+        check_base(signature, state.config, state.path, cache=self._fingerprints)
+
+    def _base_variables(self) -> dict:
+        """The model's variables, with each merged kernel and bias replaced by its base."""
+        variables = dict(self.signature.variables)
+        base = {f"{path}/kernel": slots.base_kernel() for path, slots in self.lora.items()}
+        base.update((f"{path}/bias", bias) for path, bias in self._merged_biases.items())
+        if not base.keys() <= variables.keys():  # a new key would change the fingerprint
+            raise MergeStateError(
+                f"The merged kernels of this model are not keyed as {sorted(base)[0]!r}; "
+                "unmerge before loading with the base check."
+            )
+        return {**variables, **base}
 
     def values_of(self, state: AdapterState | None) -> np.ndarray:
         """One slot's contents for an adapter (``None``: a cleared slot), flat.
@@ -190,6 +210,12 @@ class PoolLayers:
         Each kernel becomes ``(W0 + scale * A @ B) * g``, computed from the
         kept base by the layer, so :meth:`unmerge` restores it bit for bit.
         """
+        # The layers keep their pristine biases privately; the base check needs them.
+        self._merged_biases = {
+            path: tf.identity(slots.layer.bias)
+            for path, slots in self.lora.items()
+            if slots.layer.use_bias
+        }
         for slots in self.lora.values():
             layer = slots.layer
             bias = slots.bias[slot] if layer.use_bias else None
@@ -201,6 +227,7 @@ class PoolLayers:
         for slots in self.lora.values():
             slots.layer.unmerge_weights()
         self.routing.merged_slot.assign(0)
+        self._merged_biases = None
 
 
 def _head_width(by_path, heads, max_classes) -> int | None:
