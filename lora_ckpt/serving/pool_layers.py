@@ -124,7 +124,7 @@ class PoolLayers:
 
         Raises:
             AdapterMismatchError: As :meth:`check_fit` and :meth:`values_of`.
-            BaseModelMismatchError: As :meth:`check_base`.
+            BaseModelMismatchError, MergeStateError: As :meth:`check_base`.
             LoRAConfigError: As :meth:`check_fit`.
         """
         self.check_fit(state)
@@ -153,6 +153,8 @@ class PoolLayers:
 
         Raises:
             BaseModelMismatchError: If the base fingerprints differ.
+            MergeStateError: While merged, if a merged kernel is not among the model's
+                variables under its layer's path (not seen in any model so far).
         """
         signature = self.signature
         if self._merged_biases is not None:
