@@ -232,6 +232,48 @@ def test_merged_pool_refuses_other_adapters(pool, convnext_adapters):
     pool.predict(convnext_adapters["x"], adapter="task2")
 
 
+def test_loading_while_another_adapter_is_merged(pool, convnext_adapters, tmp_path):
+    """Issue 21 item 8: a load into a free slot leaves the merged kernels alone,
+    and its base check sees W0, not the merged kernels. B saves no biases, so
+    its fingerprint covers the LoRA layers' biases too, which the merge changed."""
+    x, adapters, reference = (convnext_adapters[k] for k in ("x", "adapters", "reference"))
+    model_b = convnext(2, convnext_adapters["base"])
+    rng = np.random.default_rng(7)
+    for _, layer in lora_ckpt.lora_layers(model_b):
+        for var in (layer.kernel_lora_a, layer.kernel_lora_b):
+            var.assign(rng.normal(0, 0.3, var.shape).astype("float32"))
+    lora_ckpt.save_lora_state(model_b, str(tmp_path / "b"), include_bias="none")
+    expected_b = model_b(x).numpy()
+
+    pool.load("a", adapters["task1"])
+    pool.merge("a")
+    merged_a = pool.predict(x, adapter="a")
+    np.testing.assert_allclose(merged_a, reference["task1"], rtol=1e-5, atol=1e-5)
+    pool.load("b", str(tmp_path / "b"))
+    assert pool.merged == "a" and pool.names() == ["a", "b"]
+    np.testing.assert_array_equal(pool.predict(x, adapter="a"), merged_a)  # kernels untouched
+    with pytest.raises(MergeStateError, match="must wait for pool.unmerge"):
+        pool.predict(x, adapter="b")  # served unmerged only: see AdapterPool.merge
+    pool.unmerge()
+    np.testing.assert_allclose(pool.predict(x, adapter="b"), expected_b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        pool.predict(x, adapter="a"), reference["task1"], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_the_base_check_refuses_another_base_while_merged(pool, convnext_adapters, tmp_path):
+    other = lora_ckpt.create_model(
+        "convnext_tiny", lora_rank=2, lora_train_classifier=False, **CONVNEXT
+    )  # a fresh base, not the file
+    fill_adapter(other, seed=5)
+    lora_ckpt.save_lora_state(other, str(tmp_path / "other"), include_bias="none")
+    pool.load("a", convnext_adapters["adapters"]["task1"])
+    pool.merge("a")
+    with pytest.raises(BaseModelMismatchError, match="other base weights"):
+        pool.load("other", str(tmp_path / "other"))
+    assert pool.names() == ["a"] and pool.merged == "a"
+
+
 @pytest.mark.slow
 def test_concurrent_requests_while_loading(convnext_adapters):
     """8 threads x 200 requests over 6 adapters, capacity 3, while a loader

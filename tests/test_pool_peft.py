@@ -130,7 +130,7 @@ def pool(shared_pool):
 
 
 def slot_snapshot(pool):
-    return [v.numpy().copy() for v in pool._slot_variables]
+    return [v.numpy().copy() for v in pool._layers.slot_variables]
 
 
 # ---- the Done-when ------------------------------------------------------------------
@@ -205,6 +205,20 @@ def test_dora_output_scale_is_computed_from_the_base_kernel_while_merged(pool, p
         pool.load("dora", peft["paths"]["dora"])
     finally:
         pool.check_base = True
+    pool.unmerge()
+    np.testing.assert_allclose(
+        pool.predict(peft["x"], adapter="dora"), peft["reference"]["dora"], **TOL
+    )
+
+
+def test_a_dora_adapter_loads_with_the_base_check_while_another_is_merged(pool, peft):
+    # DoRA's magnitudes make its variable set new to the pool: its base
+    # fingerprint is computed while merged, from the kept base kernels.
+    pool.load("rslora", peft["paths"]["rslora"])
+    pool.merge("rslora")
+    merged = pool.predict(peft["x"], adapter="rslora")
+    pool.load("dora", peft["paths"]["dora"])
+    np.testing.assert_array_equal(pool.predict(peft["x"], adapter="rslora"), merged)
     pool.unmerge()
     np.testing.assert_allclose(
         pool.predict(peft["x"], adapter="dora"), peft["reference"]["dora"], **TOL

@@ -295,7 +295,7 @@ def test_routing_of_one_pool_does_not_reach_another_models_layers(conv_adapters)
     pool_a = AdapterPool(model_a, capacity=1)
     pool_a.load("c0", conv_adapters["paths"]["c0"])
     plain_b = model_b(conv_adapters["x"]).numpy()
-    with pool_a._routing.route(tf.constant(1)):
+    with pool_a._graphs.routing.route(tf.constant(1)):
         assert np.array_equal(model_b(conv_adapters["x"]).numpy(), plain_b)
         routed_a = model_a(conv_adapters["x"]).numpy()
     assert_close(routed_a, conv_adapters["reference"]["c0"])

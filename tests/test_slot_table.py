@@ -50,6 +50,7 @@ for _name in (
     "take_dirty",
     "cleared",
     "activate",
+    "check_name",
 ):
     setattr(CheckedTable, _name, _checked(getattr(SlotTable, _name)))
 
@@ -475,6 +476,27 @@ def test_invalid_names_are_refused_and_the_slot_stays_reserved(name):
     assert t.stats["loads"] == 0
     t.abort(r.slot)
     assert states(t) == {1: "dirty", 2: "free"}
+
+
+@pytest.mark.parametrize("name", ["", OFF, None, 3, b"a"])
+def test_check_name_refuses_what_commit_would_and_changes_nothing(name):
+    t = table(2, "a")
+    before = t.snapshot()
+    with pytest.raises(LoRAConfigError, match="non-empty string"):
+        t.check_name(name)
+    assert t.snapshot() == before
+
+
+def test_check_name_refuses_only_the_merged_name():
+    t = table(2, "a", "b")
+    t.check_name("a")
+    t.pin("a")
+    with pytest.raises(MergeStateError, match=r"'a' is merged; call unmerge\(\) before reloading"):
+        t.check_name("a")
+    t.check_name("b")
+    t.check_name("new")
+    t.unpin()
+    t.check_name("a")
 
 
 def test_release_underflow_is_a_programming_error():

@@ -260,6 +260,24 @@ class SlotTable:
     def _evictable(self) -> list[int]:
         return [s for s in self._slot_of.values() if self._refs[s] == 0 and s != self._pinned]
 
+    def check_name(self, name: str) -> None:
+        """Refuses early a name :meth:`commit` would refuse, before a load reads anything.
+
+        Raises:
+            LoRAConfigError: If ``name`` is not a non-empty string other than ``"off"``.
+            MergeStateError: If ``name`` is the merged adapter.
+        """
+        _check_name_type(name)
+        with self._cond:
+            self._refuse_merged(name)
+
+    def _refuse_merged(self, name: str) -> None:
+        slot = self._slot_of.get(name)
+        if slot is not None and slot == self._pinned:
+            raise MergeStateError(
+                f"Adapter {name!r} is merged; call unmerge() before reloading it."
+            )
+
     def commit(self, name: str, slot: int) -> None:
         """Publishes a written slot under ``name``. A resident adapter of that
         name is replaced; requests running on it finish with the old weights.
@@ -270,17 +288,11 @@ class SlotTable:
             MergeStateError: If ``name`` is merged; the slot stays loading.
             RuntimeError: If ``slot`` is not reserved.
         """
-        if not isinstance(name, str) or not name or name == OFF:
-            raise LoRAConfigError(
-                f"Adapter name must be a non-empty string other than {OFF!r}, got {name!r}."
-            )
+        _check_name_type(name)
         with self._cond:
             self._expect(slot, LOADING)
+            self._refuse_merged(name)
             old = self._slot_of.get(name)
-            if old is not None and old == self._pinned:
-                raise MergeStateError(
-                    f"Adapter {name!r} is merged; call unmerge() before reloading it."
-                )
             if old is not None:
                 self._retire(old)
             self._state[slot], self._name[slot] = LIVE, name
@@ -438,3 +450,10 @@ class SlotTable:
             assert self._active == OFF or self._active in self._slot_of, (
                 f"active adapter {self._active!r} is not resident"
             )
+
+
+def _check_name_type(name: object) -> None:
+    if not isinstance(name, str) or not name or name == OFF:
+        raise LoRAConfigError(
+            f"Adapter name must be a non-empty string other than {OFF!r}, got {name!r}."
+        )

@@ -1,0 +1,132 @@
+"""The compiled graphs of one adapter pool: its forward passes and its slot write.
+
+A pool serves through four traced forward passes, one per kind of request,
+each traced once when the pool is built (the warm-up), never again: the only
+input besides the batch is the slot ids, so loading, evicting and switching
+adapters change tensor values, not graphs. Batch 1 has its own graph so each
+layer can choose its cheapest path for it. A fifth graph writes one slot of
+every layer in one call.
+"""
+
+import numpy as np
+
+from .._tf import tf
+from ..errors import LoRAConfigError
+from .slots import BASE_ONLY, Routing
+
+
+class ServingGraphs:
+    """The traced forward passes and slot write of one pool's model.
+
+    Args:
+        model: The pool's LoRA model, its layers already given their slots.
+        routing: The pool's routing (the slot ids reach the layers through it).
+        slot_variables: Every stacked ``[slots, ...]`` variable, in the order
+            a flat slot value lists them (see :meth:`write`).
+
+    Attributes:
+        input_shape: One sample's shape (no batch axis).
+        dtype: The dtype of inputs: the model's variables' dtype, also under
+            mixed precision.
+        output_width: The width of the model's output.
+        trace_count: How many times a forward pass with slots was traced: 3
+            after construction, and it stays 3.
+    """
+
+    def __init__(self, model: tf.keras.Model, routing: Routing, slot_variables: list):
+        self.model = model
+        self.routing = routing
+        self.slot_variables = slot_variables
+        self.trace_count = 0
+        sample = getattr(model, "dummy_inputs", None)
+        shape = tuple(sample.shape[1:]) if sample is not None else tuple(model.input_shape[1:])
+        self.input_shape = shape
+        self.dtype = model.dtype or "float32"
+        batch, single = (
+            tf.TensorSpec([None, *shape], self.dtype),
+            tf.TensorSpec([1, *shape], self.dtype),
+        )
+        scalar, vector = tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.int32)
+        self._one = tf.function(self._serve, input_signature=[batch, scalar])
+        self._single = tf.function(self._serve, input_signature=[single, scalar])
+        self._mixed = tf.function(self._serve, input_signature=[batch, vector])
+        self._base = tf.function(self._serve_base, input_signature=[batch])
+        self._write = tf.function(self._write_slot, autograph=False)
+        # The warm-up: every slot graph traced now, not by a first request.
+        zeros = np.zeros([1, *shape], self.dtype)
+        self.output_width = int(self._one(zeros, tf.constant(0)).shape[-1])
+        self._single(zeros, tf.constant(0))
+        self._mixed(zeros, tf.zeros([1], tf.int32))
+
+    def _serve(self, x, slot_ids):
+        self.trace_count += 1  # runs only while tracing
+        with self.routing.route(slot_ids):
+            return self.model(x, training=False)
+
+    def _serve_base(self, x):
+        with self.routing.route(BASE_ONLY):
+            return self.model(x, training=False)
+
+    def _write_slot(self, slot, flat):
+        # One graph and one flat input for every layer's slot write: a load is
+        # one call (an input per array would cost more than the writes).
+        sizes = [v.shape[1:].num_elements() for v in self.slot_variables]
+        for variable, part in zip(self.slot_variables, tf.split(flat, sizes), strict=True):
+            variable[slot].assign(tf.reshape(part, variable.shape[1:]))
+
+    def write(self, slot: int, flat: np.ndarray) -> None:
+        """Writes one slot of every slot variable.
+
+        Args:
+            slot: The slot index.
+            flat: The slot's values, each variable's raveled, concatenated in
+                the order of ``slot_variables``.
+        """
+        self._write(tf.constant(slot, tf.int32), flat)
+
+    def check_batch(self, x) -> np.ndarray:
+        """The input as an array the graphs take.
+
+        Args:
+            x: A batch ``[n, *input_shape]`` of finite numbers.
+
+        Returns:
+            ``x`` as a numpy array of :attr:`dtype`.
+
+        Raises:
+            LoRAConfigError: For anything else (with what was expected).
+        """
+        try:
+            x = np.asarray(x, dtype=self.dtype)
+        except (TypeError, ValueError) as exc:
+            raise LoRAConfigError(f"The input is not an array of numbers: {exc}.") from exc
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise LoRAConfigError(
+                f"Expected a batch of shape [n, {', '.join(map(str, self.input_shape))}], "
+                f"got {list(x.shape)}."
+            )
+        if len(x) == 0:
+            raise LoRAConfigError("The batch is empty; send at least one sample.")
+        if not np.isfinite(x).all():
+            raise LoRAConfigError("The input holds NaN or infinite values.")
+        return x
+
+    def forward(self, x: np.ndarray, slot_ids: np.ndarray, merged: bool) -> tf.Tensor:
+        """Runs the graph for one request.
+
+        Args:
+            x: A batch checked by :meth:`check_batch`.
+            slot_ids: One slot per sample (int32).
+            merged: Whether the adapter of every sample is merged into the
+                base kernels: the plain base graph then serves it.
+
+        Returns:
+            The model's outputs.
+        """
+        if merged:
+            return self._base(x)
+        if np.any(slot_ids != slot_ids[0]):
+            return self._mixed(x, slot_ids)
+        if len(x) == 1:
+            return self._single(x, slot_ids[0])
+        return self._one(x, slot_ids[0])
