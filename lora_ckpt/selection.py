@@ -12,8 +12,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ._tf import tf
-from .errors import LayerNotFoundError, LoRAConfigError, MergeStateError
-from .layers import is_lora_layer
+from .errors import (
+    LoRAConfigError,
+    MergeStateError,
+    UnregisteredArchitectureError,
+)
+from .layers import LoRALayerMixin, is_lora_layer
 from .traversal import layers_and_variables, named_layers, named_variables
 
 TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
@@ -109,6 +113,49 @@ def lora_settings(model) -> LoRASettings:
     return getattr(model, "lora_settings", None) or LoRASettings()
 
 
+def foreign_lora_layers(layers: Iterable[tuple[str, tf.keras.layers.Layer]]) -> list[tuple]:
+    """The ``(path, layer)`` pairs whose layer is a LoRA layer of another library.
+
+    tfimm's own ``LoRADense``/``LoRAConv2D`` say ``is_lora_layer = True`` as
+    ours do, but have none of the state lora_ckpt keeps (enabled flag, DoRA,
+    exact merge), so code that reads it must not take them for ours.
+
+    Args:
+        layers: ``(path, layer)`` pairs, e.g. from ``named_layers(model)``.
+
+    Returns:
+        The pairs of foreign LoRA layers, in the given order.
+    """
+    return [
+        (path, layer)
+        for path, layer in layers
+        if is_lora_layer(layer) and not isinstance(layer, LoRALayerMixin)
+    ]
+
+
+def refuse_foreign_lora_layers(model, layers: Iterable[tuple] | None = None) -> None:
+    """Refuses a model built by ``tfimm.architectures.lora`` with what to do instead.
+
+    Args:
+        model: The model a lora_ckpt function was given.
+        layers: Its ``(path, layer)`` pairs, if the caller walked it already.
+
+    Raises:
+        UnregisteredArchitectureError: If the model holds LoRA layers that are
+            not lora_ckpt's.
+    """
+    foreign = foreign_lora_layers(named_layers(model) if layers is None else layers)
+    if foreign:
+        path, layer = foreign[0]
+        raise UnregisteredArchitectureError(
+            f"{type(model).__name__} model '{model.name}' was built with "
+            f"{type(layer).__module__}.{type(layer).__name__} layers ('{path}' and "
+            f"{len(foreign) - 1} more), not lora_ckpt's: lora_ckpt cannot save, merge or "
+            "convert them. Convert the model first: `model = "
+            "lora_ckpt.convert_to_lora_model(model)` carries its LoRA weights over exactly."
+        )
+
+
 def layer_matches(path: str, layer, pattern: str) -> bool:
     """The one layer-matching rule: ``pattern`` is the layer's path or name, or a
     glob (``fnmatch``) over either."""
@@ -136,7 +183,7 @@ def match_layers(
         Matching layer paths, each once, in model order.
 
     Raises:
-        LayerNotFoundError: If a pattern matches no candidate.
+        LoRAConfigError: If a pattern matches no candidate.
     """
     layers = list(named_layers(model)) if layers is None else list(layers)
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -148,7 +195,7 @@ def match_layers(
         matched = [path for path, layer in layers if layer_matches(path, layer, pattern)]
         if not matched:
             known = [p for p, _ in layers]
-            raise LayerNotFoundError(
+            raise LoRAConfigError(
                 f"{what} {pattern!r} matches no layer of model '{model.name}'. "
                 f"Candidates include: {known[:20]}{' ...' if len(known) > 20 else ''}"
             )
@@ -201,8 +248,8 @@ def lora_trainable_weights(
         The variables, each once, in the model's layer order.
 
     Raises:
-        LoRAConfigError: For an unknown ``train_bias``.
-        LayerNotFoundError: If a name in ``trainable_layers`` matches no layer.
+        LoRAConfigError: For an unknown ``train_bias``, or a name in
+            ``trainable_layers`` that matches no layer.
     """
     check_train_bias(train_bias)
     layers = list(named_layers(model))
@@ -237,7 +284,7 @@ def lora_non_trainable_weights(
         The frozen variables, in the model's layer order.
 
     Raises:
-        LoRAConfigError, LayerNotFoundError: As :func:`lora_trainable_weights`.
+        LoRAConfigError: As :func:`lora_trainable_weights`.
     """
     trainable = {id(v) for v in lora_trainable_weights(model, train_bias, trainable_layers)}
     return [v for v in named_variables(model).values() if id(v) not in trainable]
@@ -287,16 +334,18 @@ def select_state(
         The selection.
 
     Raises:
-        LayerNotFoundError: If the model has no LoRA layer or a pattern
-            matches no layer.
+        LoRAConfigError: If the model has no LoRA layer, a pattern matches
+            no layer, or the bias mode is unknown.
         MergeStateError: If a LoRA layer is merged (its kernel then holds the
             update, so the base cannot be identified).
-        LoRAConfigError: For an unknown bias mode.
+        UnregisteredArchitectureError: For a model built by tfimm's LoRA
+            module (convert it with ``convert_to_lora_model`` first).
     """
     all_layers, all_vars = layers_and_variables(model)
+    refuse_foreign_lora_layers(model, all_layers)
     layers = [(path, layer) for path, layer in all_layers if is_lora_layer(layer)]
     if not layers:
-        raise LayerNotFoundError(
+        raise LoRAConfigError(
             f"Model '{model.name}' has no LoRA layers: there is no adapter state to "
             "save or load. Convert it with convert_to_lora_model first."
         )
