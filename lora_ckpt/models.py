@@ -534,6 +534,9 @@ def lora_disabled(model: tf.keras.layers.Layer):
     Args:
         model: A model with LoRA layers, not merged.
 
+    Yields:
+        ``model``, computing its base model's output.
+
     Raises:
         LoRAConfigError: If the model has no LoRA layers.
         MergeStateError: If a LoRA layer is merged (its kernel then holds the
@@ -551,7 +554,7 @@ def lora_disabled(model: tf.keras.layers.Layer):
         _forget_compiled_functions(model)
 
 
-def trainable_parameter_counts(model: tf.keras.layers.Layer) -> tuple[int, int]:
+def _trainable_parameter_counts(model: tf.keras.layers.Layer) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts, as Keras' ``summary`` counts them."""
     trainable = sum(int(v.shape.num_elements()) for v in model.trainable_weights)
     total = trainable + sum(int(v.shape.num_elements()) for v in model.non_trainable_weights)
@@ -566,7 +569,7 @@ def print_trainable_parameters(model: tf.keras.layers.Layer) -> None:
     Args:
         model: Any built Keras model.
     """
-    trainable, total = trainable_parameter_counts(model)
+    trainable, total = _trainable_parameter_counts(model)
     percent = 100.0 * trainable / total if total else 0.0
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
@@ -614,3 +617,18 @@ def supported_architectures() -> dict:
         "select_with": "target_layers=[layer paths, names or glob patterns]",
     }
     return result
+
+
+__all__ = [
+    "convert_to_lora_model",
+    "convert_to_regular_model",
+    "create_model",
+    "lora_disabled",
+    "lora_layers",
+    "merge_lora_weights",
+    "merge_weights",
+    "print_trainable_parameters",
+    "set_lora_enabled",
+    "supported_architectures",
+    "unmerge_lora_weights",
+]

@@ -20,7 +20,7 @@ from .errors import (
 from .layers import LoRALayerMixin, is_lora_layer
 from .traversal import layers_and_variables, named_layers, named_variables
 
-TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
+_TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
 
 KIND_LORA = "lora"
 KIND_BIAS = "bias"
@@ -36,10 +36,10 @@ def check_train_bias(train_bias: str) -> None:
     Raises:
         LoRAConfigError: For any other value.
     """
-    if train_bias not in TRAIN_BIAS_OPTIONS:
+    if train_bias not in _TRAIN_BIAS_OPTIONS:
         raise LoRAConfigError(
             f"Unknown value for train_bias: {train_bias!r}; expected one of "
-            f"{list(TRAIN_BIAS_OPTIONS)}."
+            f"{list(_TRAIN_BIAS_OPTIONS)}."
         )
 
 
@@ -109,6 +109,12 @@ def lora_settings(model) -> LoRASettings:
     Registered architectures derive them from their config, converted
     functional/Sequential models carry them; any other model trains LoRA
     weights only.
+
+    Args:
+        model: Any Keras model.
+
+    Returns:
+        Its bias mode and the layers it trains in full.
     """
     return getattr(model, "lora_settings", None) or LoRASettings()
 
@@ -158,7 +164,16 @@ def refuse_foreign_lora_layers(model, layers: Iterable[tuple] | None = None) -> 
 
 def layer_matches(path: str, layer, pattern: str) -> bool:
     """The one layer-matching rule: ``pattern`` is the layer's path or name, or a
-    glob (``fnmatch``) over either."""
+    glob (``fnmatch``) over either.
+
+    Args:
+        path: The layer's path in its model (``stages/0/blocks/1/mlp/fc1``).
+        layer: The layer (its ``name`` is matched too).
+        pattern: A path, a layer name or a glob.
+
+    Returns:
+        Whether the pattern names the layer.
+    """
     return any(
         pattern == candidate or fnmatch.fnmatchcase(candidate, pattern)
         for candidate in (path, layer.name)
@@ -203,7 +218,7 @@ def match_layers(
     return paths
 
 
-def bias_variables(layer: tf.keras.layers.Layer) -> list[tf.Variable]:
+def _bias_variables(layer: tf.keras.layers.Layer) -> list[tf.Variable]:
     """The bias variables of a layer: convolution/dense ``bias``, norm ``beta``."""
     bias_layers = (
         tf.keras.layers.Conv1D,
@@ -221,10 +236,10 @@ def bias_variables(layer: tf.keras.layers.Layer) -> list[tf.Variable]:
     return []
 
 
-def trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> list[tf.Variable]:
+def _trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> list[tf.Variable]:
     """The biases of ``layer`` that bias mode ``train_bias`` trains."""
     if train_bias == "all" or (train_bias == "lora_only" and is_lora_layer(layer)):
-        return bias_variables(layer)
+        return _bias_variables(layer)
     return []
 
 
@@ -256,7 +271,7 @@ def lora_trainable_weights(
     full = set(match_layers(model, trainable_layers or [], layers, "trainable_layers entry"))
     selected, ids = [], set()
     for path, layer in layers:
-        variables = trained_biases(layer, train_bias)
+        variables = _trained_biases(layer, train_bias)
         if is_lora_layer(layer):
             variables = [*layer.lora_trainable_weights(train_bias=False), *variables]
         if path in full:
@@ -373,7 +388,7 @@ def select_state(
             if key.startswith(prefix + "/"):
                 kinds.setdefault(key, KIND_EXTRA)
     for _, layer in all_layers:
-        for var in trained_biases(layer, bias):
+        for var in _trained_biases(layer, bias):
             kinds.setdefault(key_of[id(var)], KIND_BIAS)
 
     ordered = {k: all_vars[k] for k in all_vars if k in kinds}
@@ -404,6 +419,12 @@ def classifier_paths(model) -> list[str]:
     A tfimm model names them in its config (``cfg.classifier``); for a
     functional/Sequential model they are the layers that produce its outputs.
     A model built without a classifier (``nb_classes=0``) has none.
+
+    Args:
+        model: A tfimm model (regular or LoRA) or a functional/Sequential model.
+
+    Returns:
+        The classifier layers' paths, in model order.
     """
     layers = list(named_layers(model))
     names = getattr(getattr(model, "cfg", None), "classifier", None)
@@ -411,3 +432,25 @@ def classifier_paths(model) -> list[str]:
         names = list(getattr(model, "output_names", None) or [])
     names = [names] if isinstance(names, str) else list(names)
     return [path for path, layer in layers if any(layer_matches(path, layer, n) for n in names)]
+
+
+# The public API (lora_trainable_weights, ...) and what the modules above use:
+# the kinds are the values of StateSelection.kinds that state/ writes and reads.
+__all__ = [
+    "KIND_BIAS",
+    "KIND_EXTRA",
+    "KIND_LORA",
+    "LoRASettings",
+    "LoRATrainableMixin",
+    "StateSelection",
+    "check_train_bias",
+    "classifier_paths",
+    "foreign_lora_layers",
+    "layer_matches",
+    "lora_non_trainable_weights",
+    "lora_settings",
+    "lora_trainable_weights",
+    "match_layers",
+    "refuse_foreign_lora_layers",
+    "select_state",
+]
