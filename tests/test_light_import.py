@@ -73,12 +73,12 @@ def test_import_lora_ckpt_asks_for_keras_2_before_tensorflow_comes_up():
     )
 
 
-@pytest.mark.slow
 def test_first_use_of_a_model_name_imports_tensorflow_and_registers_the_architectures():
-    # Slow lane: it starts TensorFlow and tfimm in a fresh process (~5 s).
+    # The one fast-lane test that starts TensorFlow and tfimm in a fresh process.
     out = _run(
-        "import sys, lora_ckpt\n"
+        "import os, sys, lora_ckpt\n"
         "assert 'tensorflow' not in sys.modules\n"
+        "assert os.environ['TF_USE_LEGACY_KERAS'] == '1'  # set before TensorFlow comes up\n"
         "create_model = lora_ckpt.create_model\n"
         "assert 'tensorflow' in sys.modules and 'lora_ckpt.architectures' in sys.modules\n"
         "model = create_model('convnext_tiny', lora_rank=2, embed_dim=(8, 16),\n"
