@@ -22,6 +22,7 @@ architectures, so ``lora_ckpt.create_model(...)`` works right after
 """
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from ._keras_env import prefer_keras_2 as _prefer_keras_2
@@ -146,12 +147,10 @@ def __getattr__(name: str):
         value = getattr(_submodule(module), name)
         globals()[name] = value  # later accesses skip __getattr__
         return value
-    if not name.startswith("__"):
-        try:
-            return _submodule(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise  # a submodule exists but an import inside it failed
+    # Found before importing anything: tools probe modules for attributes
+    # (hasattr), and a miss must not bring TensorFlow up.
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
+        return _submodule(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

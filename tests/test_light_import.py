@@ -30,6 +30,7 @@ def _run(script: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_import_lora_ckpt_imports_no_tensorflow():
     _run(
         "import sys, lora_ckpt\n"
+        "assert not hasattr(lora_ckpt, 'not_a_name')  # a miss imports nothing either\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow'\n"
         "assert 'tfimm' not in sys.modules, 'tfimm'\n"
         "assert 'numpy' not in sys.modules, 'numpy'\n"
