@@ -2,32 +2,21 @@
 
 tfimm and this package are written against ``tf.keras`` as Keras 2 (the
 ``tf_keras`` package). TensorFlow 2.16+ picks Keras 3 unless
-``TF_USE_LEGACY_KERAS=1`` is set *before* TensorFlow is first imported, so
-every module of the package imports ``tf`` from here.
+``TF_USE_LEGACY_KERAS=1`` is set *before* TensorFlow is first imported
+(:mod:`lora_ckpt._keras_env` sets it), so every module of the package imports
+``tf`` from here. ``import lora_ckpt`` does not import this module: the
+first public name that needs TensorFlow does.
 """
 
-import os
-import sys
+from ._keras_env import prefer_keras_2, restore_environment
+from .errors import KerasObjectError, MissingDependencyError
 
-from .errors import KerasObjectError, KerasVersionError
-
-_ENV_BEFORE = os.environ.get("TF_USE_LEGACY_KERAS")
-if "tensorflow" not in sys.modules:
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
-
-def _restore_environment() -> None:
-    # lora_ckpt could not come up: leave the user's process as it found it.
-    if _ENV_BEFORE is None:
-        os.environ.pop("TF_USE_LEGACY_KERAS", None)
-    else:
-        os.environ["TF_USE_LEGACY_KERAS"] = _ENV_BEFORE
-
+prefer_keras_2()  # already done by `import lora_ckpt`; again for a direct import of this module
 
 try:
     import tensorflow as tf
 except BaseException:
-    _restore_environment()
+    restore_environment()
     raise
 
 
@@ -35,7 +24,7 @@ def _check_keras_2() -> None:
     try:
         import tf_keras  # noqa: F401
     except ImportError as exc:
-        raise KerasVersionError(
+        raise MissingDependencyError(
             "lora_ckpt needs the Keras 2 API from the `tf_keras` package, which is "
             "not installed. Install it with `pip install tf_keras`."
         ) from exc
@@ -43,7 +32,7 @@ def _check_keras_2() -> None:
     # a module of the tf_keras package.
     if not tf.keras.__name__.startswith("tf_keras"):
         version = getattr(tf.keras, "__version__", "3")
-        raise KerasVersionError(
+        raise MissingDependencyError(
             f"TensorFlow was imported with Keras {version} active, but lora_ckpt "
             "needs Keras 2 (tf_keras). Set the environment variable "
             "TF_USE_LEGACY_KERAS=1 before TensorFlow is imported, or import "
@@ -53,8 +42,8 @@ def _check_keras_2() -> None:
 
 try:
     _check_keras_2()
-except KerasVersionError:
-    _restore_environment()
+except MissingDependencyError:
+    restore_environment()
     raise
 
 

@@ -1,10 +1,38 @@
 """Errors a user of lora_ckpt can cause.
 
-Every error raised for bad input is a :class:`LoRAError`; each subclass
-stands for one kind of mistake. Where tfimm's LoRA module raised
-``ValueError`` for the same mistake, the subclass is also a ``ValueError`` so
-code written against tfimm keeps catching it. This module imports nothing,
-so pure-Python parts (the slot table) can use it without TensorFlow.
+Every error raised for bad input is a :class:`LoRAError`. There is one
+subclass per way a caller handles a mistake differently (a different fix, a
+different HTTP status, a fallback in the CLI), not one per place that raises:
+the message says what exactly was wrong and what to do. Where tfimm's LoRA
+module raised ``ValueError`` for the same mistake, the subclass is also a
+``ValueError`` so code written against tfimm keeps catching it; a missing
+adapter is a ``FileNotFoundError``, an adapter not resident in a pool a
+``KeyError``. This module imports nothing, so pure-Python parts (the slot
+table, the CLI's argument parsing) can use it without TensorFlow.
+
+The classes, and what a caller does differently for each:
+
+- ``LoRAError``: anything lora_ckpt refuses (HTTP 400 unless below).
+- ``MissingDependencyError`` (ImportError): fix the environment (install a
+  package, or set ``TF_USE_LEGACY_KERAS=1`` before TensorFlow comes up).
+- ``KerasObjectError`` (TypeError): a Keras 3 object was passed.
+- ``LoRAConfigError`` (ValueError): an invalid argument, model name, layer
+  pattern, or a layer that cannot get LoRA.
+- ``UnregisteredArchitectureError`` (a LoRAConfigError): no LoRA variant for
+  this model class; ``lora-ckpt export`` falls back to the store's base model.
+- ``MergeStateError`` (RuntimeError; HTTP 409): the merge state forbids it.
+- ``StoreError``: a store, base weights file or training checkpoint is
+  missing or not what it should be.
+- ``AdapterError`` (HTTP 422) and its subclasses ``AdapterNotFoundError``
+  (FileNotFoundError; 404), ``AdapterExistsError`` (FileExistsError: pass
+  overwrite), ``CorruptAdapterError`` (unreadable, altered, or another format
+  version), ``AdapterMismatchError`` (does not fit the model) and its
+  ``BaseModelMismatchError`` (other base weights: ``check_base=False``
+  loads it anyway).
+- ``PoolError`` and its ``AdapterNotLoadedError`` (KeyError; 404) and
+  ``PoolFullError`` (503).
+
+Older names merged into these stay importable (``_DEPRECATED_ALIASES``).
 """
 
 
@@ -20,32 +48,29 @@ class LoRAError(Exception):
             cls.__init__ = Exception.__init__
 
 
-class KerasVersionError(LoRAError, ImportError):
-    """TensorFlow runs with Keras 3, or tf_keras is missing."""
+class MissingDependencyError(LoRAError, ImportError):
+    """A package lora_ckpt needs is missing or unusable in this process.
+
+    ``tf_keras`` is not installed or TensorFlow already runs with Keras 3, or
+    an optional package a call needs (timm for pretrained weights) is missing.
+    """
 
 
 class KerasObjectError(LoRAError, TypeError):
     """A Keras 3 layer or model was passed; lora_ckpt works with tf_keras (Keras 2) objects."""
 
 
-class MissingDependencyError(LoRAError, ImportError):
-    """An optional package a call needs (such as timm for pretrained weights) is missing."""
-
-
 class LoRAConfigError(LoRAError, ValueError):
-    """An argument is invalid: a LoRA hyper-parameter, a name, a request's shape."""
+    """An argument is invalid: a LoRA hyper-parameter, a model name, a layer
+    pattern that matches nothing, a layer that cannot get LoRA, a request's shape."""
 
 
-class UnsupportedLayerError(LoRAError, ValueError):
-    """A layer cannot be converted to a LoRA layer."""
+class UnregisteredArchitectureError(LoRAConfigError):
+    """A model class has no registered LoRA variant (or is not a LoRA variant).
 
-
-class UnknownModelError(LoRAError, ValueError):
-    """A model name is not known to tfimm."""
-
-
-class UnregisteredArchitectureError(LoRAError, ValueError):
-    """A model class has no registered LoRA variant (or is not a LoRA variant)."""
+    Kept apart from :class:`LoRAConfigError` because callers fall back on it
+    (``lora-ckpt export`` then builds the store's base model instead).
+    """
 
 
 class MergeStateError(LoRAError, RuntimeError):
@@ -53,20 +78,13 @@ class MergeStateError(LoRAError, RuntimeError):
     adapter while one is merged, unloading the merged adapter, ...)."""
 
 
-class LayerNotFoundError(LoRAError, ValueError):
-    """A layer name or pattern given by the user matches no layer of the model."""
-
-
-class BaseWeightsError(LoRAError):
-    """A base weights file is missing or does not hold this model's base weights."""
-
-
-class TrainingCheckpointError(LoRAError):
-    """A training checkpoint (adapter, optimizer and epoch) is missing or unreadable."""
-
-
 class StoreError(LoRAError):
-    """An adapter store is missing or malformed (no ``base.json``, ...)."""
+    """Files named by the caller, other than an adapter, are missing or wrong.
+
+    An adapter store (no ``base.json``, unreachable, a download that kept
+    changing), a base weights file (missing, or not this model's weights), a
+    training checkpoint (missing or unreadable).
+    """
 
 
 class AdapterError(LoRAError):
@@ -82,11 +100,9 @@ class AdapterExistsError(AdapterError, FileExistsError):
 
 
 class CorruptAdapterError(AdapterError):
-    """An adapter's files are unreadable, truncated or do not match its config."""
-
-
-class AdapterVersionError(AdapterError):
-    """The adapter was written in a format version this library cannot read."""
+    """An adapter cannot be read: its files are unreadable, truncated or do not
+    match its config, or it was written in a format version this library
+    does not read."""
 
 
 class AdapterMismatchError(AdapterError):
@@ -110,3 +126,45 @@ class AdapterNotLoadedError(PoolError, KeyError):
 
 class PoolFullError(PoolError):
     """Every slot of the pool is in use by running requests; nothing can be evicted."""
+
+
+# Deprecated aliases: classes merged into the one a caller handles them with.
+# Each old name is the same class object as its replacement, so every raise
+# and except that uses it keeps working; the lead sweeps the usages, then
+# these go.
+KerasVersionError = MissingDependencyError
+UnsupportedLayerError = LoRAConfigError
+UnknownModelError = LoRAConfigError
+LayerNotFoundError = LoRAConfigError
+BaseWeightsError = StoreError
+TrainingCheckpointError = StoreError
+AdapterVersionError = CorruptAdapterError
+
+_DEPRECATED_ALIASES = {
+    "KerasVersionError": "MissingDependencyError",
+    "UnsupportedLayerError": "LoRAConfigError",
+    "UnknownModelError": "LoRAConfigError",
+    "LayerNotFoundError": "LoRAConfigError",
+    "BaseWeightsError": "StoreError",
+    "TrainingCheckpointError": "StoreError",
+    "AdapterVersionError": "CorruptAdapterError",
+}
+
+__all__ = [
+    "AdapterError",
+    "AdapterExistsError",
+    "AdapterMismatchError",
+    "AdapterNotFoundError",
+    "AdapterNotLoadedError",
+    "BaseModelMismatchError",
+    "CorruptAdapterError",
+    "KerasObjectError",
+    "LoRAConfigError",
+    "LoRAError",
+    "MergeStateError",
+    "MissingDependencyError",
+    "PoolError",
+    "PoolFullError",
+    "StoreError",
+    "UnregisteredArchitectureError",
+]

@@ -7,19 +7,19 @@ written against it works after changing the import.
 import contextlib
 import dataclasses
 import difflib
+import sys
 import warnings
 
 import tfimm
 from tfimm.models import model_class, model_config
 
+from . import architectures  # noqa: F401  (registers the LoRA classes this factory builds)
 from ._tf import require_tf_keras, tf
 from .errors import (
-    LayerNotFoundError,
     LoRAConfigError,
     LoRAError,
     MergeStateError,
     MissingDependencyError,
-    UnknownModelError,
     UnregisteredArchitectureError,
 )
 from .graph_models import convert_graph_model, graph_model_to_regular, is_graph_model
@@ -31,7 +31,7 @@ from .registry import (
     lora_config,
     registered_architectures,
 )
-from .selection import classifier_paths
+from .selection import classifier_paths, foreign_lora_layers, refuse_foreign_lora_layers
 from .subclassed_models import convert_subclassed_model, convert_subclassed_model_to_regular
 from .traversal import named_layers, named_variables
 
@@ -118,6 +118,102 @@ def _transfer(src: tf.keras.Model, dst: tf.keras.Model) -> None:
             )
 
 
+# LoRA fields that decide which layers hold which A/B shapes: a tfimm LoRA
+# model's own layers fix them, so they cannot be chosen anew when it is converted.
+_FIXED_BY_TFIMM_LAYERS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_layer_groups",
+    "lora_target_layers",
+    "lora_rank_pattern",
+    "lora_alpha_pattern",
+    "lora_use_dora",
+    "lora_use_rslora",
+    "target_layers",
+)
+
+
+def _tfimm_base_architecture(model_cls: type) -> type:
+    """The base class that tfimm's own LoRA registry gives a tfimm LoRA class."""
+    # Nothing can be an instance of a class registered there unless the module
+    # was imported, so it is not imported here.
+    tfimm_lora = sys.modules.get("tfimm.architectures.lora")
+    try:
+        return tfimm_lora.lora_base_architecture(model_cls)
+    except (AttributeError, ValueError):  # no module, or a class it does not know
+        raise UnregisteredArchitectureError(
+            f"{model_cls.__name__} holds LoRA layers of another library but is not a LoRA "
+            "architecture registered with tfimm.architectures.lora, so lora_ckpt cannot tell "
+            "its base architecture. Merge its updates with that library and convert the "
+            "regular model, or give lora_ckpt.convert_to_lora_model a regular model."
+        ) from None
+
+
+def _convert_tfimm_lora_model(model, foreign: list[tuple], kwargs: dict) -> tf.keras.Model:
+    """:func:`convert_to_lora_model` for a model built by ``tfimm.architectures.lora``.
+
+    Its base weights move by path as for any conversion; LoRA goes on exactly
+    the layers that have it in ``model`` (``lora_target_layers``), with their
+    ranks and alphas, and their ``A``/``B`` are copied as they are.
+    """
+    for path, layer in foreign:
+        if not isinstance(layer, tf.keras.layers.Dense):
+            raise LoRAConfigError(
+                f"Layer '{path}' is tfimm's {type(layer).__name__}: its update has a "
+                "low-rank factor per kernel position, which no lora_ckpt layer holds "
+                "exactly. Merge it with tfimm "
+                "(tfimm.architectures.lora.convert_to_regular_model) and convert the regular "
+                "model with lora_ckpt.convert_to_lora_model."
+            )
+        if layer.merged:
+            raise MergeStateError(
+                f"tfimm LoRA layer '{path}' is merged, so its kernel is not the base "
+                "kernel; call its unmerge_weights() (on every merged layer) first."
+            )
+    kwargs = _normalize_kwargs(kwargs)
+    chosen = sorted(set(kwargs) & set(_FIXED_BY_TFIMM_LAYERS))
+    if chosen:
+        raise LoRAConfigError(
+            f"{chosen} cannot be chosen when converting a tfimm LoRA model: its LoRA layers, "
+            "ranks and alphas are carried over as they are. Convert without them, or "
+            "convert its regular model (tfimm's convert_to_regular_model) instead."
+        )
+    base_cls = _tfimm_base_architecture(type(model))
+    lora_cls = lora_architecture(base_cls)
+    cfg = model.cfg
+    rank = int(getattr(cfg, "lora_rank", foreign[0][1].lora_rank))
+    alpha = float(getattr(cfg, "lora_alpha", foreign[0][1].lora_alpha))
+    derived = {
+        "lora_rank": rank,
+        "lora_alpha": alpha,
+        "lora_target_layers": tuple(path for path, _ in foreign),
+        # Exact paths as patterns: each matches its own layer only.
+        "lora_rank_pattern": {p: int(x.lora_rank) for p, x in foreign if x.lora_rank != rank},
+        "lora_alpha_pattern": {p: float(x.lora_alpha) for p, x in foreign if x.lora_alpha != alpha},
+        "lora_train_bias": getattr(cfg, "lora_train_bias", "none"),
+        # tfimm's config spells it `lora_train_classifer`.
+        "lora_train_classifier": bool(getattr(cfg, "lora_train_classifer", True)),
+    }
+    base_fields = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("lora_")}
+    lora_cfg = _config_with_overrides(
+        _lora_cfg_class(base_cls), base_fields, {**derived, **kwargs}, lora_cls.__name__
+    )
+    lora_model = _build(lora_cls(cfg=lora_cfg))
+    _transfer(_build(model), lora_model)
+    ours = dict(named_layers(lora_model))
+    for path, theirs in foreign:
+        layer = ours.get(path)
+        if not is_lora_layer(layer) or layer.kernel_lora_a.shape != theirs.kernel_lora_a.shape:
+            raise LoRAError(  # a registered class that ignores lora_target_layers
+                f"{lora_cls.__name__} did not put a LoRA layer of the same shape at '{path}', "
+                f"where the tfimm model has one; it cannot carry the weights over."
+            )
+        layer.kernel_lora_a.assign(theirs.kernel_lora_a)
+        layer.kernel_lora_b.assign(theirs.kernel_lora_b)
+    _reset_magnitudes(lora_model)
+    return lora_model
+
+
 def create_model(
     model_name: str,
     pretrained: bool = False,
@@ -146,14 +242,14 @@ def create_model(
         The built LoRA model.
 
     Raises:
-        UnknownModelError: If tfimm does not know ``model_name``.
+        LoRAConfigError: If tfimm does not know ``model_name``, for unknown
+            config fields or invalid LoRA values.
         UnregisteredArchitectureError: If the architecture has no LoRA variant.
-        LoRAConfigError: For unknown config fields or invalid LoRA values.
         MissingDependencyError: For ``pretrained=True`` without timm.
     """
     if not tfimm.models.is_model(model_name):
         close = difflib.get_close_matches(model_name, tfimm.list_models(), n=5)
-        raise UnknownModelError(
+        raise LoRAConfigError(
             f"Unknown model '{model_name}'. Close matches: {close}. "
             "See tfimm.list_models() for all names."
         )
@@ -179,7 +275,10 @@ def convert_to_lora_model(model: tf.keras.Model, **kwargs) -> tf.keras.Model:
     """Creates the LoRA version of a model and transfers all its weights.
 
     A model of a registered architecture (every tfimm family) becomes its LoRA
-    class; any other Keras model (functional, Sequential or subclassed) gets
+    class. A LoRA model built by ``tfimm.architectures.lora`` becomes
+    lora_ckpt's LoRA class of its base architecture, with LoRA on the same
+    Dense layers and their ``A``/``B``, rank and alpha carried over exactly.
+    Any other Keras model (functional, Sequential or subclassed) gets
     LoRA on the layers that ``target_layers`` names (see
     :func:`lora_ckpt.graph_models.convert_graph_model` and
     :func:`lora_ckpt.subclassed_models.convert_subclassed_model`).
@@ -194,18 +293,24 @@ def convert_to_lora_model(model: tf.keras.Model, **kwargs) -> tf.keras.Model:
             ``lora_trainable_layers``.
 
     Returns:
-        The built LoRA model; its LoRA ``B`` weights are zero, so it computes
-        what ``model`` computes.
+        The built LoRA model; its LoRA ``B`` weights are zero (or, for a tfimm
+        LoRA model, its own), so it computes what ``model`` computes.
 
     Raises:
         UnregisteredArchitectureError: If the model is not registered and no
-            ``target_layers`` are given.
-        LayerNotFoundError: If a ``target_layers`` pattern matches nothing.
-        LoRAConfigError: For unknown config fields or invalid LoRA values, or
-            a model that is already a LoRA architecture.
+            ``target_layers`` are given, or is a tfimm LoRA model whose base
+            architecture lora_ckpt has no LoRA variant for.
+        LoRAConfigError: For unknown config fields or invalid LoRA values, a
+            ``target_layers`` pattern that matches nothing, a model that is
+            already a LoRA architecture, or a tfimm ``LoRAConv2D`` (its
+            per-position update has no exact lora_ckpt equivalent).
+        MergeStateError: For a tfimm LoRA model with merged layers.
         KerasObjectError: For a Keras 3 model.
     """
     require_tf_keras(model, "convert_to_lora_model")
+    foreign = foreign_lora_layers(named_layers(model))
+    if foreign:
+        return _convert_tfimm_lora_model(model, foreign, kwargs)
     target_layers = kwargs.pop("target_layers", None)
     model_cls = type(model)
     registered = model_cls in registered_architectures()
@@ -262,7 +367,9 @@ def convert_to_regular_model(model: tf.keras.Model, merge: bool = True) -> tf.ke
         A built regular model.
 
     Raises:
-        UnregisteredArchitectureError: If the class is not a LoRA variant.
+        UnregisteredArchitectureError: If the class is not a LoRA variant,
+            or the model was built by tfimm's LoRA module (convert it with
+            :func:`convert_to_lora_model` first).
         MergeStateError: With ``merge=False`` for a model merged when it was
             saved (its base kernel is not known).
     """
@@ -298,8 +405,22 @@ def convert_to_regular_model(model: tf.keras.Model, merge: bool = True) -> tf.ke
 
 
 def lora_layers(model: tf.keras.layers.Layer) -> list[tuple[str, tf.keras.layers.Layer]]:
-    """Returns ``(path, layer)`` for every LoRA layer of a model, in order."""
-    return [(path, layer) for path, layer in named_layers(model) if is_lora_layer(layer)]
+    """Returns ``(path, layer)`` for every LoRA layer of a model, in order.
+
+    Args:
+        model: Any tf_keras model or layer.
+
+    Returns:
+        ``(path, layer)`` pairs, depth first; empty for a model without LoRA.
+
+    Raises:
+        UnregisteredArchitectureError: For a model built by tfimm's LoRA
+            module, whose layers lack lora_ckpt's state: every caller (merge,
+            enable/disable, conversion back, save, serving) would fail on them.
+    """
+    layers = list(named_layers(model))
+    refuse_foreign_lora_layers(model, layers)
+    return [(path, layer) for path, layer in layers if is_lora_layer(layer)]
 
 
 def _forget_compiled_functions(model) -> None:
@@ -313,7 +434,7 @@ def _forget_compiled_functions(model) -> None:
 def _require_lora_layers(model):
     layers = [layer for _, layer in lora_layers(model)]
     if not layers:
-        raise LayerNotFoundError(
+        raise LoRAConfigError(
             f"Model '{model.name}' has no LoRA layers; convert it first with convert_to_lora_model."
         )
     return layers
@@ -337,7 +458,7 @@ def merge_lora_weights(model: tf.keras.layers.Layer) -> None:
     Raises:
         MergeStateError: If any LoRA layer is already merged (nothing is
             changed then).
-        LayerNotFoundError: If the model has no LoRA layers.
+        LoRAConfigError: If the model has no LoRA layers.
     """
     layers = _require_lora_layers(model)
     _refuse_merged(layers, "cannot be merged again")
@@ -358,7 +479,7 @@ def unmerge_lora_weights(model: tf.keras.layers.Layer) -> None:
 
     Raises:
         MergeStateError: If no LoRA layer is merged.
-        LayerNotFoundError: If the model has no LoRA layers.
+        LoRAConfigError: If the model has no LoRA layers.
     """
     layers = [layer for layer in _require_lora_layers(model) if layer.merged]
     if not layers:
@@ -381,7 +502,7 @@ def set_lora_enabled(model: tf.keras.layers.Layer, enabled: bool) -> None:
         enabled: ``True`` to add the LoRA updates, ``False`` to skip them.
 
     Raises:
-        LayerNotFoundError: If the model has no LoRA layers.
+        LoRAConfigError: If the model has no LoRA layers.
     """
     for layer in _require_lora_layers(model):
         layer.lora_enabled = bool(enabled)
@@ -413,8 +534,11 @@ def lora_disabled(model: tf.keras.layers.Layer):
     Args:
         model: A model with LoRA layers, not merged.
 
+    Yields:
+        ``model``, computing its base model's output.
+
     Raises:
-        LayerNotFoundError: If the model has no LoRA layers.
+        LoRAConfigError: If the model has no LoRA layers.
         MergeStateError: If a LoRA layer is merged (its kernel then holds the
             update, so disabling could not give the base).
     """
@@ -430,7 +554,7 @@ def lora_disabled(model: tf.keras.layers.Layer):
         _forget_compiled_functions(model)
 
 
-def trainable_parameter_counts(model: tf.keras.layers.Layer) -> tuple[int, int]:
+def _trainable_parameter_counts(model: tf.keras.layers.Layer) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts, as Keras' ``summary`` counts them."""
     trainable = sum(int(v.shape.num_elements()) for v in model.trainable_weights)
     total = trainable + sum(int(v.shape.num_elements()) for v in model.non_trainable_weights)
@@ -445,7 +569,7 @@ def print_trainable_parameters(model: tf.keras.layers.Layer) -> None:
     Args:
         model: Any built Keras model.
     """
-    trainable, total = trainable_parameter_counts(model)
+    trainable, total = _trainable_parameter_counts(model)
     percent = 100.0 * trainable / total if total else 0.0
     print(
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
@@ -493,3 +617,18 @@ def supported_architectures() -> dict:
         "select_with": "target_layers=[layer paths, names or glob patterns]",
     }
     return result
+
+
+__all__ = [
+    "convert_to_lora_model",
+    "convert_to_regular_model",
+    "create_model",
+    "lora_disabled",
+    "lora_layers",
+    "merge_lora_weights",
+    "merge_weights",
+    "print_trainable_parameters",
+    "set_lora_enabled",
+    "supported_architectures",
+    "unmerge_lora_weights",
+]

@@ -78,6 +78,12 @@ def _registered_names() -> list[str]:
 def lora_architecture(model_cls: type) -> type:
     """Returns the LoRA model class registered for a base model class.
 
+    Args:
+        model_cls: A regular model class such as tfimm's ``ConvNeXt``.
+
+    Returns:
+        Its LoRA class, e.g. ``LoRAConvNeXt``.
+
     Raises:
         UnregisteredArchitectureError: If no LoRA variant is registered.
     """
@@ -93,6 +99,13 @@ def lora_architecture(model_cls: type) -> type:
 def lora_base_architecture(lora_cls: type) -> type:
     """Returns the base model class of a registered LoRA model class.
 
+    Args:
+        lora_cls: A LoRA model class such as ``LoRAConvNeXt``.
+
+    Returns:
+        The regular class it was registered for (itself for a model that
+        builds regular or LoRA layers depending on its config).
+
     Raises:
         UnregisteredArchitectureError: If ``lora_cls`` is not a registered
             LoRA variant.
@@ -107,8 +120,14 @@ def lora_base_architecture(lora_cls: type) -> type:
 
 
 def lora_config(model_cls: type) -> type | None:
-    """Returns the LoRA config class registered for a base model class
-    (``None`` if the LoRA class declared ``cfg_class = None``).
+    """Returns the LoRA config class registered for a base model class.
+
+    Args:
+        model_cls: A regular model class.
+
+    Returns:
+        The LoRA class's ``cfg_class``, or ``None`` if it declared
+        ``cfg_class = None`` (it then takes the base class's config).
 
     Raises:
         UnregisteredArchitectureError: If no LoRA variant is registered.
@@ -118,10 +137,31 @@ def lora_config(model_cls: type) -> type | None:
 
 
 def is_lora_architecture(model_cls: type) -> bool:
-    """Whether ``model_cls`` is a registered LoRA model class."""
+    """Whether ``model_cls`` is a registered LoRA model class.
+
+    Args:
+        model_cls: Any class.
+
+    Returns:
+        ``True`` for a class registered as some architecture's LoRA variant.
+    """
     return model_cls in _lora_model_base_class
 
 
 def registered_architectures() -> dict[type, type]:
-    """A copy of the mapping base model class -> LoRA model class."""
+    """The registered architectures.
+
+    Returns:
+        A copy of the mapping base model class -> LoRA model class.
+    """
     return dict(_lora_model_class)
+
+
+__all__ = [
+    "is_lora_architecture",
+    "lora_architecture",
+    "lora_base_architecture",
+    "lora_config",
+    "register_lora_architecture",
+    "registered_architectures",
+]

@@ -12,11 +12,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ._tf import tf
-from .errors import LayerNotFoundError, LoRAConfigError, MergeStateError
-from .layers import is_lora_layer
+from .errors import (
+    LoRAConfigError,
+    MergeStateError,
+    UnregisteredArchitectureError,
+)
+from .layers import LoRALayerMixin, is_lora_layer
 from .traversal import layers_and_variables, named_layers, named_variables
 
-TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
+_TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
 
 KIND_LORA = "lora"
 KIND_BIAS = "bias"
@@ -32,10 +36,10 @@ def check_train_bias(train_bias: str) -> None:
     Raises:
         LoRAConfigError: For any other value.
     """
-    if train_bias not in TRAIN_BIAS_OPTIONS:
+    if train_bias not in _TRAIN_BIAS_OPTIONS:
         raise LoRAConfigError(
             f"Unknown value for train_bias: {train_bias!r}; expected one of "
-            f"{list(TRAIN_BIAS_OPTIONS)}."
+            f"{list(_TRAIN_BIAS_OPTIONS)}."
         )
 
 
@@ -105,13 +109,71 @@ def lora_settings(model) -> LoRASettings:
     Registered architectures derive them from their config, converted
     functional/Sequential models carry them; any other model trains LoRA
     weights only.
+
+    Args:
+        model: Any Keras model.
+
+    Returns:
+        Its bias mode and the layers it trains in full.
     """
     return getattr(model, "lora_settings", None) or LoRASettings()
 
 
+def foreign_lora_layers(layers: Iterable[tuple[str, tf.keras.layers.Layer]]) -> list[tuple]:
+    """The ``(path, layer)`` pairs whose layer is a LoRA layer of another library.
+
+    tfimm's own ``LoRADense``/``LoRAConv2D`` say ``is_lora_layer = True`` as
+    ours do, but have none of the state lora_ckpt keeps (enabled flag, DoRA,
+    exact merge), so code that reads it must not take them for ours.
+
+    Args:
+        layers: ``(path, layer)`` pairs, e.g. from ``named_layers(model)``.
+
+    Returns:
+        The pairs of foreign LoRA layers, in the given order.
+    """
+    return [
+        (path, layer)
+        for path, layer in layers
+        if is_lora_layer(layer) and not isinstance(layer, LoRALayerMixin)
+    ]
+
+
+def refuse_foreign_lora_layers(model, layers: Iterable[tuple] | None = None) -> None:
+    """Refuses a model built by ``tfimm.architectures.lora`` with what to do instead.
+
+    Args:
+        model: The model a lora_ckpt function was given.
+        layers: Its ``(path, layer)`` pairs, if the caller walked it already.
+
+    Raises:
+        UnregisteredArchitectureError: If the model holds LoRA layers that are
+            not lora_ckpt's.
+    """
+    foreign = foreign_lora_layers(named_layers(model) if layers is None else layers)
+    if foreign:
+        path, layer = foreign[0]
+        raise UnregisteredArchitectureError(
+            f"{type(model).__name__} model '{model.name}' was built with "
+            f"{type(layer).__module__}.{type(layer).__name__} layers ('{path}' and "
+            f"{len(foreign) - 1} more), not lora_ckpt's: lora_ckpt cannot save, merge or "
+            "convert them. Convert the model first: `model = "
+            "lora_ckpt.convert_to_lora_model(model)` carries its LoRA weights over exactly."
+        )
+
+
 def layer_matches(path: str, layer, pattern: str) -> bool:
     """The one layer-matching rule: ``pattern`` is the layer's path or name, or a
-    glob (``fnmatch``) over either."""
+    glob (``fnmatch``) over either.
+
+    Args:
+        path: The layer's path in its model (``stages/0/blocks/1/mlp/fc1``).
+        layer: The layer (its ``name`` is matched too).
+        pattern: A path, a layer name or a glob.
+
+    Returns:
+        Whether the pattern names the layer.
+    """
     return any(
         pattern == candidate or fnmatch.fnmatchcase(candidate, pattern)
         for candidate in (path, layer.name)
@@ -136,7 +198,7 @@ def match_layers(
         Matching layer paths, each once, in model order.
 
     Raises:
-        LayerNotFoundError: If a pattern matches no candidate.
+        LoRAConfigError: If a pattern matches no candidate.
     """
     layers = list(named_layers(model)) if layers is None else list(layers)
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -148,7 +210,7 @@ def match_layers(
         matched = [path for path, layer in layers if layer_matches(path, layer, pattern)]
         if not matched:
             known = [p for p, _ in layers]
-            raise LayerNotFoundError(
+            raise LoRAConfigError(
                 f"{what} {pattern!r} matches no layer of model '{model.name}'. "
                 f"Candidates include: {known[:20]}{' ...' if len(known) > 20 else ''}"
             )
@@ -156,7 +218,7 @@ def match_layers(
     return paths
 
 
-def bias_variables(layer: tf.keras.layers.Layer) -> list[tf.Variable]:
+def _bias_variables(layer: tf.keras.layers.Layer) -> list[tf.Variable]:
     """The bias variables of a layer: convolution/dense ``bias``, norm ``beta``."""
     bias_layers = (
         tf.keras.layers.Conv1D,
@@ -174,10 +236,10 @@ def bias_variables(layer: tf.keras.layers.Layer) -> list[tf.Variable]:
     return []
 
 
-def trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> list[tf.Variable]:
+def _trained_biases(layer: tf.keras.layers.Layer, train_bias: str) -> list[tf.Variable]:
     """The biases of ``layer`` that bias mode ``train_bias`` trains."""
     if train_bias == "all" or (train_bias == "lora_only" and is_lora_layer(layer)):
-        return bias_variables(layer)
+        return _bias_variables(layer)
     return []
 
 
@@ -201,15 +263,15 @@ def lora_trainable_weights(
         The variables, each once, in the model's layer order.
 
     Raises:
-        LoRAConfigError: For an unknown ``train_bias``.
-        LayerNotFoundError: If a name in ``trainable_layers`` matches no layer.
+        LoRAConfigError: For an unknown ``train_bias``, or a name in
+            ``trainable_layers`` that matches no layer.
     """
     check_train_bias(train_bias)
     layers = list(named_layers(model))
     full = set(match_layers(model, trainable_layers or [], layers, "trainable_layers entry"))
     selected, ids = [], set()
     for path, layer in layers:
-        variables = trained_biases(layer, train_bias)
+        variables = _trained_biases(layer, train_bias)
         if is_lora_layer(layer):
             variables = [*layer.lora_trainable_weights(train_bias=False), *variables]
         if path in full:
@@ -237,7 +299,7 @@ def lora_non_trainable_weights(
         The frozen variables, in the model's layer order.
 
     Raises:
-        LoRAConfigError, LayerNotFoundError: As :func:`lora_trainable_weights`.
+        LoRAConfigError: As :func:`lora_trainable_weights`.
     """
     trainable = {id(v) for v in lora_trainable_weights(model, train_bias, trainable_layers)}
     return [v for v in named_variables(model).values() if id(v) not in trainable]
@@ -287,16 +349,18 @@ def select_state(
         The selection.
 
     Raises:
-        LayerNotFoundError: If the model has no LoRA layer or a pattern
-            matches no layer.
+        LoRAConfigError: If the model has no LoRA layer, a pattern matches
+            no layer, or the bias mode is unknown.
         MergeStateError: If a LoRA layer is merged (its kernel then holds the
             update, so the base cannot be identified).
-        LoRAConfigError: For an unknown bias mode.
+        UnregisteredArchitectureError: For a model built by tfimm's LoRA
+            module (convert it with ``convert_to_lora_model`` first).
     """
     all_layers, all_vars = layers_and_variables(model)
+    refuse_foreign_lora_layers(model, all_layers)
     layers = [(path, layer) for path, layer in all_layers if is_lora_layer(layer)]
     if not layers:
-        raise LayerNotFoundError(
+        raise LoRAConfigError(
             f"Model '{model.name}' has no LoRA layers: there is no adapter state to "
             "save or load. Convert it with convert_to_lora_model first."
         )
@@ -324,7 +388,7 @@ def select_state(
             if key.startswith(prefix + "/"):
                 kinds.setdefault(key, KIND_EXTRA)
     for _, layer in all_layers:
-        for var in trained_biases(layer, bias):
+        for var in _trained_biases(layer, bias):
             kinds.setdefault(key_of[id(var)], KIND_BIAS)
 
     ordered = {k: all_vars[k] for k in all_vars if k in kinds}
@@ -355,6 +419,12 @@ def classifier_paths(model) -> list[str]:
     A tfimm model names them in its config (``cfg.classifier``); for a
     functional/Sequential model they are the layers that produce its outputs.
     A model built without a classifier (``nb_classes=0``) has none.
+
+    Args:
+        model: A tfimm model (regular or LoRA) or a functional/Sequential model.
+
+    Returns:
+        The classifier layers' paths, in model order.
     """
     layers = list(named_layers(model))
     names = getattr(getattr(model, "cfg", None), "classifier", None)
@@ -362,3 +432,25 @@ def classifier_paths(model) -> list[str]:
         names = list(getattr(model, "output_names", None) or [])
     names = [names] if isinstance(names, str) else list(names)
     return [path for path, layer in layers if any(layer_matches(path, layer, n) for n in names)]
+
+
+# The public API (lora_trainable_weights, ...) and what the modules above use:
+# the kinds are the values of StateSelection.kinds that state/ writes and reads.
+__all__ = [
+    "KIND_BIAS",
+    "KIND_EXTRA",
+    "KIND_LORA",
+    "LoRASettings",
+    "LoRATrainableMixin",
+    "StateSelection",
+    "check_train_bias",
+    "classifier_paths",
+    "foreign_lora_layers",
+    "layer_matches",
+    "lora_non_trainable_weights",
+    "lora_settings",
+    "lora_trainable_weights",
+    "match_layers",
+    "refuse_foreign_lora_layers",
+    "select_state",
+]

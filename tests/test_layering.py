@@ -1,7 +1,10 @@
-"""The package's layering (CONTRIBUTING.md): no module imports upward."""
+"""The package's layering (CONTRIBUTING.md): no module imports upward, and no
+two modules import each other in a cycle."""
 
 import ast
 import pathlib
+
+import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lora_ckpt"
 
@@ -9,6 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lora_ckpt"
 LEVELS = {
     "errors": 0,
     "version": 0,
+    "_keras_env": 0,
     "_tf": 1,
     "storage": 1,
     "layers": 2,
@@ -26,8 +30,7 @@ LEVELS = {
     "demo": 9,
     "cli": 10,
 }
-PURE_PYTHON = {"errors", "version", "serving/slot_table"}
-NO_TENSORFLOW = ["storage", "state/files.py", "state/inspect.py", "state/atomic.py"]
+PURE_PYTHON = {"errors", "version", "_keras_env", "serving/slot_table"}
 
 
 def _top(module: pathlib.Path) -> str:
@@ -94,3 +97,147 @@ def test_pure_python_modules_import_no_tensorflow_or_numpy():
             if isinstance(node, ast.ImportFrom) and node.level
         }
         assert relative <= {"errors", None}, (name, relative)
+
+
+# ---- module-level cycles ----
+#
+# A cycle is two or more modules that reach each other through import
+# statements, wherever the statement sits: one inside a function (a "lazy"
+# import) only hides a cycle until that function runs, so it counts too.
+# Imports under `if TYPE_CHECKING:` never run and do not count. Edges are the
+# imports a module writes, not the parent packages Python imports on the way
+# (every `lora_ckpt.state.x` would otherwise form a cycle with
+# `lora_ckpt/state/__init__.py`, which re-exports it); a package's own
+# `__init__` is a node of its own.
+
+# The state package's cycle, which the lead is removing (issue: layering).
+KNOWN_CYCLE_MODULES = {
+    "lora_ckpt.state.atomic",
+    "lora_ckpt.state.inspect",
+    "lora_ckpt.state.load",
+    "lora_ckpt.state.object_store",
+}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+
+
+def _is_type_checking_block(node) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
+
+
+def _import_nodes(tree):
+    """Every import statement of a module, in functions too, outside TYPE_CHECKING blocks."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if _is_type_checking_block(node):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """``module -> modules it imports``, over every module of lora_ckpt."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+    def resolve(name):
+        for candidate in (name, f"{name}.__init__"):
+            if candidate in modules:
+                return candidate
+        return None
+
+    graph = {}
+    for name, path in modules.items():
+        # What a relative import is relative to: a package's __init__ is in it.
+        if name.endswith(".__init__"):
+            package = name.removesuffix(".__init__")
+        else:
+            package = name.rsplit(".", 1)[0]
+        targets = set()
+        for node in _import_nodes(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {resolve(alias.name) for alias in node.names}
+                continue
+            if node.level:
+                parts = package.split(".")
+                base = parts[: len(parts) - (node.level - 1)]
+                module = ".".join(base + (node.module.split(".") if node.module else []))
+            else:
+                module = node.module or ""
+            # `from pkg import sub` imports the module pkg.sub; `from pkg import name`
+            # imports pkg itself.
+            submodules = [resolve(f"{module}.{alias.name}") for alias in node.names]
+            targets |= set(submodules)
+            if not all(submodules):
+                targets.add(resolve(module))
+        graph[name] = {t for t in targets if t and t != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, on_stack, stack, found = {}, {}, set(), [], []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_lazy_imports_of_the_package_namespace_are_not_edges():
+    # lora_ckpt/__init__.py imports on first use through importlib, and its
+    # TYPE_CHECKING imports never run: it reaches no module by a statement
+    # that runs, so nothing can form a cycle through it.
+    assert _module_graph()["lora_ckpt.__init__"] <= {"lora_ckpt._keras_env"}
+
+
+def _unexpected_cycles():
+    return [c for c in _cycles(_module_graph()) if not set(c) <= KNOWN_CYCLE_MODULES]
+
+
+def test_no_two_modules_import_each_other_outside_the_known_state_cycle():
+    assert _unexpected_cycles() == []
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="lora_ckpt/state: object_store, load, inspect and atomic import each other; "
+    "the lead is removing that cycle",
+)
+def test_no_two_modules_import_each_other():
+    assert _cycles(_module_graph()) == []

@@ -16,12 +16,13 @@ from lora_ckpt.errors import (
     LoRAConfigError,
     MergeStateError,
     MissingDependencyError,
+    UnregisteredArchitectureError,
     UnsupportedLayerError,
 )
 from lora_ckpt.layers import LoRAConv2D, LoRADense
 from lora_ckpt.traversal import named_variables
 
-from .conftest import TINY_CONVNEXT, compile_for_task, count, randomize_lora
+from .conftest import TINY_CONVNEXT, compile_for_task, count, fold_lora_into, randomize_lora
 
 
 @pytest.fixture
@@ -260,8 +261,9 @@ def test_failed_import_leaves_the_environment_as_it_was():
         "os.environ.pop('TF_USE_LEGACY_KERAS', None)\n"
         "import tensorflow as tf\n"
         "tf.keras.layers  # Keras 3 comes up\n"
+        "import lora_ckpt  # imports no TensorFlow: the first name that needs it fails\n"
         "try:\n"
-        "    import lora_ckpt\n"
+        "    from lora_ckpt import tf\n"
         "except ImportError as exc:\n"
         "    print(type(exc).__name__, os.environ.get('TF_USE_LEGACY_KERAS'))\n"
     )
@@ -269,7 +271,7 @@ def test_failed_import_leaves_the_environment_as_it_was():
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
-    assert out.stdout.strip() == "KerasVersionError None", out.stderr[-2000:]
+    assert out.stdout.strip() == "MissingDependencyError None", out.stderr[-2000:]
 
 
 def test_pretrained_without_timm_says_what_to_install(monkeypatch):
@@ -435,3 +437,156 @@ def test_targeting_a_depthwise_convolution_says_why_it_is_refused():
     with pytest.raises(UnsupportedLayerError, match="dw \\(DepthwiseConv2D\\).*no\\s+low-rank"):
         lora_ckpt.convert_to_lora_model(model, target_layers=["dw"])
     assert lora_ckpt.lora_layers(lora_ckpt.convert_to_lora_model(model, target_layers=["*w"]))
+
+
+# ---- a drop-in for tfimm.architectures.lora, and models it built ----
+
+# What `tfimm/architectures/lora/__init__.py` (0.2.14) exports, spelled out so
+# that a tfimm release that adds a name shows up in the test below.
+TFIMM_LORA_NAMES = [
+    "LORA_WEIGHT_NAMES",
+    "LoRAConv2D",
+    "LoRAConvNeXt",
+    "LoRAConvNeXtConfig",
+    "LoRADense",
+    "convert_to_lora_layer",
+    "convert_to_lora_model",
+    "convert_to_regular_model",
+    "create_model",
+    "lora_architecture",
+    "lora_base_architecture",
+    "lora_config",
+    "lora_non_trainable_weights",
+    "lora_trainable_weights",
+    "merge_lora_weights",
+    "register_lora_architecture",
+]
+
+
+def test_every_name_tfimm_lora_exports_is_a_public_name_of_lora_ckpt():
+    import types
+
+    from tfimm.architectures import lora as tfimm_lora
+
+    exported = sorted(
+        name
+        for name, value in vars(tfimm_lora).items()
+        # Its submodules (convnext, factory, layers, registry) are not API.
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    )
+    assert exported == TFIMM_LORA_NAMES
+    for name in TFIMM_LORA_NAMES:
+        assert name in lora_ckpt.__all__ and getattr(lora_ckpt, name) is not None, name
+    # Same meaning as in tfimm: ours, not tfimm's classes.
+    assert lora_ckpt.LoRAConvNeXt is lora_ckpt.lora_architecture(tfimm.architectures.ConvNeXt)
+    assert lora_ckpt.LoRAConvNeXtConfig is lora_ckpt.LoRAConvNeXt.cfg_class
+
+
+def _tfimm_lora_convnext(images, alpha=4.0):
+    """A tiny LoRA ConvNeXt built by tfimm's own LoRA module, LoRA A/B random."""
+    from tfimm.architectures import lora as tfimm_lora
+
+    model = tfimm_lora.create_model("convnext_tiny", lora_rank=2, lora_alpha=alpha, **TINY_CONVNEXT)
+    rng = np.random.default_rng(3)
+    layers = [(p, x) for p, x in named_layers_of(model) if getattr(x, "is_lora_layer", False)]
+    assert len(layers) == 4 and all(type(x) is tfimm_lora.LoRADense for _, x in layers)
+    for _, layer in layers:
+        for var in (layer.kernel_lora_a, layer.kernel_lora_b):
+            var.assign(rng.normal(0, 0.2, var.shape).astype("float32"))
+    return model, layers
+
+
+def named_layers_of(model):
+    from lora_ckpt.traversal import named_layers
+
+    return list(named_layers(model))
+
+
+def test_a_tfimm_lora_model_converts_with_its_lora_weights_exactly(images):
+    theirs, their_layers = _tfimm_lora_convnext(images)
+    expected = theirs(images).numpy()  # tfimm's own forward, LoRA on
+
+    ours = lora_ckpt.convert_to_lora_model(theirs)
+
+    assert type(ours) is lora_ckpt.LoRAConvNeXt
+    our_layers = lora_ckpt.lora_layers(ours)
+    assert [p for p, _ in our_layers] == [p for p, _ in their_layers]
+    for (_, mine), (_, other) in zip(our_layers, their_layers, strict=True):
+        # Bit for bit, and the same update scale: alpha / rank = 4 / 2.
+        np.testing.assert_array_equal(mine.kernel_lora_a.numpy(), other.kernel_lora_a.numpy())
+        np.testing.assert_array_equal(mine.kernel_lora_b.numpy(), other.kernel_lora_b.numpy())
+        np.testing.assert_array_equal(mine.kernel.numpy(), other.kernel.numpy())
+        assert mine.scaling == other.scaling == 2.0
+    assert ours.cfg.lora_train_classifier is theirs.cfg.lora_train_classifer
+    np.testing.assert_allclose(ours(images).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+    # The update the carried weights make, folded into the base kernels in numpy.
+    folded = lora_ckpt.convert_to_regular_model(ours, merge=False)
+    fold_lora_into(folded, ours)
+    np.testing.assert_allclose(folded(images).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tfimm_lora_model_keeps_its_per_layer_ranks_and_takes_config_overrides(images):
+    theirs, their_layers = _tfimm_lora_convnext(images, alpha=1.0)
+    path, odd = their_layers[-1]
+    # tfimm lets a layer have its own rank; rebuild one with rank 3, alpha 6.
+    from tfimm.architectures import lora as tfimm_lora
+
+    block = theirs.stages[1].blocks[0]
+    assert path == "stages/1/blocks/0/mlp/fc2" and block.mlp.fc2 is odd
+    block.mlp.fc2 = tfimm_lora.LoRADense(
+        odd.units, lora_rank=3, lora_alpha=6.0, name=odd.name, kernel_initializer="ones"
+    )
+    block.mlp.fc2.build(odd.kernel.shape[:1])
+    block.mlp.fc2.kernel_lora_b.assign(np.full((3, odd.units), 0.5, "float32"))
+    expected = theirs(images).numpy()
+
+    ours = lora_ckpt.convert_to_lora_model(theirs, lora_dropout=0.1)
+    layer = dict(lora_ckpt.lora_layers(ours))[path]
+    assert (layer.lora_rank, layer.lora_alpha, layer.scaling) == (3, 6.0, 2.0)
+    assert ours.cfg.lora_dropout == 0.1
+    np.testing.assert_array_equal(layer.kernel.numpy(), np.ones(layer.kernel.shape))
+    np.testing.assert_allclose(ours(images).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(LoRAConfigError, match=r"\['lora_rank'\] cannot be chosen"):
+        lora_ckpt.convert_to_lora_model(theirs, lora_rank=8)
+
+
+def test_a_tfimm_lora_model_is_refused_where_lora_ckpt_would_misread_it(tmp_path, images):
+    theirs, _ = _tfimm_lora_convnext(images)
+    calls = {
+        "save_lora_state": lambda: lora_ckpt.save_lora_state(theirs, str(tmp_path / "a")),
+        "convert_to_regular_model": lambda: lora_ckpt.convert_to_regular_model(theirs),
+        "merge_lora_weights": lambda: lora_ckpt.merge_lora_weights(theirs),
+        "set_lora_enabled": lambda: lora_ckpt.set_lora_enabled(theirs, False),
+        "lora_layers": lambda: lora_ckpt.lora_layers(theirs),
+    }
+    for name, call in calls.items():
+        with pytest.raises(UnregisteredArchitectureError) as info:
+            call()
+        message = str(info.value)
+        assert "lora_ckpt.convert_to_lora_model(model)" in message, name
+        assert "stages/0/blocks/0/mlp/fc1" in message, name
+        assert isinstance(info.value, ValueError)  # what tfimm callers catch
+    assert not (tmp_path / "a").exists()
+    # tfimm's weight selection is duck-typed and reads only A, B and biases.
+    assert count(lora_ckpt.lora_trainable_weights(theirs)) == 2 * (8 * 2 + 2 * 32 + 16 * 2 + 2 * 64)
+
+
+def test_tfimm_lora_models_that_cannot_be_carried_over_are_refused_by_name(images):
+    from tfimm.architectures import lora as tfimm_lora
+
+    theirs, layers = _tfimm_lora_convnext(images)
+    layers[1][1].merge_weights()
+    with pytest.raises(MergeStateError, match="'stages/0/blocks/0/mlp/fc2' is merged"):
+        lora_ckpt.convert_to_lora_model(theirs)
+
+    conv = tf.keras.Sequential(
+        [tf.keras.Input((8, 8, 3)), tfimm_lora.LoRAConv2D(4, 3, lora_rank=2, name="c")]
+    )
+    with pytest.raises(UnsupportedLayerError, match="'c' is tfimm's LoRAConv2D.*per kernel"):
+        lora_ckpt.convert_to_lora_model(conv)
+
+    dense = tf.keras.Sequential([tf.keras.Input((5,)), tfimm_lora.LoRADense(3, name="d")])
+    with pytest.raises(UnregisteredArchitectureError, match="cannot tell its base"):
+        lora_ckpt.convert_to_lora_model(dense)
