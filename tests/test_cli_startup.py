@@ -54,13 +54,11 @@ def test_the_cli_itself_imports_nothing_heavy_for_help(argv):
     assert outcome == {"code": 0, "heavy": []}
 
 
-@pytest.mark.xfail(strict=False, reason="until lora_ckpt/__init__ is lazy (PEP 562)")
 def test_help_does_not_import_tensorflow():
     outcome = _run(["--help"], stub_package=False)
     assert outcome == {"code": 0, "heavy": []}
 
 
-@pytest.mark.xfail(strict=False, reason="until lora_ckpt/__init__ and the state readers are lazy")
 def test_listing_a_local_store_does_not_import_tensorflow(tmp_path):
     from tests.helpers.scale import make_tiny_store
 
