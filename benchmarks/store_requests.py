@@ -77,10 +77,12 @@ def _moto():
 
 def measure(loads: int) -> dict:
     """One tree's figures (runs in the process whose lora_ckpt is under test)."""
+    # isort: off
+    import lora_ckpt  # first: TensorFlow must come up with Keras 2
     import numpy as np
     import tfimm
 
-    import lora_ckpt
+    # isort: on
     from lora_ckpt import AdapterPool, save_lora_state
     from lora_ckpt.serving.store import adapter_path, build_base_model, upload_store, write_base
 

@@ -7,6 +7,7 @@ written against it works after changing the import.
 import contextlib
 import dataclasses
 import difflib
+import importlib.util
 import sys
 import warnings
 
@@ -80,18 +81,27 @@ def _lora_cfg_class(model_cls: type) -> type:
     return lora_config(model_cls) or model_cls.cfg_class
 
 
+def _missing_timm(model_name: str, package: str) -> MissingDependencyError:
+    return MissingDependencyError(
+        f"tfimm converts the pretrained weights of '{model_name}' from timm (PyTorch), "
+        f"and {package} is not installed: `pip install timm torch` (the first call also "
+        "downloads the weights), or pass model_path= with weights saved by "
+        "tfimm/Keras, or load base weights with lora_ckpt.load_base_weights."
+    )
+
+
 def _tfimm_create(model_name: str, **kwargs) -> tf.keras.Model:
+    if kwargs.get("pretrained") and not kwargs.get("model_path"):
+        # Asked before tfimm tries: it logs an error of its own before raising.
+        for package in ("timm", "torch"):
+            if importlib.util.find_spec(package) is None:
+                raise _missing_timm(model_name, package)
     try:
         return tfimm.create_model(model_name, **kwargs)
     except ModuleNotFoundError as exc:
         if exc.name not in ("timm", "torch"):
             raise
-        raise MissingDependencyError(
-            f"tfimm converts the pretrained weights of '{model_name}' from timm (PyTorch), "
-            f"and {exc.name} is not installed: `pip install timm torch` (the first call also "
-            "downloads the weights), or pass model_path= with weights saved by "
-            "tfimm/Keras, or load base weights with lora_ckpt.load_base_weights."
-        ) from exc
+        raise _missing_timm(model_name, exc.name) from exc
 
 
 def _transfer(src: tf.keras.Model, dst: tf.keras.Model) -> None:
