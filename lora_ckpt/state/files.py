@@ -11,6 +11,7 @@ No TensorFlow here: listings and inspections start without it.
 """
 
 import re
+import time
 
 from ..errors import AdapterNotFoundError, CorruptAdapterError, StoreError
 from ..storage import Store, UnsafeFileError, is_work_name
@@ -53,8 +54,16 @@ def check_file_name(name: str, where: str) -> str:
     return name
 
 
+_RESOLVE_ATTEMPTS = 5
+"""Looks for the committed config while a local save's renames may be under way."""
+
+
 def read_config_bytes(store: Store, path: str) -> tuple[str, bytes]:
     """The committed ``adapter_config.json`` of the adapter at ``path`` (bounded).
+
+    A local save replaces ``NAME`` by two renames; a reader that looks between
+    them, or whose directory is renamed away as it reads, looks again (a few
+    times, a millisecond apart) before it says there is no adapter.
 
     Args:
         store: The store holding ``path`` (:func:`lora_ckpt.storage.open_store`).
@@ -70,26 +79,29 @@ def read_config_bytes(store: Store, path: str) -> tuple[str, bytes]:
         CorruptAdapterError: If the config is not a regular file or too large.
         StoreError: If the store cannot be reached.
     """
-    directory = store.committed(path, CONFIG_FILE)
-    try:
-        if directory is None:
-            raise FileNotFoundError(path)
-        return directory, store.read(store.join(directory, CONFIG_FILE), MAX_CONFIG_BYTES)
-    except FileNotFoundError:
-        if not store.exists(path):
-            raise AdapterNotFoundError(
-                f"No adapter at {path}: the directory does not exist."
-            ) from None
-        raise AdapterNotFoundError(
-            f"{path} has no {CONFIG_FILE}: it is not an adapter, or its save was "
-            "interrupted before it committed."
-        ) from None
-    except (UnsafeFileError, NotADirectoryError) as exc:
-        raise CorruptAdapterError(f"{path}: {exc}") from None
-    except StoreError:
-        raise
-    except OSError as exc:
-        raise CorruptAdapterError(f"Cannot read the config of {path}: {exc}.") from exc
+    for attempt in range(_RESOLVE_ATTEMPTS):
+        directory = store.committed(path, CONFIG_FILE)
+        if directory is not None:
+            try:
+                return directory, store.read(store.join(directory, CONFIG_FILE), MAX_CONFIG_BYTES)
+            except FileNotFoundError:
+                pass  # renamed away as it was read: look again
+            except (UnsafeFileError, NotADirectoryError) as exc:
+                raise CorruptAdapterError(f"{path}: {exc}") from None
+            except StoreError:
+                raise
+            except OSError as exc:
+                raise CorruptAdapterError(f"Cannot read the config of {path}: {exc}.") from exc
+        # Committed a moment ago, or a directory is there: a save may be mid-way.
+        if attempt + 1 == _RESOLVE_ATTEMPTS or (directory is None and not store.exists(path)):
+            break
+        time.sleep(0.001 * (attempt + 1))
+    if not store.exists(path):
+        raise AdapterNotFoundError(f"No adapter at {path}: the directory does not exist.")
+    raise AdapterNotFoundError(
+        f"{path} has no {CONFIG_FILE}: it is not an adapter, or its save was "
+        "interrupted before it committed."
+    )
 
 
 def read_verified(store: Store, directory: str, name: str, expected: FileRecord) -> bytes:

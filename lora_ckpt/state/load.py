@@ -106,7 +106,7 @@ def read_lora_state(path: str) -> AdapterState:
                 for name, record in config.files.items()
             }
         except CorruptAdapterError:
-            if attempt + 1 < _ATTEMPTS and _replaced(store, directory, raw):
+            if attempt + 1 < _ATTEMPTS and _replaced(store, path, directory, raw):
                 continue  # a save committed meanwhile: read its version
             raise
         with checkpoint_reader(files, config.checkpoint_prefix) as reader:
@@ -119,9 +119,12 @@ def read_lora_state(path: str) -> AdapterState:
     raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
-def _replaced(store, directory: str, raw: bytes) -> bool:
-    """Whether ``directory`` no longer holds the config ``raw`` (a save renamed
-    it away or committed another version into it)."""
+def _replaced(store, path: str, directory: str, raw: bytes) -> bool:
+    """Whether the version read from ``directory`` is no longer the committed one:
+    a save renamed it away, is removing it (a previous version beside ``path``),
+    or committed another version into it."""
+    if directory != path:
+        return True
     try:
         return store.read(store.join(directory, CONFIG_FILE), MAX_CONFIG_BYTES) != raw
     except FileNotFoundError:

@@ -65,6 +65,9 @@ class _RenameCommit(AtomicDirectory):
         if old is None:
             return []
         try:
+            # The marker first: a reader never takes a half-removed old version
+            # for a committed one.
+            self.store.remove(os.path.join(old, self.marker))
             self.store.remove(old)
         except OSError as exc:
             warnings.warn(
