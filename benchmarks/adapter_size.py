@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/adapter_size.py            # convnext_tiny, rank 4
     .venv/bin/python benchmarks/adapter_size.py --tiny     # a small config, seconds
 
-Prints the sizes and ratios and writes benchmarks/results/adapter_size.json.
+Prints the sizes and ratios and writes benchmarks/results/local/adapter_size.json (untracked; --out to choose).
 """
 
 import argparse
@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--tiny", action="store_true", help="a small config, for a smoke run")
     parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "results", "adapter_size.json")
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "results", "local", "adapter_size.json"),
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -14,7 +14,7 @@ adapter's own model. The pool's own throughput on the same requests, in
 batches of 8 as the batcher forms them, is the reference for the HTTP
 overhead. Bounded: a fixed number of requests, each with a timeout.
 
-Writes benchmarks/results/http_bench.json.
+Writes benchmarks/results/local/http_bench.json (untracked; --out to choose).
 """
 
 import argparse
@@ -183,7 +183,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--per-client", type=int, default=12)
     parser.add_argument("--tiny", action="store_true", help="a tiny model, 16 x 40 requests")
     parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "results", "http_bench.json")
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "results", "local", "http_bench.json"),
     )
     args = parser.parse_args(argv)
     per_client = 40 if args.tiny else args.per_client

@@ -14,7 +14,7 @@ Compared:
 - the floor: the same arrays read with numpy from an ``.npz`` and assigned
   to the model's variables in one grouped op.
 
-Writes benchmarks/results/load_bench.json.
+Writes benchmarks/results/local/load_bench.json (untracked; --out to choose).
 """
 
 import argparse
@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tiny", action="store_true", help="a small config, for a smoke run")
     parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "results", "load_bench.json")
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "results", "local", "load_bench.json"),
     )
     args = parser.parse_args(argv)
     result = run(args.model, TINY if args.tiny else {}, args.rank, args.rounds)

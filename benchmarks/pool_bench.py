@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/pool_bench.py --tiny     # a small config, seconds
 
 Each time is the median of several runs after a warm-up. Prints the ratios
-and writes benchmarks/results/pool_bench.json.
+and writes benchmarks/results/local/pool_bench.json (untracked; --out to choose).
 """
 
 import argparse
@@ -259,7 +259,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--capacities", default="8,64,256,1024", help="capacity sweep at rank 16")
     parser.add_argument("--sweep-only", action="store_true", help="only the capacity sweep")
     parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "results", "pool_bench.json")
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "results", "local", "pool_bench.json"),
     )
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]

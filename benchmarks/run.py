@@ -6,8 +6,9 @@ forward passes, merge/unmerge and memory, against the ways people do it today.
 
 Each time is the median of several runs after a warm-up; figures that are
 compared are measured side by side (interleaved). Writes
-benchmarks/results/run.json, benchmarks/results/table.md and, when matplotlib
-is installed, benchmarks/results/ratios.png.
+benchmarks/results/local/run.json, table.md and, when matplotlib is installed,
+ratios.png (untracked: pass --out benchmarks/results to update the committed
+figures).
 """
 
 import argparse
@@ -29,7 +30,7 @@ from pool_bench import interleaved_medians, make_adapters, median_time
 import lora_ckpt
 from lora_ckpt import AdapterPool, load_base_weights, load_lora_state, save_lora_state, tf
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "local")
 TINY = dict(embed_dim=(8, 16), nb_blocks=(1, 1), input_size=(32, 32), nb_classes=5, init_scale=1.0)
 TINY_VIT = dict(
     input_size=(32, 32), patch_size=8, embed_dim=16, nb_blocks=2, nb_heads=2, nb_classes=5

@@ -17,7 +17,7 @@ Measured:
 On a 2-core machine two replicas compete for the same cores as the client,
 the ingress and the S3 server: the figures show correctness and overhead
 (and fewer loads, since two replicas hold twice the adapters), not speedup.
-Needs the scale extra. Writes benchmarks/results/scale_bench.json.
+Needs the scale extra. Writes benchmarks/results/local/scale_bench.json (untracked; --out to choose).
 """
 
 import argparse
@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)  # tests.helpers: the moto server and the tiny store
 
 from lora_ckpt import AdapterPool  # noqa: E402
 from lora_ckpt.serving.store import adapter_path, build_base_model, upload_store  # noqa: E402
-from lora_ckpt.state import object_store  # noqa: E402
+from lora_ckpt.storage import CACHE_ENV  # noqa: E402
 from tests.helpers.scale import images, make_tiny_store, moto_s3  # noqa: E402
 
 REMOTE = "s3://lora/bench"
@@ -62,7 +62,7 @@ def cold_loads(local_store: str, names: list[str], rounds: int) -> dict:
     for round_ in range(rounds):
         for name in names:
             cache = tempfile.mkdtemp(prefix="scale-bench-cache-")
-            os.environ[object_store.CACHE_ENV] = cache
+            os.environ[CACHE_ENV] = cache
             order = [
                 ("local_disk_ms", adapter_path(local_store, name)),
                 ("s3_empty_cache_ms", adapter_path(REMOTE, name)),
@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seconds", type=float, default=60, help="cap on each load test")
     parser.add_argument("--quick", action="store_true", help="fewer requests and rounds")
     parser.add_argument(
-        "--out", default=os.path.join(ROOT, "benchmarks", "results", "scale_bench.json")
+        "--out", default=os.path.join(ROOT, "benchmarks", "results", "local", "scale_bench.json")
     )
     args = parser.parse_args(argv)
     if args.quick:

@@ -78,8 +78,9 @@ def _human_size(size: int) -> str:
 
 def _inspect(args) -> int:
     from .state import inspect_adapter
+    from .state.layout import resolve_adapter_ref
 
-    info = inspect_adapter(args.path, verify=args.verify)  # a directory or a URL
+    info = inspect_adapter(resolve_adapter_ref(args.adapter, args.store), verify=args.verify)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -126,11 +127,11 @@ def _list(args) -> int:
 def _export(args) -> int:
     from .errors import UnregisteredArchitectureError
     from .export import export_merged_savedmodel
-    from .serving.store import adapter_path, build_base_model, store_base_weights
+    from .serving.store import build_base_model, store_base_weights
     from .state import from_adapter, load_lora_state, read_lora_state
+    from .state.layout import resolve_adapter_ref
 
-    is_path = os.path.sep in args.adapter or os.path.isdir(args.adapter)
-    path = args.adapter if is_path else adapter_path(args.store, args.adapter)
+    path = resolve_adapter_ref(args.adapter, args.store)
     name = os.path.basename(os.path.normpath(path))
     print(f"[1/3] reading adapter {path}", flush=True)
     config = read_lora_state(path).config
@@ -144,13 +145,29 @@ def _export(args) -> int:
         overrides = {"nb_classes": width} if width is not None else None
         model, _ = build_base_model(args.store, args.model, args.base, overrides=overrides)
         load_lora_state(model, path)
-    out = os.path.join(args.out, name, str(args.version)) if args.tf_serving else args.out
+    out = args.out
+    if args.tf_serving:
+        # TF Serving serves the highest version: a new export is the next one.
+        version = args.version or _next_version(os.path.join(args.out, name))
+        out = os.path.join(args.out, name, str(version))
+        if os.path.exists(out):
+            print(f"{out} exists; choose another --version.", file=sys.stderr)
+            return 1
     print(f"[3/3] writing the merged SavedModel to {out}", flush=True)
     labels = config.metadata.get("labels") if isinstance(config.metadata, dict) else None
     export_merged_savedmodel(model, out, args.with_preprocessing, labels)
     inputs = "image_bytes (PNG/JPEG strings)" if args.with_preprocessing else "images"
     print(f"Exported {name}: signature 'serving_default': {inputs} -> logits")
     return 0
+
+
+def _next_version(model_dir: str) -> int:
+    """One above the highest numeric version directory TF Serving would see."""
+    try:
+        names = os.listdir(model_dir)
+    except FileNotFoundError:
+        return 1
+    return max((int(n) for n in names if n.isdigit()), default=0) + 1
 
 
 def _gc(args) -> int:
@@ -221,10 +238,12 @@ def _add_serve_parser(commands, parents) -> None:
 def _add_inspect_parser(commands, parents) -> None:
     inspect = commands.add_parser(
         "inspect",
-        parents=[parents["json"]],
+        parents=[parents["store"], parents["json"]],
         help="an adapter's config, variables, size and base identity",
     )
-    inspect.add_argument("path", help="the adapter directory (or its s3:// URL)")
+    inspect.add_argument(
+        "adapter", help="an adapter directory or URL, or the name of an adapter of --store"
+    )
     inspect.add_argument(
         "--verify", action="store_true", help="also check every file's SHA-256 (reads them all)"
     )
@@ -266,7 +285,12 @@ def _add_export_parser(commands, parents) -> None:
         action="store_true",
         help="write TF Serving's layout: OUT/NAME/VERSION/ (a model base path for TF Serving)",
     )
-    export.add_argument("--version", type=int, default=1, help="the version with --tf-serving")
+    export.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="the version with --tf-serving (default: one above the highest exported)",
+    )
     export.add_argument(
         "--with-preprocessing",
         action="store_true",

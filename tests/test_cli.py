@@ -37,7 +37,7 @@ def test_commands_parse_as_before():
     assert listing.store == "somewhere" and listing.json and listing.run is cli._list
     assert parse("list").store == cli.DEFAULT_STORE and not parse("list").json
     inspected = parse("inspect", "path/a", "--json")
-    assert inspected.path == "path/a" and inspected.json
+    assert inspected.adapter == "path/a" and inspected.json
     export = parse(
         "export", "--store", "s", "--base", "b.h5", "--model", "m", "--adapter", "a",
         "--out", "o", "--tf-serving", "--version", "3", "--with-preprocessing",

@@ -17,59 +17,35 @@ local store there.
 import dataclasses
 import json
 import os
-import re
 import tempfile
 
 from tfimm.models import model_config
 
-from ..errors import AdapterNotFoundError, BaseWeightsError, LoRAConfigError, StoreError
+from ..errors import AdapterNotFoundError, BaseWeightsError, StoreError
 from ..models import create_model
 from ..selection import classifier_paths
 from ..state import load_base_weights
 from ..state.atomic import begin_write, commit_files
-from ..state.files import is_work_directory, read_config_bytes, read_verified
+from ..state.files import read_config_bytes, read_verified
 from ..state.format import CONFIG_FILE, AdapterConfig
+from ..state.layout import (  # noqa: F401  (the store's layout, re-exported)
+    ADAPTERS,
+    BASE_CONFIG,
+    BASE_WEIGHTS,
+    adapter_path,
+    is_adapter_name,
+    validate_adapter_name,
+)
 from ..storage import UnsafeFileError, open_store
 
-BASE_CONFIG = "base.json"
-BASE_WEIGHTS = "base.h5"
-ADAPTERS = "adapters"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_BASE_CONFIG_BYTES = 1 << 20
 MAX_BASE_BYTES = 64 << 30
 """The largest base weights file read from a store."""
 
 
-def validate_adapter_name(name: str) -> str:
-    """Returns ``name`` if it is a safe adapter name, else raises.
-
-    Names are 1-64 letters, digits, ``_``, ``.`` or ``-``, starting with a
-    letter or digit: never a path, so a request cannot reach outside the store.
-
-    Raises:
-        LoRAConfigError: For any other name.
-    """
-    if (
-        not isinstance(name, str)
-        or not _NAME.fullmatch(name)
-        or ".." in name
-        or is_work_directory(name)
-    ):
-        raise LoRAConfigError(
-            f"Invalid adapter name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit."
-        )
-    return name
-
-
 def _join(store: str, *parts: str) -> str:
     backend, store = open_store(store)
     return backend.join(store, *parts)
-
-
-def adapter_path(store: str, name: str) -> str:
-    """The directory (or URL) of adapter ``name`` in ``store`` (the name is validated)."""
-    return _join(store, ADAPTERS, validate_adapter_name(name))
 
 
 def adapter_config_bytes(store: str, name: str) -> bytes:
@@ -105,8 +81,7 @@ def store_adapters(store: str) -> list[str]:
         name
         for name, entry in entries.items()
         if entry.kind == "dir"
-        and _NAME.fullmatch(name)
-        and not is_work_directory(name)
+        and is_adapter_name(name)
         # Costs nothing on an object store, which says so when the config is read.
         and backend.committed(backend.join(root, name), CONFIG_FILE) is not None
     )

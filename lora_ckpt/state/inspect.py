@@ -4,27 +4,7 @@ from ..errors import AdapterNotFoundError, LoRAError, StoreError
 from ..storage import UnsafeFileError, open_store
 from .files import check_file_sizes, is_work_directory, read_config_bytes, read_verified
 from .format import AdapterConfig
-
-ADAPTERS = "adapters"
-"""A store's directory of adapters (beside its ``base.json`` and ``base.h5``)."""
-
-
-def adapters_root(path: str) -> str:
-    """``path/adapters`` if ``path`` is a store (it has one), else ``path`` itself:
-    a store or a directory of adapters, as the CLI takes them.
-
-    Raises:
-        StoreError: If ``path`` does not exist or the store cannot be reached.
-    """
-    store, path = open_store(path)
-    try:
-        entries = store.listdir(path)
-    except UnsafeFileError:
-        raise StoreError(f"{path} is not a directory of adapters or a store.") from None
-    if not entries and not store.exists(path):
-        raise StoreError(f"{path} is not a directory of adapters or a store.")
-    entry = entries.get(ADAPTERS)
-    return store.join(path, ADAPTERS) if entry is not None and entry.kind == "dir" else path
+from .layout import adapters_root  # noqa: F401  (the CLI's import)
 
 
 def inspect_adapter(path: str, *, verify: bool = False) -> dict:
