@@ -371,6 +371,9 @@ def main(argv=None) -> int:
         The exit code: the command's, or 1 with a message on stderr for a LoRAError.
     """
     args = build_parser().parse_args(argv)
+    # TensorFlow's C++ log lines (a failed cuInit on a machine without a GPU,
+    # oneDNN notes) are not the user's business; its real errors raise in Python.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from .errors import LoRAError
 
     try:

@@ -72,3 +72,18 @@ def test_tf_serving_export_twice_writes_versions_one_and_two(store, tmp_path):
     assert sorted(os.listdir(os.path.join(out, "a0"))) == ["1", "2"]
     code, _, err = run(*args, "--version", "2")
     assert code == 1 and "exists" in err
+
+
+@pytest.mark.slow
+def test_a_command_that_runs_tensorflow_prints_no_cuda_noise(store, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_ckpt.cli", "export", "--store", store["path"],
+         "--adapter", "a0", "--out", str(tmp_path / "saved")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cuInit" not in result.stderr and "E0000" not in result.stderr
