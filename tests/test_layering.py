@@ -11,6 +11,7 @@ LEVELS = {
     "errors": 0,
     "version": 0,
     "_keras_env": 0,
+    "scaling": 0,
     "_tf": 1,
     "storage": 1,
     "layers": 2,
@@ -28,7 +29,7 @@ LEVELS = {
     "demo": 9,
     "cli": 10,
 }
-PURE_PYTHON = {"errors", "version", "_keras_env", "serving/slot_table"}
+PURE_PYTHON = {"errors", "version", "_keras_env", "scaling", "serving/slot_table"}
 
 
 def _top(module: pathlib.Path) -> str:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import AdapterVersionError, CorruptAdapterError
-from ..layers import FLOAT32_MAX, MAX_LORA_RANK, lora_scaling
+from ..scaling import FLOAT32_MAX, MAX_LORA_RANK, lora_scaling
 
 FORMAT_NAME = "lora_ckpt.adapter"
 FORMAT_VERSION = 2
