@@ -132,34 +132,13 @@ def test_a_scheme_without_its_package_names_the_package():
 
 def test_the_service_serves_a_memory_store_like_the_local_one(stores):
     """What `lora-ckpt serve --store memory://...` runs: the app over the store."""
-    import asyncio
-
-    import httpx
-
     from lora_ckpt.serving.app import create_app
+
+    from .helpers.asgi import assert_app_answers_like
 
     base, _ = build_base_model(stores["local"])
     reference = AdapterPool(base, capacity=len(stores["names"]))
     for name in stores["names"]:
         reference.load(name, adapter_path(stores["local"], name))
-    x = images(2, seed=5)
     app = create_app(stores["memory"], capacity=3)
-
-    async def drive():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            for _ in range(600):
-                if (await client.get("/ready")).status_code == 200:
-                    break
-                await asyncio.sleep(0.1)
-            assert (await client.get("/adapters")).json()["store"] == stores["names"]
-            for name in stores["names"]:
-                want = reference.predict(x, adapter=name)
-                for image, row in zip(x, want, strict=True):
-                    response = await client.post(
-                        f"/predict/{name}", json={"tensor": image.tolist()}
-                    )
-                    assert response.status_code == 200, response.text
-                    np.testing.assert_allclose(response.json()["logits"], row, rtol=1e-5, atol=1e-5)
-
-    asyncio.run(drive())
+    assert_app_answers_like(app, reference, stores["names"], images(2, seed=5))

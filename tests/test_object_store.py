@@ -353,32 +353,10 @@ def test_garbage_of_killed_saves_is_collected(s3, local_store):
 
 
 def test_the_single_process_service_serves_an_s3_store(local_store, remote_store):
-    import asyncio
-
-    import httpx
-
     from lora_ckpt.serving.app import create_app
 
+    from .helpers.asgi import assert_app_answers_like
+
     reference = _pool(local_store["path"], local_store["names"])
-    x = images(2, seed=3)
     app = create_app(remote_store, capacity=3)
-
-    async def drive():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            for _ in range(600):
-                if (await client.get("/ready")).status_code == 200:
-                    break
-                await asyncio.sleep(0.1)
-            assert (await client.get("/adapters")).json()["store"] == local_store["names"]
-            for name in local_store["names"]:
-                expected = reference.predict(x, adapter=name)
-                for image, want in zip(x, expected, strict=True):
-                    response = await client.post(
-                        f"/predict/{name}", json={"tensor": image.tolist()}
-                    )
-                    assert response.status_code == 200, response.text
-                    logits = response.json()["logits"]
-                    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
-
-    asyncio.run(drive())
+    assert_app_answers_like(app, reference, local_store["names"], images(2, seed=3))
