@@ -8,6 +8,8 @@ tfimm and this package are written against ``tf.keras`` as Keras 2 (the
 first public name that needs TensorFlow does.
 """
 
+import logging
+
 from ._keras_env import prefer_keras_2, restore_environment
 from .errors import KerasObjectError, MissingDependencyError
 
@@ -68,3 +70,36 @@ def require_tf_keras(obj, what: str = "lora_ckpt") -> None:
 
 
 __all__ = ["require_tf_keras", "tf"]
+
+
+_OWN_QUALNAMES: set[str] = set()
+
+
+class _OwnTracesFilter(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning for
+    lora_ckpt's own functions: each is built for one variable set (a model, a
+    pool) and traced once by design, which TensorFlow's heuristic mistakes for
+    retracing when a process builds several. Warnings about any other
+    function pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "tf.function retracing" not in message:
+            return True
+        if " of <lora_ckpt." in message:  # a bound method of one of our objects
+            return False
+        return not any(f"<function {name} at" in message for name in _OWN_QUALNAMES)
+
+
+def own_function(function):
+    """Marks ``function`` (about to be wrapped in ``tf.function``, once per model
+    or pool) as lora_ckpt's own, so its tracing is not reported as retracing.
+
+    Returns:
+        ``function``.
+    """
+    _OWN_QUALNAMES.add(function.__qualname__)
+    return function
+
+
+logging.getLogger("tensorflow").addFilter(_OwnTracesFilter())

@@ -12,7 +12,7 @@ import tfimm
 import lora_ckpt
 from lora_ckpt.errors import CorruptAdapterError
 from lora_ckpt.models import model_config
-from lora_ckpt.state.from_adapter import estimate_parameters
+from lora_ckpt.state.adapter_model import estimate_parameters
 
 from .conftest import TINY_CONVNEXT, TINY_VIT, count
 

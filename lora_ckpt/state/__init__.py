@@ -17,7 +17,7 @@ _EXPORTS = {
     "CONFIG_FILE": "format",
     "FORMAT_VERSION": "format",
     "AdapterConfig": "format",
-    "from_adapter": "from_adapter",
+    "from_adapter": "adapter_model",
     "inspect_adapter": "inspect",
     "list_adapters": "inspect",
     "AdapterState": "load",

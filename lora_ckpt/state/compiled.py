@@ -7,32 +7,14 @@ only a few are kept (most recently used first).
 """
 
 import collections
-import logging
 from collections.abc import Callable
 
 import numpy as np
 
-from .._tf import tf
+from .._tf import own_function, tf
 
 _KEPT = 16
 _FUNCTIONS: collections.OrderedDict = collections.OrderedDict()
-_QUALNAMES: set[str] = set()
-
-
-class _OwnTracesFilter(logging.Filter):
-    """Drops TensorFlow's "triggered tf.function retracing" warning for these
-    functions: each is built for one variable set (one model) and traced once
-    by design, which TensorFlow's heuristic mistakes for retracing when a
-    process builds several models. Warnings about any other function pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "tf.function retracing" not in message:
-            return True
-        return not any(f"<function {name} at" in message for name in _QUALNAMES)
-
-
-logging.getLogger("tensorflow").addFilter(_OwnTracesFilter())
 
 
 def compiled(kind: str, variables: list, build: Callable[[list], Callable]) -> Callable:
@@ -49,9 +31,7 @@ def compiled(kind: str, variables: list, build: Callable[[list], Callable]) -> C
     key = (kind, *(id(v) for v in variables))
     function = _FUNCTIONS.pop(key, None)
     if function is None:
-        python_function = build(variables)
-        _QUALNAMES.add(python_function.__qualname__)
-        function = tf.function(python_function, autograph=False)
+        function = tf.function(own_function(build(variables)), autograph=False)
     _FUNCTIONS[key] = function
     while len(_FUNCTIONS) > _KEPT:
         _FUNCTIONS.popitem(last=False)
