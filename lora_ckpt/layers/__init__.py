@@ -42,6 +42,8 @@ from .args import (
 from .conv import LoRAConv2D
 from .convert import (
     convert_to_lora_layer,
+    describe_unsupported,
+    has_kernel,
     has_lora_counterpart,
     is_lora_layer,
     register_lora_layer,
@@ -72,7 +74,9 @@ __all__ = [
     "MergeState",
     "column_norm",
     "convert_to_lora_layer",
+    "describe_unsupported",
     "dora_scale",
+    "has_kernel",
     "has_lora_counterpart",
     "is_lora_layer",
     "kernel_fingerprint",

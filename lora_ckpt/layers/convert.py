@@ -42,6 +42,31 @@ def has_lora_counterpart(layer) -> bool:
     return type(layer) in _LORA_LAYER_CLASSES and getattr(layer, "groups", 1) == 1
 
 
+# Layers with a kernel that LoRA might be asked to adapt: what a layer group
+# or pattern may name, whether or not it has a LoRA version.
+_KERNEL_LAYERS = (
+    tf.keras.layers.Dense,
+    tf.keras.layers.Conv1D,
+    tf.keras.layers.Conv2D,
+    tf.keras.layers.Conv3D,
+    tf.keras.layers.DepthwiseConv2D,
+    tf.keras.layers.SeparableConv2D,
+)
+
+
+def has_kernel(layer) -> bool:
+    """Whether ``layer`` is a Dense or convolution layer, with or without a LoRA version."""
+    return isinstance(layer, _KERNEL_LAYERS) or type(layer) in _LORA_LAYER_CLASSES
+
+
+def describe_unsupported(layer) -> str:
+    """Why :func:`convert_to_lora_layer` refuses ``layer``, in a few words for messages."""
+    groups = getattr(layer, "groups", 1)
+    if type(layer) in _LORA_LAYER_CLASSES and groups != 1:
+        return f"{type(layer).__name__}, groups={groups}"
+    return type(layer).__name__
+
+
 def supported_layer_types() -> list[str]:
     """Names of the Keras layer classes that :func:`convert_to_lora_layer` takes."""
     return [cls.__name__ for cls in _LORA_LAYER_CLASSES]
