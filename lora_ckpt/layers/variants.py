@@ -48,6 +48,17 @@ class LoRAVariant:
         """
         return tf.ones(kernel.shape[-1:], kernel.dtype)
 
+    def adapter_output_scale(self, base_kernel, delta, magnitude=None) -> tf.Tensor:
+        """The per-output factor of an adapter's update outside any layer (what a
+        pool keeps per slot): 1 for plain LoRA.
+
+        Args:
+            base_kernel: ``W0``.
+            delta: The adapter's ``scaling * A @ B``, in the kernel's shape.
+            magnitude: The adapter's DoRA magnitude (unused by plain LoRA).
+        """
+        return tf.ones(base_kernel.shape[-1:], base_kernel.dtype)
+
     def forward(self, layer, x, outputs, training) -> tf.Tensor:
         """The pre-bias output: the base output ``outputs`` plus the update.
 
@@ -96,6 +107,12 @@ class DoRAVariant(LoRAVariant):
         """``magnitude / ||W0 + scaling * A @ B||`` per output."""
         updated = tf.convert_to_tensor(kernel) + tf.cast(layer.lora_delta(), kernel.dtype)
         return dora_scale(tf.convert_to_tensor(layer.lora_magnitude), updated)
+
+    def adapter_output_scale(self, base_kernel, delta, magnitude=None) -> tf.Tensor:
+        """``magnitude / ||W0 + delta||`` per output."""
+        base_kernel = tf.convert_to_tensor(base_kernel)
+        updated = base_kernel + tf.cast(delta, base_kernel.dtype)
+        return dora_scale(tf.cast(magnitude, base_kernel.dtype), updated)
 
     def forward(self, layer, x, outputs, training) -> tf.Tensor:
         """``(base + update) * output_scale``: DoRA's scale is linear in the output,
