@@ -15,6 +15,7 @@ from .layers import (
     LORA_LAYER_ARGS,
     LoRALayerMixin,
     convert_to_lora_layer,
+    has_kernel,
     has_lora_counterpart,
     is_lora_layer,
     supported_layer_types,
@@ -82,8 +83,14 @@ def check_conversion_arguments(model, kwargs: dict) -> str:
     return train_bias
 
 
-def match_targets(model, target_layers, layers) -> list[str]:
+def match_targets(model, target_layers, layers, argument: str = "target_layers") -> list[str]:
     """Paths of the convertible layers among ``layers`` that ``target_layers`` names.
+
+    Args:
+        model: The model (for messages).
+        target_layers: Layer paths, names or globs (or one of them).
+        layers: ``(path, layer)`` of the model.
+        argument: What the caller calls ``target_layers``, for messages.
 
     Raises:
         LayerNotFoundError: If a pattern matches no layer.
@@ -92,7 +99,7 @@ def match_targets(model, target_layers, layers) -> list[str]:
     """
     patterns = [target_layers] if isinstance(target_layers, str) else list(target_layers)
     convertible = [(path, layer) for path, layer in layers if is_convertible(layer)]
-    what = f"target_layers pattern (over {'/'.join(supported_layer_types())} layers, groups=1)"
+    what = f"{argument} pattern (over {'/'.join(supported_layer_types())} layers, groups=1)"
     for pattern in patterns:
         if isinstance(pattern, str) and not any(
             layer_matches(path, layer, pattern) for path, layer in convertible
@@ -100,12 +107,13 @@ def match_targets(model, target_layers, layers) -> list[str]:
             others = [
                 f"{path} ({type(layer).__name__})"
                 for path, layer in layers
-                if layer_matches(path, layer, pattern) and layer.weights
+                # An unbuilt layer has no weights yet: its kind says it has a kernel.
+                if layer_matches(path, layer, pattern) and (layer.weights or has_kernel(layer))
             ]
             if others:
                 # It names layers, just none that LoRA can adapt: say why.
                 raise UnsupportedLayerError(
-                    f"target_layers pattern {pattern!r} matches only layers without a LoRA "
+                    f"{argument} pattern {pattern!r} matches only layers without a LoRA "
                     f"version: {others[:5]}. Depthwise and grouped convolutions (and norms) have no "
                     f"low-rank update to add; LoRA adapts {supported_layer_types()} (groups=1)."
                 )

@@ -420,3 +420,45 @@ def test_base_weights_file_loads_into_the_lora_model(key, tmp_path):
         lora = lora_ckpt.create_model(SMALL[key][0], lora_rank=2, **config)
         lora_ckpt.load_base_weights(lora, path)
         np.testing.assert_array_equal(lora(x).numpy(), regular(x).numpy(), err_msg=path)
+
+
+# A reduced SE-ResNeXt-26d: grouped 3x3 convolutions (cardinality 4) in every block.
+SMALL_RESNEXT = dict(
+    input_size=(32, 32),
+    nb_blocks=(1, 1, 1, 1),
+    nb_channels=(16, 16, 32, 32),
+    cardinality=4,
+    base_width=16,
+    stem_width=8,
+    nb_classes=4,
+    zero_init_last_bn=False,
+)
+
+
+def test_resnext_converts_by_default_leaving_out_its_grouped_convolutions():
+    tf.keras.utils.set_random_seed(0)
+    regular = tfimm.create_model("seresnext26d_32x4d", **SMALL_RESNEXT)
+    x = inputs_for(SMALL_RESNEXT)
+    base_out = regular(x).numpy()
+    with pytest.warns(UserWarning, match="no LoRA version") as caught:
+        lora = lora_ckpt.convert_to_lora_model(regular, lora_rank=2)
+    message = " ".join(str(w.message) for w in caught if "no LoRA version" in str(w.message))
+    assert len([w for w in caught if "no LoRA version" in str(w.message)]) == 1  # one warning
+    assert all(f"blocks/{i}/conv2 (Conv2D, groups=4)" in message for i in range(4))
+
+    paths = [p for p, _ in lora_ckpt.lora_layers(lora)]
+    assert paths == [f"blocks/{i}/conv{j}" for i in range(4) for j in (1, 3)]
+    np.testing.assert_array_equal(lora(x).numpy(), base_out)
+    randomize_lora(lora, scale=0.3)
+    adapted = lora(x).numpy()
+    assert not np.allclose(adapted, base_out, atol=1e-3)
+    back = lora_ckpt.convert_to_regular_model(lora)
+    np.testing.assert_allclose(back(x).numpy(), adapted, rtol=1e-4, atol=1e-4)
+
+    # Groups that name only grouped convolutions are refused, as before.
+    with pytest.raises(UnsupportedLayerError, match="groups=4"):
+        lora_ckpt.convert_to_lora_model(regular, lora_layer_groups=("conv2",))
+    with pytest.raises(UnsupportedLayerError, match="no\\s+low-rank|without a LoRA version"):
+        lora_ckpt.create_model(
+            "seresnext26d_32x4d", lora_target_layers=["blocks/0/conv2"], **SMALL_RESNEXT
+        )

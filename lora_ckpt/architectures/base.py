@@ -7,16 +7,28 @@ mixin converts the chosen groups, validates the LoRA config, and overrides
 ``trainable_weights`` so Keras' ``fit`` trains only what LoRA trains.
 """
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tfimm.models import keras_serializable
 
 from .._tf import tf
-from ..errors import LayerNotFoundError, LoRAConfigError
-from ..graph_models import check_pattern_keys, is_convertible, lora_layer_arguments
-from ..layers import convert_to_lora_layer, validate_lora_args
-from ..selection import LoRATrainableMixin, check_train_bias, layer_matches, match_layers
+from ..errors import LayerNotFoundError, LoRAConfigError, UnsupportedLayerError
+from ..graph_models import (
+    check_pattern_keys,
+    is_convertible,
+    lora_layer_arguments,
+    match_targets,
+)
+from ..layers import (
+    convert_to_lora_layer,
+    describe_unsupported,
+    has_kernel,
+    supported_layer_types,
+    validate_lora_args,
+)
+from ..selection import LoRATrainableMixin, check_train_bias, layer_matches
 from ..traversal import layer_references, named_layers, replace_layer
 
 
@@ -98,10 +110,16 @@ class LoRAModelMixin(LoRATrainableMixin):
         return [path for group in groups for path in self.LAYER_GROUPS[group]]
 
     def lora_target_paths(self, groups: tuple[str, ...]) -> list[str]:
-        """Paths of the layers that the layer groups give LoRA, in model order.
+        """Paths of the layers that the layer groups name, in model order.
+
+        Block and model groups name their layers whatever they are; pattern
+        groups match the layers that have a kernel (Dense, Conv2D and their
+        subclasses). Layers without a LoRA version among them (grouped or
+        depthwise convolutions) are in the list: :meth:`apply_lora` leaves
+        them out.
 
         Raises:
-            LayerNotFoundError: If a pattern group matches no convertible layer.
+            LayerNotFoundError: If a pattern group matches no layer with a kernel.
         """
         layers = list(named_layers(self))
         path_of = {id(layer): path for path, layer in layers}
@@ -112,7 +130,7 @@ class LoRAModelMixin(LoRATrainableMixin):
                 wanted.append(f"{path_of[id(block)]}/{attr.replace('.', '/')}")
         for group in groups:
             wanted += [attr.replace(".", "/") for attr in self.MODEL_LAYER_GROUPS.get(group, ())]
-        candidates = [(path, layer) for path, layer in layers if is_convertible(layer)]
+        candidates = [(path, layer) for path, layer in layers if has_kernel(layer)]
         for group in groups:
             # A group's globs cover several block kinds; each model has some of them.
             patterns = self.GROUP_PATTERNS.get(group, ())
@@ -131,12 +149,55 @@ class LoRAModelMixin(LoRATrainableMixin):
         order = {path: i for i, (path, _) in enumerate(layers)}
         return sorted(set(wanted), key=lambda path: order.get(path, -1))
 
+    def supported_group_targets(self, groups: tuple[str, ...], layers: dict) -> list[str]:
+        """:meth:`lora_target_paths` without the layers LoRA cannot adapt.
+
+        Those are left out with one warning that names them, so that every
+        configuration of a family converts with its default groups (a
+        ResNeXt's grouped 3x3 convolutions, for one).
+
+        Args:
+            groups: The layer groups.
+            layers: ``{path: layer}`` of the model.
+
+        Returns:
+            Paths of the convertible layers the groups name.
+
+        Raises:
+            UnsupportedLayerError: If the groups name only layers LoRA cannot adapt.
+            LayerNotFoundError: As :meth:`lora_target_paths`.
+        """
+        paths = self.lora_target_paths(groups)
+        supported = [path for path in paths if is_convertible(layers[path])]
+        unsupported = [
+            f"{path} ({describe_unsupported(layers[path])})"
+            for path in paths
+            if not is_convertible(layers[path])
+        ]
+        if unsupported and not supported:
+            raise UnsupportedLayerError(
+                f"lora_layer_groups {list(groups)} of {type(self).__name__} name only layers "
+                f"without a LoRA version: {unsupported[:5]}. Choose other lora_layer_groups from "
+                f"{sorted(self.layer_groups())}; LoRA adapts {supported_layer_types()} (groups=1)."
+            )
+        if unsupported:
+            warnings.warn(
+                f"{type(self).__name__}: {len(unsupported)} layer(s) of lora_layer_groups "
+                f"{list(groups)} have no LoRA version and keep their base weights, frozen; the "
+                f"other {len(supported)} get LoRA. Left out: {', '.join(unsupported)}.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return supported
+
     def apply_lora(self) -> None:
         """Replaces the layers of the configured groups with LoRA layers.
 
         Raises:
             LoRAConfigError: For invalid LoRA values or an unknown group.
-            UnsupportedLayerError: If a group layer cannot be converted.
+            UnsupportedLayerError: If the groups, or a ``lora_target_layers``
+                pattern, name only layers LoRA cannot adapt (such layers among
+                others that groups name are left out with a warning).
             LayerNotFoundError: If a rank or alpha pattern matches no LoRA layer.
         """
         cfg = self.cfg
@@ -155,10 +216,9 @@ class LoRAModelMixin(LoRATrainableMixin):
         all_layers = list(named_layers(self))
         layers = dict(all_layers)
         if explicit:
-            candidates = [(path, layer) for path, layer in all_layers if is_convertible(layer)]
-            paths = match_layers(self, explicit, candidates, "lora_target_layers entry")
+            paths = match_targets(self, explicit, all_layers, "lora_target_layers")
         else:
-            paths = self.lora_target_paths(groups)
+            paths = self.supported_group_targets(groups, layers)
         targets = [(path, layers[path]) for path in paths]
         arguments = {
             "lora_rank": cfg.lora_rank,

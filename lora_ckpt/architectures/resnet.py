@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from tfimm.architectures.resnet import ResNet, ResNetConfig
 
 from .._tf import tf
-from ..errors import UnsupportedLayerError
 from ..registry import register_lora_architecture
 from .base import LoRAConfigFields, LoRAModelMixin, lora_serializable
 
@@ -33,19 +32,17 @@ class LoRAResNetConfig(ResNetConfig, LoRAConfigFields):
 class LoRAResNet(LoRAModelMixin, ResNet):
     """ResNet with LoRA. Groups, per residual block: ``conv1`` (1x1 reduce, or
     the first 3x3 of a basic block), ``conv2`` (3x3), ``conv3`` (1x1 expand,
-    bottleneck blocks only)."""
+    bottleneck blocks only).
+
+    ResNeXt-style blocks (``cardinality > 1``) have grouped 3x3 convolutions,
+    which LoRA does not adapt: the default groups leave them out with a
+    warning, and ``lora_layer_groups=("conv2",)`` alone is refused."""
 
     cfg_class = LoRAResNetConfig
     LAYER_GROUPS = {"conv1": ("conv1",), "conv2": ("conv2",), "conv3": ("conv3",)}
     MODEL_LAYER_GROUPS = {"head": ("head.fc",)}
 
     def __init__(self, cfg: LoRAResNetConfig, **kwargs):
-        if cfg.cardinality != 1 and "conv2" in cfg.lora_layer_groups:
-            raise UnsupportedLayerError(
-                f"ResNeXt-style blocks (cardinality={cfg.cardinality}) have grouped 3x3 "
-                "convolutions, which LoRAConv2D does not support: leave 'conv2' out of "
-                "lora_layer_groups."
-            )
         super().__init__(cfg, **kwargs)
         self.apply_lora()
         if cfg.lora_freeze_batchnorm:
