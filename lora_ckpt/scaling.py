@@ -16,5 +16,13 @@ def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
 
     Adapter configs record this value and loaders compare it exactly, so every
     place computes it with this one function.
+
+    Args:
+        alpha: The scale numerator ``lora_alpha``.
+        rank: The LoRA rank.
+        rslora: Whether to divide by ``sqrt(rank)`` (rsLoRA).
+
+    Returns:
+        The scaling.
     """
     return alpha / math.sqrt(rank) if rslora else alpha / rank

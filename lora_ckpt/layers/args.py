@@ -12,15 +12,10 @@ import numpy as np
 
 from .._tf import tf
 from ..errors import LoRAConfigError
+from ..scaling import FLOAT32_MAX, MAX_LORA_RANK, lora_scaling
 
 LORA_INITIALIZERS = ("gaussian", "kaiming_uniform")
 """PEFT's names for ``A``'s initialisation, accepted besides Keras initializers."""
-
-MAX_LORA_RANK = 1 << 16
-"""The largest rank a layer (or an adapter file) may have."""
-
-FLOAT32_MAX = 3.4028234663852886e38
-"""The largest finite float32: a scaling above it would overflow every update."""
 
 LORA_LAYER_ARGS = (
     "lora_rank",
@@ -35,23 +30,6 @@ LORA_LAYER_ARGS = (
     "lora_enabled",
 )
 """Keyword arguments a LoRA layer takes besides those of its base layer."""
-
-
-def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
-    """LoRA's ``alpha / rank``, or rsLoRA's ``alpha / sqrt(rank)``, as a Python float.
-
-    Adapter configs record this value and loaders compare it exactly, so every
-    place computes it with this one function.
-
-    Args:
-        alpha: The scale numerator ``lora_alpha``.
-        rank: The LoRA rank.
-        rslora: Whether to divide by ``sqrt(rank)`` (rsLoRA).
-
-    Returns:
-        The factor the update ``A @ B`` is multiplied by.
-    """
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def resolve_lora_initializer(spec, rank: int) -> tf.keras.initializers.Initializer:
