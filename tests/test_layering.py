@@ -108,6 +108,7 @@ def test_pure_python_modules_import_no_tensorflow_or_numpy():
 # `lora_ckpt/state/__init__.py`, which re-exports it); a package's own
 # `__init__` is a node of its own.
 
+
 def _module_name(path: pathlib.Path) -> str:
     return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
 
