@@ -408,3 +408,19 @@ def test_cli_import_peft_and_export_peft(vit, tmp_path, capsys):
     assert set(written) == set(tensors)
     assert all(np.array_equal(written[k], tensors[k]) for k in tensors)
     assert main(["import-peft", str(tmp_path / "nowhere"), "--store", store, "--name", "x"]) == 1
+
+
+def test_a_new_head_of_another_width_comes_with_the_adapter(vit, tmp_path):
+    base, weights = vit
+    config, tensors = _qkv(modules_to_save=["head"])
+    rng = np.random.default_rng(9)
+    head = rng.normal(0, 0.3, (6, 16)).astype("float32")  # timm: num_classes=6
+    tensors.update({f"{P}head.weight": head, f"{P}head.bias": np.zeros(6, "float32")})
+    out = lora_ckpt.import_peft(
+        write_peft(tmp_path / "peft", config, tensors), base, str(tmp_path / "o")
+    )
+    state = lora_ckpt.read_lora_state(out)
+    assert state.config.base_model.config["nb_classes"] == 6
+    np.testing.assert_array_equal(state.tensors["head/kernel"], head.T)
+    model = lora_ckpt.from_adapter(out, base_weights=weights)
+    assert model(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 6)
