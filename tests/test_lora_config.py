@@ -78,6 +78,7 @@ def test_get_lora_model_on_a_tfimm_vit_uses_timm_module_names():
     assert keys == expected
 
 
+@pytest.mark.slow  # trains an epoch
 def test_modules_to_save_trains_and_saves_any_layer_of_a_tfimm_model(tmp_path):
     model = lora_ckpt.create_model(
         "convnext_tiny", lora_rank=2, lora_trainable_layers=["stem_norm"], **TINY_CONVNEXT
