@@ -1,4 +1,4 @@
-"""The ``lora-ckpt`` command: demo, serve, inspect, list, export, gc, combine.
+"""The ``lora-ckpt`` command: demo, serve, inspect, list, export, import-peft, gc, combine.
 
 One ``_add_<command>_parser`` function per command builds its flags, and one
 function runs it. Nothing heavy is imported at module level (no TensorFlow,
@@ -133,6 +133,8 @@ def _export(args) -> int:
 
     path = resolve_adapter_ref(args.adapter, args.store)
     name = os.path.basename(os.path.normpath(path))
+    if args.peft:
+        return _export_peft(path, args)
     print(f"[1/3] reading adapter {path}", flush=True)
     config = read_lora_state(path).config
     width = (config.base_model.config or {}).get("nb_classes")
@@ -168,6 +170,27 @@ def _next_version(model_dir: str) -> int:
     except FileNotFoundError:
         return 1
     return max((int(n) for n in names if n.isdigit()), default=0) + 1
+
+
+def _export_peft(path: str, args) -> int:
+    from .state.peft_export import export_peft
+
+    out = export_peft(path, args.out, base_model_name_or_path=args.base_model_name_or_path)
+    print(f"Exported {path} as a PEFT adapter in {out}: PeftModel.from_pretrained(timm_model, DIR)")
+    return 0
+
+
+def _import_peft(args) -> int:
+    from .serving.store import adapter_path, build_base_model, validate_adapter_name
+    from .state.peft_import import import_peft
+
+    target = adapter_path(args.store, validate_adapter_name(args.name))
+    print(f"[1/2] building the store's base model ({args.store})", flush=True)
+    model, _ = build_base_model(args.store)
+    print(f"[2/2] importing {args.peft_dir} as {target}", flush=True)
+    import_peft(args.peft_dir, model, target, labels=args.labels, overwrite=args.overwrite)
+    print(f"Imported {args.peft_dir} as adapter {args.name!r}")
+    return 0
 
 
 def _gc(args) -> int:
@@ -296,7 +319,35 @@ def _add_export_parser(commands, parents) -> None:
         action="store_true",
         help="the signature takes PNG/JPEG bytes and does the service's preprocessing",
     )
+    export.add_argument(
+        "--peft",
+        action="store_true",
+        help="write PEFT's adapter_config.json and adapter_model.safetensors to OUT instead "
+        "(for PeftModel.from_pretrained on the timm model)",
+    )
+    export.add_argument(
+        "--base-model-name-or-path",
+        default=None,
+        help="with --peft: the timm model PEFT users load (recorded in the config)",
+    )
     export.set_defaults(run=_export)
+
+
+def _add_import_peft_parser(commands, parents) -> None:
+    imported = commands.add_parser(
+        "import-peft",
+        parents=[parents["store"]],
+        help="a PEFT LoRA adapter of the timm twin of the store's model, as a store adapter",
+    )
+    imported.add_argument(
+        "peft_dir", help="the directory PeftModel.save_pretrained wrote (safetensors)"
+    )
+    imported.add_argument("--name", required=True, help="the adapter's name in the store")
+    imported.add_argument("--labels", nargs="+", default=None, help="class names, one per output")
+    imported.add_argument(
+        "--overwrite", action="store_true", help="replace an adapter of that name"
+    )
+    imported.set_defaults(run=_import_peft)
 
 
 def _add_gc_parser(commands, parents) -> None:
@@ -338,6 +389,7 @@ _COMMANDS = (
     _add_inspect_parser,
     _add_list_parser,
     _add_export_parser,
+    _add_import_peft_parser,
     _add_gc_parser,
     _add_combine_parser,
 )

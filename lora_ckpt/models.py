@@ -32,7 +32,12 @@ from .registry import (
     lora_config,
     registered_architectures,
 )
-from .selection import classifier_paths, foreign_lora_layers, refuse_foreign_lora_layers
+from .selection import (
+    classifier_paths,
+    foreign_lora_layers,
+    refuse_foreign_lora_layers,
+    set_modules_to_save,
+)
 from .subclassed_models import convert_subclassed_model, convert_subclassed_model_to_regular
 from .traversal import named_layers, named_variables
 
@@ -245,7 +250,9 @@ def create_model(
         **kwargs: LoRA fields (``lora_rank``, ``lora_alpha``, ``lora_dropout``,
             ``lora_train_bias``, ``lora_train_classifier``, ``lora_layer_groups``,
             ``lora_use_dora``, ``lora_use_rslora``, ``lora_rank_pattern``,
-            ``lora_alpha_pattern``, ``lora_initializer``) and overrides of the
+            ``lora_alpha_pattern``, ``lora_initializer``,
+            ``lora_trainable_layers``: layers trained and saved in full besides
+            the classifier, PEFT's ``modules_to_save``) and overrides of the
             model config (``nb_classes``, ``embed_dim``, ...).
 
     Returns:
@@ -274,10 +281,13 @@ def create_model(
         )
         return convert_to_lora_model(full_model, **lora_kwargs)
 
+    trainable = kwargs.pop("lora_trainable_layers", None)
     base_cfg = dataclasses.asdict(model_config(model_name))
     cfg = _config_with_overrides(_lora_cfg_class(cls), base_cfg, kwargs, model_name)
     model = _build(lora_cls(cfg=cfg))
     _reset_magnitudes(model)
+    if trainable:
+        set_modules_to_save(model, trainable)
     return model
 
 
@@ -298,9 +308,10 @@ def convert_to_lora_model(model: tf.keras.Model, **kwargs) -> tf.keras.Model:
         **kwargs: LoRA fields (``lora_rank``, ``lora_alpha``, ...); for a
             registered architecture also config overrides such as
             ``nb_classes`` (a classifier of another size keeps its fresh
-            initialisation); for a functional/Sequential model
-            ``target_layers`` (names or glob patterns, required) and
-            ``lora_trainable_layers``.
+            initialisation) and ``lora_trainable_layers`` (layers trained and
+            saved in full besides the classifier: PEFT's ``modules_to_save``);
+            for a functional/Sequential model ``target_layers`` (names or
+            glob patterns, required) and ``lora_trainable_layers``.
 
     Returns:
         The built LoRA model; its LoRA ``B`` weights are zero (or, for a tfimm
@@ -351,12 +362,15 @@ def convert_to_lora_model(model: tf.keras.Model, **kwargs) -> tf.keras.Model:
         return convert_subclassed_model(model, target_layers, **kwargs)
     lora_cls = lora_architecture(model_cls)
     kwargs = _normalize_kwargs(kwargs)
+    trainable = kwargs.pop("lora_trainable_layers", None)
     cfg = _config_with_overrides(
         _lora_cfg_class(model_cls), dataclasses.asdict(model.cfg), kwargs, lora_cls.__name__
     )
     lora_model = _build(lora_cls(cfg=cfg))
     _transfer(_build(model), lora_model)
     _reset_magnitudes(lora_model)
+    if trainable:
+        set_modules_to_save(lora_model, trainable)
     return lora_model
 
 

@@ -22,6 +22,11 @@ from .traversal import layers_and_variables, named_layers, named_variables
 
 _TRAIN_BIAS_OPTIONS = ("none", "lora_only", "all")
 
+MODULES_TO_SAVE_ATTRIBUTE = "_lora_modules_to_save"
+"""Where a registered LoRA model keeps the paths of the layers it trains in
+full besides its classifier (``lora_trainable_layers``, PEFT's
+``modules_to_save``): set by :func:`set_modules_to_save`."""
+
 KIND_LORA = "lora"
 KIND_BIAS = "bias"
 KIND_EXTRA = "extra"
@@ -68,7 +73,14 @@ class LoRATrainableMixin:
     """
 
     def lora_trainable_layers(self) -> list[str]:
-        """Paths of the layers trained in full: the classifier, if the config asks."""
+        """Paths of the layers trained in full: the classifier, if the config
+        asks, and the layers named by ``lora_trainable_layers`` (PEFT's
+        ``modules_to_save``) when the model was built."""
+        extra = list(getattr(self, MODULES_TO_SAVE_ATTRIBUTE, ()) or ())
+        classifier = self._lora_trainable_classifier()
+        return classifier + [path for path in extra if path not in classifier]
+
+    def _lora_trainable_classifier(self) -> list[str]:
         cfg = getattr(self, "cfg", None)
         if not getattr(cfg, "lora_train_classifier", False):
             return []
@@ -101,6 +113,33 @@ class LoRATrainableMixin:
     def non_trainable_weights(self) -> list[tf.Variable]:
         settings = self.lora_settings
         return lora_non_trainable_weights(self, settings.train_bias, settings.trainable_layers)
+
+
+def set_modules_to_save(model, patterns: Iterable[str]) -> list[str]:
+    """Makes a registered LoRA model train (and its adapters save) more layers in full.
+
+    PEFT's ``modules_to_save`` for any layer of a tfimm model: besides the
+    classifier (``lora_train_classifier``), the named layers' variables are
+    trained by ``fit`` and written by ``save_lora_state``.
+
+    Args:
+        model: A built model with :class:`LoRATrainableMixin` (every
+            registered LoRA architecture).
+        patterns: Layer paths, names or globs; LoRA layers are not candidates
+            (their base kernel stays frozen; ``lora_train_bias`` trains biases).
+
+    Returns:
+        The matched layer paths, in model order.
+
+    Raises:
+        LoRAConfigError: If a pattern matches no layer other than a LoRA layer.
+    """
+    candidates = [(path, layer) for path, layer in named_layers(model) if not is_lora_layer(layer)]
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or ())
+    paths = match_layers(model, patterns, candidates, "lora_trainable_layers entry")
+    # A plain attribute, not a tracked one: Keras would wrap a list for checkpoints.
+    object.__setattr__(model, MODULES_TO_SAVE_ATTRIBUTE, tuple(paths))
+    return paths
 
 
 def lora_settings(model) -> LoRASettings:
@@ -442,6 +481,7 @@ __all__ = [
     "KIND_LORA",
     "LoRASettings",
     "LoRATrainableMixin",
+    "MODULES_TO_SAVE_ATTRIBUTE",
     "StateSelection",
     "check_train_bias",
     "classifier_paths",
@@ -453,4 +493,5 @@ __all__ = [
     "match_layers",
     "refuse_foreign_lora_layers",
     "select_state",
+    "set_modules_to_save",
 ]
