@@ -74,6 +74,8 @@ _EXPORTS = {
     "load_lora_state": "state",
     "read_lora_state": "state",
     "save_lora_state": "state",
+    "train_adapter": "training",
+    "evaluate_adapter": "training",
 }
 # Modules reached without registering the LoRA architectures first: those
 # that import no TensorFlow (the CLI imports it per subcommand), and `tf`,
@@ -101,6 +103,7 @@ __all__ = [
     "convert_to_lora_model",
     "convert_to_regular_model",
     "create_model",
+    "evaluate_adapter",
     "from_adapter",
     "inspect_adapter",
     "is_lora_layer",
@@ -123,6 +126,7 @@ __all__ = [
     "set_lora_enabled",
     "supported_architectures",
     "tf",
+    "train_adapter",
     "unmerge_lora_weights",
 ]
 
@@ -206,4 +210,5 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; never run
         read_lora_state,
         save_lora_state,
     )
+    from .training import evaluate_adapter, train_adapter
     from .version import __version__

@@ -22,10 +22,12 @@ LEVELS = {
     "architectures": 5,
     "models": 6,
     "synthetic": 6,
+    "preprocessing": 6,
     "state": 7,
     "serving": 8,
     "export": 9,
     "demo": 9,
+    "training": 9,
     "cli": 10,
 }
 PURE_PYTHON = {"errors", "version", "_keras_env", "serving/slot_table"}
@@ -107,6 +109,7 @@ def test_pure_python_modules_import_no_tensorflow_or_numpy():
 # (every `lora_ckpt.state.x` would otherwise form a cycle with
 # `lora_ckpt/state/__init__.py`, which re-exports it); a package's own
 # `__init__` is a node of its own.
+
 
 def _module_name(path: pathlib.Path) -> str:
     return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
