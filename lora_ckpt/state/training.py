@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from .._tf import tf
-from ..errors import TrainingCheckpointError
+from ..errors import StoreError, TrainingCheckpointError
 from ..selection import select_state
 from ..storage import UnsafeFileError, open_store
 from ..storage.base import new_tag
@@ -219,13 +219,13 @@ class StoreTrainingCheckpoint:
         except FileNotFoundError:
             return None
         except UnsafeFileError as exc:
-            raise TrainingCheckpointError(f"{self._path(PROGRESS_FILE)}: {exc}") from None
+            raise StoreError(f"{self._path(PROGRESS_FILE)}: {exc}") from None
         try:
             record = json.loads(raw)
         except (ValueError, RecursionError):
             record = None
         if not _valid_record(record):
-            raise TrainingCheckpointError(
+            raise StoreError(
                 f"{self._path(PROGRESS_FILE)} is not a training checkpoint record: remove "
                 f"{self.directory} to start over."
             )
@@ -280,7 +280,7 @@ class StoreTrainingCheckpoint:
             ``(epoch, state, best)`` as saved, or ``None`` if there is none.
 
         Raises:
-            TrainingCheckpointError: If the checkpoint is damaged or belongs to
+            StoreError: If the checkpoint is damaged or belongs to
                 another model (nothing of the model is changed then).
         """
         record = self._committed()
@@ -292,8 +292,15 @@ class StoreTrainingCheckpoint:
                 files[name] = self.backend.read_verified(
                     self._path(name), int(info["size"]), str(info["sha256"])
                 )
-            except (FileNotFoundError, UnsafeFileError, KeyError, TypeError, ValueError) as exc:
-                raise TrainingCheckpointError(
+            except (
+                FileNotFoundError,
+                UnsafeFileError,
+                StoreError,
+                KeyError,
+                TypeError,
+                ValueError,
+            ) as exc:
+                raise StoreError(
                     f"The training checkpoint in {self.directory} is damaged ({exc}): remove it "
                     "to start over."
                 ) from None
@@ -308,7 +315,7 @@ class StoreTrainingCheckpoint:
             try:
                 self.checkpoint.read(f"{scratch}/{prefix}").assert_existing_objects_matched()
             except (AssertionError, ValueError, tf.errors.OpError) as exc:
-                raise TrainingCheckpointError(
+                raise StoreError(
                     f"The training checkpoint in {self.directory} does not fit this model "
                     f"({exc!s:.200}): remove it to start over, or train with the same settings."
                 ) from None

@@ -37,6 +37,10 @@ def build_training_model(store: str, num_classes: int, settings: TrainSettings):
         num_classes: The width of the task's head.
         settings: The run's LoRA overrides (rank, alpha, DoRA, targets).
 
+    The classifier is always trained in full, so a ``head`` layer group of the
+    store's LoRA fields is left out (serve such adapters from a store whose
+    ``base.json`` trains the head in full, as the demo's does).
+
     Returns:
         ``(model, base_config)``: the model with the base weights loaded (the
         head too when its width is the base's), compiled for integer labels
@@ -59,6 +63,10 @@ def build_training_model(store: str, num_classes: int, settings: TrainSettings):
         lora_cls = lora_architecture(model_class(name))
         groups = set(lora_cls.layer_groups()) if hasattr(lora_cls, "layer_groups") else set()
     lora.update(settings.lora_overrides(groups))
+    if "head" in lora.get("lora_layer_groups", ()):
+        # The head is the task's own, trained in full: LoRA on a fresh head would
+        # train low-rank factors over a frozen random kernel that no adapter keeps.
+        lora["lora_layer_groups"] = tuple(g for g in lora["lora_layer_groups"] if g != "head")
     current = {**dataclasses.asdict(model_config(name)), **config}
     width_changes = current.get("nb_classes") != num_classes
     config["nb_classes"] = num_classes

@@ -15,11 +15,21 @@ import sys
 import time
 
 from .._tf import tf
-from ..errors import AdapterExistsError, LoRAConfigError, StoreError, TrainingCheckpointError
+from ..errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    CorruptAdapterError,
+    LoRAConfigError,
+    StoreError,
+)
 from ..selection import select_state
-from ..serving.store import adapter_path, read_base_config, validate_adapter_name
+from ..serving.store import (
+    adapter_config_bytes,
+    adapter_path,
+    read_base_config,
+    validate_adapter_name,
+)
 from ..state import save_lora_state
-from ..state.format import CONFIG_FILE
 from ..state.training import StoreTrainingCheckpoint
 from ..storage import open_store
 from .callbacks import BestEpoch, ProgressBar, new_progress
@@ -71,12 +81,21 @@ def work_path(store: str, name: str) -> str:
     return backend.join(store, *WORK, validate_adapter_name(name))
 
 
+def _exists(store: str, name: str) -> bool:
+    try:
+        adapter_config_bytes(store, name)
+    except AdapterNotFoundError:
+        return False
+    except CorruptAdapterError:
+        return True  # broken, but there: replaced only when asked
+    return True
+
+
 def _check_target(store: str, name: str, overwrite: bool) -> str:
     validate_adapter_name(name)
     read_base_config(store)  # a missing store fails now
     path = adapter_path(store, name)
-    backend, path = open_store(path)
-    if not overwrite and backend.committed(path, CONFIG_FILE) is not None:
+    if not overwrite and _exists(store, name):
         raise AdapterExistsError(
             f"Adapter {name} already exists in {store}: pass --overwrite (overwrite=True) to "
             "replace it, or choose another name."
@@ -152,7 +171,9 @@ def _resolve_inputs(data, val_data, labels, settings):
     if labels is not None:
         raise LoRAConfigError("labels are the folder names with image folders; leave labels out.")
     train, val = _folders(data, val_data, settings)
-    skipped = {**train.skipped, **{f"(validation) {k}": v for k, v in val.skipped.items()}}
+    skipped = dict(train.skipped)
+    if val_data is not None:
+        skipped.update({f"(validation) {k}": v for k, v in val.skipped.items()})
     digest = train.digest if val_data is None else f"{train.digest}+{val.digest}"
     return train, val, train.classes, digest, skipped
 
@@ -203,10 +224,10 @@ def train_adapter(
         StoreError: For a store that is missing or cannot be written, and for
             image folders that cannot be used (no images, an empty class
             folder, a single class, an image over the pixel limit, or with
-            ``strict`` any file that is not a readable image).
+            ``strict`` any file that is not a readable image), and if ``resume``
+            finds a checkpoint of other data or settings.
         LoRAConfigError: For invalid settings.
-        TrainingCheckpointError: If ``resume`` finds a checkpoint of other data
-            or settings.
+
     """
     started = time.monotonic()
     say = log or (lambda *_: None)
@@ -233,7 +254,7 @@ def train_adapter(
         if state is not None:
             mismatch = [k for k, v in fingerprint.items() if state.get(k) != v]
             if mismatch:
-                raise TrainingCheckpointError(
+                raise StoreError(
                     f"The training checkpoint of {name} was made with other {', '.join(mismatch)}: "
                     "run without --resume to start over."
                 )

@@ -42,3 +42,28 @@ def split_digits(root: str, classes=(0, 1, 2, 3), train: int = 120) -> tuple[str
     write_digits(os.path.join(root, "train"), classes, per_class=train)
     write_digits(os.path.join(root, "val"), classes, start=train)
     return os.path.join(root, "train"), os.path.join(root, "val")
+
+
+def make_training_store(path: str, taken=(), seed: int = 0) -> str:
+    """A tiny store like :func:`tests.helpers.scale.make_tiny_store` (the same
+    untrained tiny ConvNeXt base, 32x32 inputs) with the demo's LoRA fields:
+    the head trained in full, so the service serves each adapter's own head.
+    ``taken``: names of adapters saved there untrained.
+    """
+    import tfimm
+
+    from lora_ckpt import tf
+    from lora_ckpt.demo import LORA
+    from lora_ckpt.serving.store import adapter_path, build_base_model, write_base
+    from lora_ckpt.state import save_lora_state
+    from tests.helpers.scale import CONFIG, MODEL
+
+    tf.keras.utils.set_random_seed(seed)
+    base = tfimm.create_model(
+        MODEL, **{k: tuple(v) if isinstance(v, list) else v for k, v in CONFIG.items()}
+    )
+    write_base(path, MODEL, CONFIG, LORA, base)
+    for name in taken:
+        model, _ = build_base_model(path)
+        save_lora_state(model, adapter_path(path, name), labels=[f"c{i}" for i in range(4)])
+    return path
