@@ -7,6 +7,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from lora_ckpt import tf  # TensorFlow with Keras 2, before tfimm imports it
+
 
 def write_digits(
     root: str, classes=(0, 1, 2, 3), per_class: int | None = None, start: int = 0
@@ -52,7 +54,6 @@ def make_training_store(path: str, taken=(), seed: int = 0) -> str:
     """
     import tfimm
 
-    from lora_ckpt import tf
     from lora_ckpt.demo import LORA
     from lora_ckpt.serving.store import adapter_path, build_base_model, write_base
     from lora_ckpt.state import save_lora_state
