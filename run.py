@@ -69,7 +69,7 @@ COMMANDS = {
     ],
 }
 # Optional dependencies each command needs (setup.cfg extras).
-EXTRAS = {"test": "test,scale", "demo": "test", "bench": "test,bench,scale", "lint": "test"}
+EXTRAS = {"test": "test,scale,train", "demo": "test", "bench": "test,bench,scale", "lint": "test"}
 # Options run.py itself understands, per command, and what they become.
 OPTIONS = {"test": {"--fast": ["-m", "not slow"]}}
 

@@ -78,6 +78,8 @@ _EXPORTS = {
     "get_lora_model": "state",
     "import_peft": "state",
     "export_peft": "state",
+    "train_adapter": "training",
+    "evaluate_adapter": "training",
 }
 # Modules reached without registering the LoRA architectures first: those
 # that import no TensorFlow (the CLI imports it per subcommand), and `tf`,
@@ -107,6 +109,7 @@ __all__ = [
     "convert_to_regular_model",
     "create_model",
     "export_peft",
+    "evaluate_adapter",
     "from_adapter",
     "get_lora_model",
     "import_peft",
@@ -131,6 +134,7 @@ __all__ = [
     "set_lora_enabled",
     "supported_architectures",
     "tf",
+    "train_adapter",
     "unmerge_lora_weights",
 ]
 
@@ -218,4 +222,5 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; never run
         read_lora_state,
         save_lora_state,
     )
+    from .training import evaluate_adapter, train_adapter
     from .version import __version__

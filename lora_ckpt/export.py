@@ -4,6 +4,7 @@ import os
 
 from ._tf import tf
 from .models import convert_to_regular_model
+from .preprocessing import preprocess_image
 
 
 def export_merged_savedmodel(
@@ -41,9 +42,7 @@ def export_merged_savedmodel(
     if with_preprocessing:
 
         def decode(data):
-            image = tf.io.decode_image(data, channels=shape[-1], expand_animations=False)
-            image = tf.image.resize(tf.cast(image, tf.float32), shape[1:3])
-            return image / 127.5 - 1.0
+            return preprocess_image(data, shape[1:])
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serve(image_bytes):

@@ -23,10 +23,12 @@ LEVELS = {
     "architectures": 5,
     "models": 6,
     "synthetic": 6,
+    "preprocessing": 6,
     "state": 7,
     "serving": 8,
     "export": 9,
     "demo": 9,
+    "training": 9,
     "cli": 10,
 }
 PURE_PYTHON = {"errors", "version", "_keras_env", "scaling", "serving/slot_table"}

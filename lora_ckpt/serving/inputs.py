@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
 
 from .._tf import tf
+from ..preprocessing import preprocess_image
 
 
 class HTTPError(Exception):
@@ -81,11 +82,9 @@ def decode_image(data: bytes, shape, max_pixels: int) -> np.ndarray:
             f"The image has {width}x{height} pixels; the limit is {max_pixels} pixels.",
         )
     try:
-        image = tf.io.decode_image(data, channels=shape[-1], expand_animations=False)
+        return preprocess_image(data, shape).numpy()
     except (tf.errors.InvalidArgumentError, ValueError) as exc:
         raise HTTPError(400, "BadImage", f"Cannot decode the image: {exc}") from None
-    resized = tf.image.resize(tf.cast(image, tf.float32), shape[:2])
-    return (resized / 127.5 - 1.0).numpy()
 
 
 def parse_json(body: bytes):

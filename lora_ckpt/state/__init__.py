@@ -32,6 +32,7 @@ _EXPORTS = {
     "AdapterCheckpoint": "training",
     "AdapterCheckpointManager": "training",
     "restore_training_checkpoint": "training",
+    "StoreTrainingCheckpoint": "training",
 }
 
 __all__ = sorted(_EXPORTS)
