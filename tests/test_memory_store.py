@@ -69,7 +69,8 @@ def test_save_load_and_pool_on_a_memory_store_equal_the_local_ones(stores, tmp_p
     model, _ = build_base_model(stores["memory"])
     vary(model, 11)
     local_path = str(tmp_path / "task")
-    remote_path = adapter_path(stores["memory"], "task")
+    # Its own memory store: the shared one's adapter list stays the fixture's.
+    remote_path = f"memory://lora-{uuid.uuid4().hex[:8]}/adapters/task"
     save_lora_state(model, local_path)
     save_lora_state(model, remote_path)
     save_lora_state(model, remote_path, overwrite=True)  # the object-store overwrite

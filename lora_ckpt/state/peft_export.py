@@ -21,7 +21,7 @@ import numpy as np
 from .._tf import tf
 from ..errors import LoRAConfigError, UnregisteredArchitectureError
 from ..selection import KIND_BIAS, KIND_EXTRA
-from .from_adapter import _layer_classes_kept, estimate_parameters, lora_model_config
+from .adapter_model import _layer_classes_kept, estimate_parameters, lora_model_config
 from .load import read_lora_state
 from .peft_config import LoraConfig
 from .peft_files import METADATA_KEY, write_peft_adapter
