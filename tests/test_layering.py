@@ -28,7 +28,15 @@ LEVELS = {
     "demo": 9,
     "cli": 10,
 }
-PURE_PYTHON = {"errors", "version", "_keras_env", "serving/slot_table"}
+PURE_PYTHON = {
+    "errors",
+    "version",
+    "_keras_env",
+    "serving/slot_table",
+    "serving/auth",
+    "serving/tfserving",
+    "serving/quotas",
+}
 
 
 def _top(module: pathlib.Path) -> str:
@@ -94,7 +102,13 @@ def test_pure_python_modules_import_no_tensorflow_or_numpy():
             for node in ast.walk(tree)
             if isinstance(node, ast.ImportFrom) and node.level
         }
-        assert relative <= {"errors", None}, (name, relative)
+        # Relative imports reach only errors, or another module of this set (checked too).
+        siblings = {
+            p.rsplit("/", 1)[-1]
+            for p in PURE_PYTHON
+            if p.rsplit("/", 1)[0] == name.rsplit("/", 1)[0]
+        }
+        assert relative <= {"errors", None} | siblings, (name, relative)
 
 
 # ---- module-level cycles ----
@@ -107,6 +121,7 @@ def test_pure_python_modules_import_no_tensorflow_or_numpy():
 # (every `lora_ckpt.state.x` would otherwise form a cycle with
 # `lora_ckpt/state/__init__.py`, which re-exports it); a package's own
 # `__init__` is a node of its own.
+
 
 def _module_name(path: pathlib.Path) -> str:
     return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
