@@ -20,7 +20,14 @@ from starlette.responses import JSONResponse
 
 from ..errors import AdapterError
 from .backend import ServiceBackend
-from .http_common import PREPROCESSING, adapter_name, off_the_loop, tfs_images, visible
+from .http_common import (
+    PREPROCESSING,
+    adapter_name,
+    off_the_loop,
+    redact_paths,
+    tfs_images,
+    visible,
+)
 from .inputs import HTTPError, parse_json
 from .pool import OFF
 from .store import validate_adapter_name
@@ -135,7 +142,8 @@ class TFServingEndpoints:
                     raise
         elif wanted is not None and version_number(wanted) != version:
             raise not_found(name, version_number(wanted))
-        return JSONResponse(status_document(version, failure))
+        reason = redact_paths(failure) if failure is not None else None
+        return JSONResponse(status_document(version, reason))
 
     @_servable
     async def metadata(self, request: Request):
