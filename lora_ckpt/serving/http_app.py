@@ -216,11 +216,13 @@ class _Endpoints:
 
     async def adapters(self, request):
         body = await self.backend.describe()
-        body["failed"] = {
-            name: redact_paths(str(reason)) for name, reason in body.get("failed", {}).items()
-        }
         key: Key | None = request.state.key
         if key is not None:
+            # A tenant is no operator: the reasons lose the server's paths. (Without
+            # keys the service answers loopback, or --insecure, and shows them whole.)
+            body["failed"] = {
+                name: redact_paths(str(reason)) for name, reason in body.get("failed", {}).items()
+            }
             for field in ("resident", "store", "failed"):
                 body[field] = _visible_names(key, body.get(field))
             if isinstance(body.get("replicas"), dict):
