@@ -273,3 +273,11 @@ def test_several_adapters_one_input():
     assert columnar.json() == {"outputs": {"off": [3.5]}}
     bad = post(backend, "/v1/adapters:predict", {"instances": [1.0], "adapters": ["../x"]})
     assert bad.status_code == 400 and isinstance(bad.json()["error"], str)
+
+
+def test_several_adapters_keep_each_answers_headers_once():
+    backend = FakeBackend()
+    x = np.ones((4, 4, 3), np.float32).tolist()
+    response = post(backend, "/v1/adapters:predict", {"instances": [x], "adapters": ["a", "b"]})
+    assert response.status_code == 200 and response.headers["x-test"] == "fake"
+    assert sorted(call[1] for call in backend.calls) == ["a", "b"]

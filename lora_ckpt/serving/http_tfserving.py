@@ -116,12 +116,15 @@ class TFServingEndpoints:
         outputs = {
             name: [row.tolist() for row in r.rows] for name, r in zip(names, results, strict=True)
         }
-        answered_by = sorted({v for r in results for v in (r.headers or {}).values()})
-        headers = {}
-        if answered_by:  # the replicas that answered (Ray), in one header
-            header = next(iter(results[0].headers))
-            headers[header] = ",".join(answered_by)
-        return JSONResponse(parsed.answer(outputs), headers=headers)
+        # Each adapter's answer may add headers (the Ray replica that answered):
+        # one header per name, its values joined.
+        headers: dict[str, list[str]] = {}
+        for result in results:
+            for header, value in (result.headers or {}).items():
+                if value not in headers.setdefault(header, []):
+                    headers[header].append(value)
+        joined = {header: ",".join(values) for header, values in headers.items()}
+        return JSONResponse(parsed.answer(outputs), headers=joined)
 
     @_servable
     async def status(self, request: Request):
