@@ -29,7 +29,8 @@ _SCALE = "scaling out (Ray Serve; needs the scale extra: pip install 'lora_ckpt[
 
 def _option(default, help: str, **metadata):
     """A field with its help text; ``metadata`` may say ``flag`` (another
-    spelling than ``--field-name``), ``cli=False`` (no flag), ``hidden``, ``group``."""
+    spelling than ``--field-name``), ``cli=False`` (no flag), ``hidden``, ``group``, ``env`` (an environment
+    variable giving the default), ``metavar``."""
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -87,6 +88,7 @@ class ServiceOptions:
         "API keys: a JSON file of SHA-256 digests, tenants, adapter globs, admin "
         "flags and quotas; re-read on SIGHUP (also LORA_CKPT_AUTH_FILE)",
         env="LORA_CKPT_AUTH_FILE",
+        metavar="FILE",
     )
     insecure: bool = _option(
         False, "serve a non-loopback --host without --auth (anyone reaching it may do anything)"
@@ -185,7 +187,8 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
             target.add_argument(
                 flag,
                 dest=option.name,
-                metavar=flag[2:].upper().replace("-", "_"),  # --model MODEL, not MODEL_NAME
+                # --model MODEL, not MODEL_NAME; or the field's own (--auth FILE)
+                metavar=option.metadata.get("metavar") or flag[2:].upper().replace("-", "_"),
                 type=kind,
                 default=os.environ.get(env) or option.default if env else option.default,
                 help=help_text,
