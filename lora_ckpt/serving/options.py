@@ -29,8 +29,8 @@ _SCALE = "scaling out (Ray Serve; needs the scale extra: pip install 'lora_ckpt[
 
 def _option(default, help: str, **metadata):
     """A field with its help text; ``metadata`` may say ``flag`` (another
-    spelling than ``--field-name``), ``cli=False`` (no flag), ``hidden``, ``group``, ``env`` (an environment
-    variable giving the default), ``metavar``."""
+    spelling than ``--field-name``), ``cli=False`` (no flag), ``hidden``,
+    ``group``, ``env`` (an environment variable giving the default), ``metavar``."""
     return field(default=default, metadata={"help": help, **metadata})
 
 
