@@ -45,6 +45,9 @@ def test_every_flag_of_serve_keeps_its_name_and_default():
         "--num-cpus": None,
         "--replica-cpus": None,
         "--log-level": "warning",
+        "--auth": None,
+        "--insecure": False,
+        "--public-metrics": False,
     }
     parser = argparse.ArgumentParser()
     add_service_arguments(parser)

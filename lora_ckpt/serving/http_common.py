@@ -8,6 +8,7 @@ ingress turns into the same HTTP answer.
 
 import asyncio
 import concurrent.futures
+import re
 import time
 
 import numpy as np
@@ -34,6 +35,7 @@ from .inputs import (
 )
 from .pool import OFF
 from .store import validate_adapter_name
+from .tfserving import PredictRequest, Sample, error_document
 
 PREPROCESSING = "RGB, resized to the model's input size (bilinear), pixel / 127.5 - 1"
 
@@ -53,13 +55,30 @@ def status_of(exc: LoRAError) -> int:
     return next(code for cls, code in _STATUS if isinstance(exc, cls))
 
 
-def error_response(status: int, kind: str, message: str) -> JSONResponse:
-    """``{"error": {"type", "message"}}`` with ``status``."""
+def error_response(
+    status: int, kind: str, message: str, headers: dict | None = None
+) -> JSONResponse:
+    """``{"error": {"type", "message"}}`` with ``status`` (server paths cut
+    from the message, see :func:`redact_paths`) and ``headers``."""
+    return JSONResponse(
+        {"error": {"type": kind, "message": redact_paths(message)}},
+        status_code=status,
+        headers={**_closing(status), **(headers or {})},
+    )
+
+
+def _closing(status: int) -> dict:
     # After a body refused unread (too large, too slow) the connection must close:
     # the rest of that body is not read, so nothing else can follow on it.
-    headers = {"connection": "close"} if status in (408, 413) else None
+    return {"connection": "close"} if status in (408, 413) else {}
+
+
+def tfs_error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """TF Serving's error answer, ``{"error": "<message>"}`` (routes under ``/v1``)."""
     return JSONResponse(
-        {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
+        error_document(redact_paths(message)),
+        status_code=status,
+        headers={**_closing(status), **(headers or {})},
     )
 
 
@@ -76,6 +95,24 @@ def adapter_name(request: Request) -> str:
     """The ``{name}`` of the path, validated (``off`` is the base alone)."""
     name = request.path_params["name"]
     return name if name == OFF else validate_adapter_name(name)
+
+
+def not_in_store(name: str) -> HTTPError:
+    """The 404 of an adapter the store does not have, or that the request's key may not see."""
+    return HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
+
+
+def visible(request: Request, name: str) -> str:
+    """``name``, if the request's key may see it (``request.state.key``, set
+    by the app; ``None`` without keys).
+
+    Raises:
+        HTTPError: 404, exactly as for a name not in the store.
+    """
+    key = getattr(request.state, "key", None)
+    if key is not None and not key.allows(name):
+        raise not_in_store(name)
+    return name
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -137,60 +174,44 @@ async def off_the_loop(function, *args):
     return await asyncio.get_running_loop().run_in_executor(_DECODERS, function, *args)
 
 
-async def tfs_instances(body: bytes, shape, max_pixels: int, max_instances: int) -> np.ndarray:
-    """The samples of a TF Serving ``:predict`` body ``{"instances": [...]}``.
+async def tfs_images(request: PredictRequest, shape, max_pixels: int) -> np.ndarray:
+    """The batch of a TF Serving predict request (:mod:`.tfserving`), decoded
+    off the event loop.
 
     Raises:
-        HTTPError: 400 for a bad body or instance, 413 for too many instances.
+        HTTPError: 400 for a bad tensor or image, 413 for too many pixels.
     """
-    return await off_the_loop(_tfs_instances, body, shape, max_pixels, max_instances)
+    return await off_the_loop(_tfs_images, request.samples, shape, max_pixels)
 
 
-def _tfs_instances(body: bytes, shape, max_pixels: int, max_instances: int) -> np.ndarray:
-    payload = parse_json(body)
-    instances = payload.get("instances") if isinstance(payload, dict) else None
-    if not isinstance(instances, list) or not instances:
-        raise HTTPError(400, "BadRequest", "Send {'instances': [...]}, one or more samples.")
-    if len(instances) > max_instances:
-        raise HTTPError(
-            413, "TooManyInstances", f"{len(instances)} instances; the limit is {max_instances}."
-        )
+def _tfs_images(samples: list[Sample], shape, max_pixels: int) -> np.ndarray:
+    def sample(value: Sample) -> np.ndarray:
+        if value.kind == "b64":
+            return decode_image(decode_base64(value.value), shape, max_pixels)
+        return parse_tensor(value.value, shape)
 
-    def instance(value) -> np.ndarray:
-        if isinstance(value, dict):
-            if set(value) != {"b64"}:
-                raise HTTPError(400, "BadRequest", "An image instance is {'b64': '<base64>'}.")
-            return decode_image(decode_base64(value["b64"]), shape, max_pixels)
-        return parse_tensor(value, shape)
-
-    return np.stack([instance(value) for value in instances])
+    return np.stack([sample(value) for value in samples])
 
 
-def tfs_status(failure: str | None) -> dict:
-    """TF Serving's model status document (``failure``: why the adapter failed to load)."""
-    status = {"error_code": "OK", "error_message": ""}
-    if failure is not None:
-        status = {"error_code": "FAILED_PRECONDITION", "error_message": failure}
-    state = "END" if failure is not None else "AVAILABLE"
-    return {"model_version_status": [{"version": "1", "state": state, "status": status}]}
+# Absolute paths, URLs (s3://bucket/key) and relative paths of three parts or
+# more (store/adapters/x): what an error may quote of the server's files.
+_PATH = re.compile(
+    r"(?<![\w/.:-])(?:[A-Za-z][\w+.-]*://[^\s'\"]*|/[^\s'\"/]+(?:/[^\s'\"]*)?"
+    r"|[\w.~-]+/[\w.~-]+/[^\s'\"]+)"
+)
 
 
-def tfs_metadata(name: str, input_shape, classes: int, labels) -> dict:
-    """TF Serving's metadata document for adapter ``name``."""
-    return {
-        "model_spec": {"name": name, "signature_name": "serving_default", "version": "1"},
-        "metadata": {
-            "signature_def": {
-                "inputs": {"images": {"dtype": "DT_FLOAT", "shape": [-1, *input_shape]}},
-                "outputs": {"logits": {"dtype": "DT_FLOAT", "shape": [-1, classes]}},
-            },
-            "input_shape": list(input_shape),
-            "dtype": "float32",
-            "classes": classes,
-            "labels": labels,
-            "preprocessing": PREPROCESSING,
-        },
-    }
+def redact_paths(text: str) -> str:
+    """``text`` with every server path or store URL in it cut to its last part
+    (``.../adapter_config.json``): answers never show where the server keeps files."""
+
+    def last_part(match: re.Match) -> str:
+        path = match.group(0)
+        tail = path.rstrip("/.,;:)").rsplit("/", 1)[-1]
+        rest = path[len(path.rstrip("/.,;:)")) :]
+        return f".../{tail}{rest}" if tail else f"...{rest}"
+
+    return _PATH.sub(last_part, text)
 
 
 class RequestMetrics:

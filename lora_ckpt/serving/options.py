@@ -13,11 +13,13 @@ from this module before it knows which command runs.
 import argparse
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 
 from ..errors import LoRAConfigError
+from .auth import is_loopback
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 """uvicorn's log levels."""
@@ -27,7 +29,8 @@ _SCALE = "scaling out (Ray Serve; needs the scale extra: pip install 'lora_ckpt[
 
 def _option(default, help: str, **metadata):
     """A field with its help text; ``metadata`` may say ``flag`` (another
-    spelling than ``--field-name``), ``cli=False`` (no flag), ``hidden``, ``group``."""
+    spelling than ``--field-name``), ``cli=False`` (no flag), ``hidden``,
+    ``group``, ``env`` (an environment variable giving the default), ``metavar``."""
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -80,6 +83,17 @@ class ServiceOptions:
     )
     replica_cpus: float | None = _option(None, "Ray CPUs reserved per replica", group=_SCALE)
     log_level: str = _option("warning", "uvicorn's log level")
+    auth: str | None = _option(
+        None,
+        "API keys: a JSON file of SHA-256 digests, tenants, adapter globs, admin "
+        "flags and quotas; re-read on SIGHUP (also LORA_CKPT_AUTH_FILE)",
+        env="LORA_CKPT_AUTH_FILE",
+        metavar="FILE",
+    )
+    insecure: bool = _option(
+        False, "serve a non-loopback --host without --auth (anyone reaching it may do anything)"
+    )
+    public_metrics: bool = _option(False, "with --auth, GET /metrics needs no key")
     # Not flags: settings of the library's own callers and tests.
     preload: bool = _option(True, "load the store's adapters (up to capacity) at start", cli=False)
     max_instances: int = _option(64, "most samples in one TF Serving :predict", cli=False)
@@ -101,12 +115,17 @@ class ServiceOptions:
         for name in ("startup_delay", "max_wait"):
             _check_number(self, name, positive=False)
         _check_number(self, "replica_cpus", positive=False, optional=True)
-        for name in ("model_name", "base_weights", "address"):
+        for name in ("model_name", "base_weights", "address", "auth"):
             _check_text(self, name, optional=True)
         _check_text(self, "host")
-        for name in ("ray", "preload"):
+        for name in ("ray", "preload", "insecure", "public_metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(name, "must be True or False", getattr(self, name))
+        if self.auth is None and not self.insecure and not is_loopback(self.host):
+            raise LoRAConfigError(
+                f"host (--host) {self.host!r} is not loopback and there are no API keys: "
+                "give --auth FILE (or LORA_CKPT_AUTH_FILE), or --insecure to serve it open."
+            )
         if not isinstance(self.log_level, str) or self.log_level.lower() not in LOG_LEVELS:
             raise _invalid("log_level", f"must be one of {', '.join(LOG_LEVELS)}", self.log_level)
         # uvicorn looks levels up in lower case only.
@@ -164,12 +183,14 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
             )
         else:
             flag = _flag(option)
+            env = option.metadata.get("env")
             target.add_argument(
                 flag,
                 dest=option.name,
-                metavar=flag[2:].upper().replace("-", "_"),  # --model MODEL, not MODEL_NAME
+                # --model MODEL, not MODEL_NAME; or the field's own (--auth FILE)
+                metavar=option.metadata.get("metavar") or flag[2:].upper().replace("-", "_"),
                 type=kind,
-                default=option.default,
+                default=os.environ.get(env) or option.default if env else option.default,
                 help=help_text,
             )
 
