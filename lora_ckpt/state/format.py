@@ -55,6 +55,8 @@ DTYPE_SIZES = {
 }
 MAX_RANK = MAX_LORA_RANK
 MAX_JSON_DEPTH = 32
+MAX_SAVE_VERSION = 1 << 62
+"""The largest save counter a config may hold (JSON readers agree on it exactly)."""
 
 
 def checkpoint_files(prefix: str) -> tuple[str, str]:
@@ -231,6 +233,9 @@ class AdapterConfig:
         created: ISO-8601 time of the save.
         checkpoint_prefix: The checkpoint's file prefix inside the directory.
         format_version: The adapter format version.
+        version: The save counter: 1 for the first save at a path, one more
+            for each overwrite (TF Serving's model version; configs written
+            before it was recorded read as 1).
     """
 
     base_model: BaseModelRecord
@@ -243,6 +248,7 @@ class AdapterConfig:
     created: str = ""
     checkpoint_prefix: str = CHECKPOINT_PREFIX
     format_version: int = FORMAT_VERSION
+    version: int = 1
     json_bytes: int = field(default=0, compare=False)  # the file's size, when read
     json_sha256: str = field(default="", compare=False)  # and its SHA-256: the version
 
@@ -268,6 +274,7 @@ class AdapterConfig:
             "format_version": self.needed_version,
             "library_version": self.library_version,
             "created": self.created,
+            "version": self.version,
             "base_model": asdict(self.base_model),
             "saved": {**asdict(self.saved), "extra_layers": list(self.saved.extra_layers)},
             "layers": {path: layer.to_dict() for path, layer in self.layers.items()},
@@ -350,7 +357,12 @@ class AdapterConfig:
             created=top.get("created", str),
             checkpoint_prefix=checkpoint.get("prefix", str),
             format_version=version,
+            version=_save_version(top.get("version", int, optional=True)),
         )
+        if not 1 <= config.version <= MAX_SAVE_VERSION:
+            raise CorruptAdapterError(
+                f"{where}: version must be from 1 to {MAX_SAVE_VERSION}, got {config.version}."
+            )
         config.check_consistency(where)
         raw = text.encode("utf-8")
         config.json_bytes, config.json_sha256 = len(raw), hashlib.sha256(raw).hexdigest()
@@ -368,6 +380,11 @@ class AdapterConfig:
         bad = _inconsistency(self)
         if bad:
             raise CorruptAdapterError(f"{where} contradicts itself: {bad}.")
+
+
+def _save_version(value: int | None) -> int:
+    # Configs written before the counter was recorded have none: their first version.
+    return 1 if value is None else value
 
 
 def _inconsistency(config: AdapterConfig) -> str:

@@ -23,7 +23,8 @@ def inspect_adapter(path: str, *, verify: bool = False) -> dict:
         ``created``, ``architecture``, ``base_architecture``,
         ``base_fingerprint``, ``ranks`` (layer path -> rank), ``saved``,
         ``variables`` (key -> shape, dtype, kind), ``num_parameters``,
-        ``size_bytes``, ``config_sha256`` and ``metadata``.
+        ``size_bytes``, ``config_sha256``, ``version`` (the save counter)
+        and ``metadata``.
 
     Raises:
         AdapterNotFoundError: If there is no committed adapter at ``path``.
@@ -54,6 +55,7 @@ def inspect_adapter(path: str, *, verify: bool = False) -> dict:
         "num_parameters": config.num_parameters,
         "size_bytes": sum(f.size for f in config.files.values()) + config.json_bytes,
         "config_sha256": config.json_sha256,
+        "version": config.version,
         "metadata": config.metadata,
     }
 

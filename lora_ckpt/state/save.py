@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from .._tf import tf
-from ..errors import CorruptAdapterError, LoRAConfigError
+from ..errors import AdapterNotFoundError, CorruptAdapterError, LoRAConfigError
 from ..selection import StateSelection, select_state
 from ..version import __version__
 from .atomic import begin_write, commit_files
@@ -20,7 +20,9 @@ from .fingerprint import base_fingerprint
 from .fit import model_identity
 from .format import (
     CHECKPOINT_PREFIX,
+    CONFIG_FILE,
     MAX_JSON_DEPTH,
+    MAX_SAVE_VERSION,
     AdapterConfig,
     FileRecord,
     LayerRecord,
@@ -29,6 +31,7 @@ from .format import (
     checkpoint_files,
     json_depth,
 )
+from .load import read_config
 
 
 def build_config(model, selection: StateSelection, metadata: dict) -> AdapterConfig:
@@ -154,6 +157,7 @@ def commit_adapter(path: str, config: AdapterConfig, variables: dict, overwrite:
     """
     atomic = begin_write(path, overwrite)
     try:
+        config.version = _next_version(path, atomic)
         prefix = atomic.fresh_name(CHECKPOINT_PREFIX)
         files = checkpoint_bytes(variables, prefix)
         config.checkpoint_prefix = prefix
@@ -168,6 +172,17 @@ def commit_adapter(path: str, config: AdapterConfig, variables: dict, overwrite:
         raise
     commit_files(atomic, files, text.encode("utf-8"))
     return path
+
+
+def _next_version(path: str, atomic) -> int:
+    """One more than the committed adapter's save counter, or 1 for a first save
+    (or one over an adapter whose config no longer reads)."""
+    if CONFIG_FILE not in atomic.existing:
+        return 1
+    try:
+        return min(read_config(path)[1].version + 1, MAX_SAVE_VERSION)
+    except (CorruptAdapterError, AdapterNotFoundError):
+        return 1
 
 
 def _checked_json(config: AdapterConfig, path: str) -> str:

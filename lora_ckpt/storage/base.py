@@ -83,6 +83,7 @@ class AtomicDirectory(abc.ABC):
         self.marker = marker
         self.tag = new_tag()
         self.written: list[str] = []
+        self.existing: dict[str, Entry] = {}  # what begin() listed
 
     @abc.abstractmethod
     def begin(self) -> dict[str, Entry]:

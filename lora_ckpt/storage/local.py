@@ -35,7 +35,7 @@ class _RenameCommit(AtomicDirectory):
 
     def begin(self) -> dict[str, Entry]:
         self.store.clean_leftovers(self.path, self.marker)
-        entries = self.store.listdir(self.path)
+        entries = self.existing = self.store.listdir(self.path)
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         self.tmp = f"{self.path}.tmp-{self.tag}"

@@ -105,8 +105,8 @@ class _MarkerCommit(AtomicDirectory):
     """The object-store commit: fresh names, then one PUT of the marker, then clean-up."""
 
     def begin(self) -> dict[str, Entry]:
-        self.previous = self.store.listdir(self.path)  # the one listing of a write
-        return self.previous
+        self.existing = self.store.listdir(self.path)  # the one listing of a write
+        return self.existing
 
     def write(self, name: str, data: bytes) -> None:
         self.store.write(self.store.join(self.path, name), data)
@@ -115,7 +115,7 @@ class _MarkerCommit(AtomicDirectory):
     def finalize(self, data: bytes) -> list[str]:
         self.store.write(self.store.join(self.path, self.marker), data)  # the commit
         leftovers = []
-        for name, entry in self.previous.items():
+        for name, entry in self.existing.items():
             if entry.kind == "file" and name != self.marker and name not in self.written:
                 try:
                     self.store.remove_file(self.store.join(self.path, name))
