@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 import tfimm
+from tfimm.models import model_config
 
 import lora_ckpt
 from lora_ckpt.errors import CorruptAdapterError
-from lora_ckpt.models import model_config
 from lora_ckpt.state.adapter_model import estimate_parameters
 
 from .conftest import TINY_CONVNEXT, TINY_VIT, count
