@@ -472,5 +472,11 @@ def _variable(fields: _Fields) -> VariableRecord:
     )
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _file(fields: _Fields) -> FileRecord:
-    return FileRecord(size=fields.count("size"), sha256=fields.get("sha256", str))
+    sha256 = fields.get("sha256", str)
+    if not _SHA256.fullmatch(sha256):
+        raise CorruptAdapterError(f"{fields.where}.sha256 is not 64 lowercase hex digits.")
+    return FileRecord(size=fields.count("size"), sha256=sha256)

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ log = logging.getLogger("lora_ckpt.storage")
 CACHE_ENV = "LORA_CKPT_CACHE_DIR"
 CACHE_MAX_ENV = "LORA_CKPT_CACHE_MAX_BYTES"
 DEFAULT_CACHE_MAX_BYTES = 20 << 30
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 RECENT_SECONDS = 120.0
 """Entries used this recently are never evicted (a reader may hold them)."""
 
@@ -82,6 +84,8 @@ class VerifiedCache(Store):
         return self.remote.read(path, limit)
 
     def read_verified(self, path: str, size: int, sha256: str) -> bytes:
+        if not _SHA256.fullmatch(sha256):  # it becomes a file name below
+            raise UnsafeFileError(f"{path}: {sha256!r:.80} is not a SHA-256 hex digest.")
         blob = os.path.join(self.root, "blobs", sha256)
         with contextlib.suppress(FileNotFoundError, UnsafeFileError):
             data = check_digest(_local.read(blob, size), size, sha256, blob)
