@@ -24,9 +24,11 @@ def _demo(args) -> int:
 
 
 def _serve(args) -> int:
+    from .serving.logs import configure_logging
     from .serving.options import ServiceOptions
 
     options = ServiceOptions.from_namespace(args)  # a bad value fails here, before any import
+    configure_logging(options.log_level, options.log_format)
     if options.ray:
         from .serving.ray_app import run_ray_service
 
@@ -39,8 +41,12 @@ def _serve_uvicorn(store: str, options) -> int:
     import signal
     import socket
 
-    import uvicorn
+    from .serving.store import read_base_config
 
+    if options.model_name is None:
+        # A store that is missing or unreachable fails here, at once.
+        read_base_config(store)
+    from .serving import server
     from .serving.app import create_app
 
     # `kill -USR1 <pid>` prints every thread's stack: how to see where a stuck
@@ -56,18 +62,11 @@ def _serve_uvicorn(store: str, options) -> int:
     except OSError as exc:
         print(f"lora-ckpt serve: cannot bind {host}:{port}: {exc}", file=sys.stderr)
         return 1
-    config = uvicorn.Config(
-        app,
-        log_level=options.log_level,
-        timeout_keep_alive=options.timeout_keep_alive,
-        limit_concurrency=options.limit_concurrency,
-    )
     from .storage import is_url
 
     where = store if is_url(store) else os.path.abspath(store)
     print(f"Serving {where} on http://{host}:{port}", flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
-    return 0
+    return server.run(app, options, sock)
 
 
 def _human_size(size: int) -> str:

@@ -26,5 +26,20 @@ def preprocess_image(data, shape) -> tf.Tensor:
     """
     shape = list(shape)[-3:]
     image = tf.io.decode_image(data, channels=shape[-1], expand_animations=False)
-    resized = tf.image.resize(tf.cast(image, tf.float32), shape[:2])
+    return preprocess_pixels(image, shape)
+
+
+def preprocess_pixels(image, shape) -> tf.Tensor:
+    """Decoded 8-bit pixels ``[h, w, channels]`` as a float32 model input.
+
+    Args:
+        image: The pixels (uint8), e.g. the first frame of an animated image.
+        shape: The model's input shape ``(height, width, channels)``.
+
+    Returns:
+        A ``[height, width, channels]`` float32 tensor in ``[-1, 1]``.
+    """
+    # Resized from the 8-bit pixels (float32 out): the same floats as resizing
+    # a float32 copy, without holding that copy of a large image.
+    resized = tf.image.resize(image, list(shape)[-3:-1])
     return resized / 127.5 - 1.0

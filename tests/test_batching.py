@@ -119,3 +119,35 @@ def test_a_pool_answering_no_rows_or_a_failing_metrics_callback_do_not_stop_the_
 def test_bad_batching_options_are_refused(options):
     with pytest.raises(LoRAConfigError):
         MicroBatcher(RowSumPool(), **options)
+
+
+def test_a_flood_on_one_adapter_does_not_starve_another():
+    # The pool runs one batch at a time; 24 requests for "one" arrive first,
+    # then one for "two": it rides the next batch, not the fourth.
+    pool = RowSumPool()
+    gate = threading.Event()
+    order = []
+    real = pool.predict_rows
+
+    def gated(images, adapters):
+        gate.wait(5)
+        order.append(list(adapters))
+        return real(images, adapters)
+
+    pool.predict_rows = gated
+    batcher = MicroBatcher(pool, max_batch=8, max_wait=0.0)
+
+    async def main():
+        flood = [batcher.predict(np.ones((1,), "float32"), "one") for _ in range(24)]
+        tasks = [asyncio.ensure_future(request) for request in flood]
+        await asyncio.sleep(0.05)  # the first batch is taken and waits at the gate
+        light = asyncio.ensure_future(batcher.predict(np.ones((1,), "float32"), "two"))
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.wait_for(asyncio.gather(light, *tasks), 5)
+
+    outputs = asyncio.run(main())
+    np.testing.assert_array_equal(outputs[0], [2.0])
+    assert len(outputs) == 25
+    batch_of_two = next(i for i, batch in enumerate(order) if "two" in batch)
+    assert batch_of_two == 1, order

@@ -38,6 +38,10 @@ def test_every_flag_of_serve_keeps_its_name_and_default():
         "--load-timeout": 30.0,
         "--timeout-keep-alive": 5,
         "--limit-concurrency": 256,
+        "--header-timeout": 10.0,
+        "--drain-timeout": 30.0,
+        "--preload": (),
+        "--pin": (),
         "--startup-delay": 0.0,
         "--ray": False,
         "--replicas": 2,
@@ -45,6 +49,7 @@ def test_every_flag_of_serve_keeps_its_name_and_default():
         "--num-cpus": None,
         "--replica-cpus": None,
         "--log-level": "warning",
+        "--log-format": "text",
         "--auth": None,
         "--insecure": False,
         "--public-metrics": False,
@@ -116,3 +121,58 @@ def test_call_timeout_covers_a_body_a_slot_wait_and_a_load():
 def test_every_field_documents_itself():
     for option in dataclasses.fields(ServiceOptions):
         assert option.metadata.get("help"), option.name
+
+
+def test_every_flag_is_also_an_environment_variable():
+    parser = argparse.ArgumentParser()
+    add_service_arguments(
+        parser,
+        {
+            "LORA_CKPT_CAPACITY": "4",
+            "LORA_CKPT_MODEL": "convnext_atto",
+            "LORA_CKPT_RAY": "true",
+            "LORA_CKPT_PIN": "a0, a1",
+            "LORA_CKPT_DRAIN_TIMEOUT": "2.5",
+            "LORA_CKPT_LOG_FORMAT": "JSON",
+            "LORA_CKPT_UNRELATED": "x",
+        },
+    )
+    options = ServiceOptions.from_namespace(parser.parse_args([]))
+    assert (options.capacity, options.model_name, options.ray) == (4, "convnext_atto", True)
+    assert options.pin == ("a0", "a1") and options.drain_timeout == 2.5
+    assert options.log_format == "json"
+    flagged = ServiceOptions.from_namespace(parser.parse_args(["--capacity", "6"]))
+    assert flagged.capacity == 6  # the command line wins over the environment
+    # Every flag has its variable, named after the flag, documented in --help.
+    for action in parser._actions:
+        if action.option_strings[0] not in ("-h",) and action.help != argparse.SUPPRESS:
+            variable = "LORA_CKPT_" + action.option_strings[0][2:].upper().replace("-", "_")
+            assert variable in action.help, action.option_strings
+
+
+@pytest.mark.parametrize(
+    "variable, value, words",
+    [
+        ("LORA_CKPT_CAPACITY", "four", "LORA_CKPT_CAPACITY='four' is not a valid --capacity"),
+        ("LORA_CKPT_CAPACITY", "0", "capacity (--capacity) must be an integer >= 1, got 0"),
+        ("LORA_CKPT_RAY", "maybe", "LORA_CKPT_RAY='maybe' is not a valid --ray"),
+    ],
+)
+def test_a_bad_environment_variable_fails_when_serve_runs_naming_it(variable, value, words):
+    parser = argparse.ArgumentParser()
+    add_service_arguments(parser, {variable: value})  # building the parser never fails
+    with pytest.raises(LoRAConfigError) as info:
+        ServiceOptions.from_namespace(parser.parse_args([]))
+    assert words in str(info.value)
+
+
+def test_pinned_and_preloaded_adapters_fit_the_pool():
+    options = parse("--capacity", "3", "--pin", "a,b", "--preload", "b,c")
+    assert options.pin == ("a", "b") and options.startup_adapters == ("a", "b", "c")
+    with pytest.raises(LoRAConfigError, match="fewer adapters than --capacity"):
+        ServiceOptions(capacity=2, pin=("a", "b"))
+    with pytest.raises(LoRAConfigError, match="at most --capacity"):
+        ServiceOptions(capacity=2, pin=("a",), preload_adapters=("b", "c"))
+    for bad in (("../x",), ("a", "a"), ("",)):
+        with pytest.raises(LoRAConfigError, match="pin"):
+            ServiceOptions(pin=bad)

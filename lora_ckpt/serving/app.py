@@ -3,51 +3,24 @@ over a :class:`~lora_ckpt.serving.service.ServiceState` in this process
 (Starlette, served by uvicorn).
 
 The routes, statuses and bodies are documented in :mod:`.http_app`; this
-module adds what only this process has: the pool's gauges and batch sizes in
-``GET /metrics``, and ``merge`` state in ``GET /adapters``.
+module adds what only this process has: the pool's metrics (:mod:`.metrics`,
+the names Ray mode shows too) and the process collectors in ``GET /metrics``,
+``merge`` state in ``GET /adapters``, readiness that waits for warm graphs
+and named adapters and turns 503 while draining, error messages without
+server paths, and the access log with request ids (:mod:`.logs`).
 """
 
 import numpy as np
-from prometheus_client import Counter, Gauge, Histogram
 from starlette.applications import Starlette
 
 from .backend import Prediction, ServiceBackend
 from .http_app import build_app
+from .inputs import HTTPError
+from .logs import AccessLog
+from .metrics import SnapshotCollector, add_default_collectors, service_snapshot
 from .options import ServiceOptions
 from .pool import OFF
 from .service import ServiceState
-
-
-class _PoolMetrics:
-    """The pool's metrics; :class:`ServiceState` observes batch sizes and
-    load failures into them, :meth:`refresh` reads the rest from the pool."""
-
-    def __init__(self, registry):
-        self.batch_size = Histogram(
-            "lora_batch_size",
-            "Samples per pool batch",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
-            registry=registry,
-        )
-        self.loads = Gauge("lora_adapter_loads", "Adapters loaded into the pool", registry=registry)
-        self.evictions = Gauge(
-            "lora_adapter_evictions", "Adapters evicted from the pool", registry=registry
-        )
-        self.resident = Gauge("lora_resident_adapters", "Adapters resident", registry=registry)
-        self.failed = Gauge(
-            "lora_failed_adapters", "Store adapters that failed to load", registry=registry
-        )
-        self.load_failures = Counter(
-            "lora_adapter_load_failures", "Failed adapter loads", registry=registry
-        )
-
-    def refresh(self, state: ServiceState) -> None:
-        if state.pool is not None:
-            stats = state.pool.stats
-            self.loads.set(stats["loads"])
-            self.evictions.set(stats["evictions"])
-            self.resident.set(len(state.pool.names()))
-        self.failed.set(len(state.failed))
 
 
 class InProcessBackend(ServiceBackend):
@@ -64,27 +37,38 @@ class InProcessBackend(ServiceBackend):
 
     def __init__(self, store: str, options: ServiceOptions):
         super().__init__(options)
-        self._metrics = _PoolMetrics(self.registry)
-        self.state = ServiceState(store, options, metrics=self._metrics)
+        self.state = ServiceState(store, options)
+        add_default_collectors(self.registry)
+        self.registry.register(SnapshotCollector(lambda: [service_snapshot(self.state)]))
 
     async def readiness(self) -> dict:
         state = self.state
-        if state.pool is None:
-            return {"ready": False, "reason": state.error or "loading the base model"}
-        return {"ready": True, "resident": state.pool.names(), "failed": sorted(state.failed)}
+        if state.draining:
+            return {"ready": False, "reason": "shutting down: draining requests"}
+        if state.error is not None:
+            return {"ready": False, "reason": state.scrub(state.error)}
+        if not state.ready:
+            reason = "loading the base model" if state.pool is None else "loading adapters"
+            return {"ready": False, "reason": reason}
+        return {
+            "ready": True,
+            "resident": state.pool.names(),
+            "pinned": sorted(state.pinned),
+            "failed": sorted(state.failed),
+        }
 
     async def describe(self) -> dict:
         return await self.state.describe()
 
     async def load(self, name: str) -> dict:
         outcome = await self.state.ensure_resident(name, reload=True)
-        self._metrics.refresh(self.state)
         return {"adapter": name, "outcome": outcome, "resident": self.state.pool.names()}
 
     async def unload(self, name: str) -> dict:
         pool = self.state.require_pool()
+        if name in self.state.pinned:
+            raise HTTPError(409, "Pinned", f"Adapter {name!r} is pinned (--pin): it stays.")
         pool.unload(name)
-        self._metrics.refresh(self.state)
         return {"unloaded": name, "resident": pool.names()}
 
     async def input_shape(self) -> tuple:
@@ -115,8 +99,14 @@ class InProcessBackend(ServiceBackend):
         }
 
     async def metrics_text(self) -> str:
-        self._metrics.refresh(self.state)
-        return ""
+        return ""  # the collectors read the state at each scrape
+
+    def error_parts(self, exc: Exception) -> tuple[int, str, str] | None:
+        parts = super().error_parts(exc)
+        if parts is None:
+            return None
+        status, kind, message = parts
+        return status, kind, self.state.scrub(message)
 
     def counts_as_known(self, name: str, status: str) -> bool:
         pool = self.state.pool
@@ -134,7 +124,7 @@ def create_app(store: str, options: ServiceOptions | None = None, **changes) -> 
 
     Returns:
         The Starlette application (``app.state.service`` is its ServiceState,
-        ``app.state.backend`` its backend).
+        ``app.state.backend`` its backend), with the access log (:class:`.logs.AccessLog`).
 
     Raises:
         LoRAConfigError: For a bad option.
@@ -143,5 +133,6 @@ def create_app(store: str, options: ServiceOptions | None = None, **changes) -> 
     options = (options or ServiceOptions()).replace(**changes)
     backend = InProcessBackend(store, options)
     app = build_app(backend)
+    app.add_middleware(AccessLog)
     app.state.service = backend.state
     return app

@@ -1,16 +1,20 @@
 """Dynamic batching: concurrent requests, whatever their adapters, run as one
-mixed batch through the pool."""
+mixed batch through the pool.
+
+Requests wait in a queue per adapter and batches are filled round-robin over
+the adapters (:class:`~.fair_queue.FairQueue`): a flood on one adapter cannot
+starve the others."""
 
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import LoRAConfigError
+from .fair_queue import FairQueue
 from .pool import AdapterPool
 
 log = logging.getLogger("lora_ckpt.serving")
@@ -33,10 +37,20 @@ class MicroBatcher:
         max_batch: The largest batch.
         max_wait: How long the first request of a batch waits for company.
         on_batch: Called with the batch size after each batch (metrics).
+        fair: A queue per adapter, batches filled round-robin (default); ``False``
+            is one FIFO for every adapter (the benchmark's reference).
+
+    Raises:
+        LoRAConfigError: For a bad ``max_batch`` or ``max_wait``.
     """
 
     def __init__(
-        self, pool: AdapterPool, max_batch: int = 8, max_wait: float = 0.005, on_batch=None
+        self,
+        pool: AdapterPool,
+        max_batch: int = 8,
+        max_wait: float = 0.005,
+        on_batch=None,
+        fair: bool = True,
     ):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise LoRAConfigError(f"max_batch must be a positive integer, got {max_batch!r}.")
@@ -46,7 +60,8 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.on_batch = on_batch
-        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._fair = fair
+        self._queue = FairQueue()
         self._thread = threading.Thread(target=self._run, name="lora-ckpt-batcher", daemon=True)
         self._thread.start()
 
@@ -54,21 +69,19 @@ class MicroBatcher:
         """The pool's output for one image with one adapter (its own classes)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Request(image, adapter, future, loop))
+        self._queue.put(adapter if self._fair else None, _Request(image, adapter, future, loop))
         return await future
+
+    def depth(self) -> int:
+        """Requests waiting for a batch (the queue-depth gauge)."""
+        return self._queue.depth()
 
     async def predict_many(self, images: np.ndarray, adapter: str) -> list[np.ndarray]:
         """Outputs for several images: each rides the batcher like a request of its own."""
         return list(await asyncio.gather(*(self.predict(image, adapter) for image in images)))
 
     def _take_batch(self) -> list[_Request]:
-        batch = [self._queue.get()]
-        try:
-            while len(batch) < self.max_batch:
-                batch.append(self._queue.get(timeout=self.max_wait))
-        except queue.Empty:
-            pass
-        return batch
+        return self._queue.take(self.max_batch, self.max_wait)
 
     def _run(self) -> None:
         # Nothing may end this thread: every later request would wait forever.

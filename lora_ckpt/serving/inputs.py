@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
 
 from .._tf import tf
-from ..preprocessing import preprocess_image
+from ..preprocessing import preprocess_image, preprocess_pixels
 
 
 class HTTPError(Exception):
@@ -63,14 +63,21 @@ def decode_image(data: bytes, shape, max_pixels: int) -> np.ndarray:
 
     Pillow reads the header only (no pixel is decoded) to enforce the pixel
     limit; TensorFlow decodes, exactly as a SavedModel exported with
-    ``lora-ckpt export --with-preprocessing`` does, so both answer alike.
+    ``lora-ckpt export --with-preprocessing`` does, so both answer alike. An
+    animated image (GIF, APNG, WebP) is its first frame, as there, but
+    decoded by Pillow alone: TensorFlow decodes every frame before it keeps
+    the first, so 64 frames of 4096x4096 in a 1 MB body cost gigabytes. The
+    resize runs on the 8-bit pixels (TensorFlow's bilinear resize gives the
+    same floats as on a float copy, without the copy: 4 bytes a pixel).
 
     Raises:
         HTTPError: 400 for data that is not an image, 413 for more pixels than
             ``max_pixels`` (read from the header, before decoding).
     """
     try:
-        width, height = Image.open(io.BytesIO(data)).size
+        opened = Image.open(io.BytesIO(data))
+        width, height = opened.size
+        animated = getattr(opened, "is_animated", False)  # reads one frame header more
     except Image.DecompressionBombError as exc:  # Pillow's own limit, met at open
         raise HTTPError(413, "ImageTooLarge", f"The image is too large: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -82,9 +89,19 @@ def decode_image(data: bytes, shape, max_pixels: int) -> np.ndarray:
             f"The image has {width}x{height} pixels; the limit is {max_pixels} pixels.",
         )
     try:
+        if animated:
+            return preprocess_pixels(_first_frame(opened, shape[-1]), shape).numpy()
         return preprocess_image(data, shape).numpy()
-    except (tf.errors.InvalidArgumentError, ValueError) as exc:
+    except (tf.errors.InvalidArgumentError, ValueError, OSError) as exc:
         raise HTTPError(400, "BadImage", f"Cannot decode the image: {exc}") from None
+
+
+def _first_frame(opened: Image.Image, channels: int) -> np.ndarray:
+    """The first frame of an animated image, ``[h, w, channels]`` uint8."""
+    opened.seek(0)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+    frame = np.asarray(opened.convert(mode))
+    return frame[..., None] if channels == 1 else frame
 
 
 def parse_json(body: bytes):

@@ -6,6 +6,11 @@ the flags of ``lora-ckpt serve`` are made from the fields
 (:func:`add_service_arguments`) and read back into one object
 (:meth:`ServiceOptions.from_namespace`): a new option is one field here.
 
+Every flag can also be set by an environment variable named after it,
+``LORA_CKPT_<FLAG>`` (``--capacity`` is ``LORA_CKPT_CAPACITY``, ``--ray`` is
+``LORA_CKPT_RAY=1``): the variable replaces the field's default, a flag on
+the command line wins over both.
+
 Plain Python (no TensorFlow, no web framework): the CLI builds its parser
 from this module before it knows which command runs.
 """
@@ -14,6 +19,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +29,11 @@ from .auth import is_loopback
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 """uvicorn's log levels."""
+LOG_FORMATS = ("text", "json")
+ENV_PREFIX = "LORA_CKPT_"
+"""``LORA_CKPT_<FLAG>``: the environment variable of each flag of ``serve``."""
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 _SCALE = "scaling out (Ray Serve; needs the scale extra: pip install 'lora_ckpt[scale]')"
 
@@ -64,6 +75,20 @@ class ServiceOptions:
     load_timeout: float = _option(30.0, "seconds an adapter load may take (504)")
     timeout_keep_alive: int = _option(5, "seconds an idle connection stays open")
     limit_concurrency: int = _option(256, "connections and tasks at once; more get 503")
+    header_timeout: float = _option(
+        10.0, "seconds a connection may take to send its request line and headers (then closed)"
+    )
+    drain_timeout: float = _option(
+        30.0, "seconds SIGTERM waits for accepted requests to be answered before exiting"
+    )
+    preload_adapters: tuple[str, ...] = _option(
+        (),
+        "adapters (comma-separated) loaded before /ready answers 200; one that fails stops serve",
+        flag="--preload",
+    )
+    pin: tuple[str, ...] = _option(
+        (), "adapters (comma-separated) loaded at start and never evicted (fewer than --capacity)"
+    )
     startup_delay: float = _option(
         0.0, "seconds to wait before loading the base (readiness probes)", hidden=True
     )
@@ -82,7 +107,10 @@ class ServiceOptions:
         None, "CPUs of the local Ray cluster (default: all)", group=_SCALE
     )
     replica_cpus: float | None = _option(None, "Ray CPUs reserved per replica", group=_SCALE)
-    log_level: str = _option("warning", "uvicorn's log level")
+    log_level: str = _option(
+        "warning", "log level (the access log is at info, shown unless error or critical)"
+    )
+    log_format: str = _option("text", "log lines as text or json (time, level, logger, request id)")
     auth: str | None = _option(
         None,
         "API keys: a JSON file of SHA-256 digests, tenants, adapter globs, admin "
@@ -110,8 +138,9 @@ class ServiceOptions:
             _check_int(self, name, minimum=1, optional=True)
         _check_int(self, "port", minimum=0, maximum=65535)
         _check_int(self, "timeout_keep_alive", minimum=0)
-        for name in ("request_timeout", "queue_timeout", "load_timeout"):
+        for name in ("request_timeout", "queue_timeout", "load_timeout", "header_timeout"):
             _check_number(self, name, positive=True)
+        _check_number(self, "drain_timeout", positive=False)
         for name in ("startup_delay", "max_wait"):
             _check_number(self, name, positive=False)
         _check_number(self, "replica_cpus", positive=False, optional=True)
@@ -130,6 +159,28 @@ class ServiceOptions:
             raise _invalid("log_level", f"must be one of {', '.join(LOG_LEVELS)}", self.log_level)
         # uvicorn looks levels up in lower case only.
         object.__setattr__(self, "log_level", self.log_level.lower())
+        if not isinstance(self.log_format, str) or self.log_format.lower() not in LOG_FORMATS:
+            raise _invalid(
+                "log_format", f"must be one of {', '.join(LOG_FORMATS)}", self.log_format
+            )
+        object.__setattr__(self, "log_format", self.log_format.lower())
+        for name in ("preload_adapters", "pin"):
+            object.__setattr__(self, name, _check_names(self, name))
+        if len(self.pin) >= self.capacity:
+            raise _invalid(
+                "pin", f"must name fewer adapters than --capacity ({self.capacity})", self.pin
+            )
+        if len(self.startup_adapters) > self.capacity:
+            raise _invalid(
+                "preload_adapters",
+                f"and --pin together must name at most --capacity ({self.capacity}) adapters",
+                self.preload_adapters,
+            )
+
+    @property
+    def startup_adapters(self) -> tuple[str, ...]:
+        """The adapters loaded before ``/ready`` answers 200: ``--pin`` then ``--preload``."""
+        return tuple(dict.fromkeys(self.pin + self.preload_adapters))
 
     @property
     def call_timeout(self) -> float:
@@ -157,40 +208,95 @@ class ServiceOptions:
         :func:`add_service_arguments` set up (other attributes are ignored).
 
         Raises:
-            LoRAConfigError: For a bad value.
+            LoRAConfigError: For a bad value (an environment variable's too, named).
         """
-        return cls(**{f.name: getattr(namespace, f.name) for f in _flag_fields()})
+        values = {f.name: getattr(namespace, f.name) for f in _flag_fields()}
+        for value in values.values():
+            if isinstance(value, _BadVariable):
+                raise LoRAConfigError(value.message)
+        return cls(**values)
 
 
-def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+class _BadVariable:
+    """The default of a flag whose environment variable does not parse: the
+    error is raised when ``serve`` runs, not when any command builds its parser."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __repr__(self) -> str:
+        return "<invalid>"
+
+
+def environment_variable(option: dataclasses.Field) -> str:
+    """``LORA_CKPT_<FLAG>`` (or the field's own ``env``): a flag's environment variable."""
+    return option.metadata.get("env") or ENV_PREFIX + _flag(option)[2:].upper().replace("-", "_")
+
+
+def _from_environment(option: dataclasses.Field, environ):
+    """The field's default, or the value of its environment variable if set."""
+    variable = environment_variable(option)
+    text = environ.get(variable)
+    if text is None:
+        return option.default
+    kind = _scalar_type(option.type)
+    try:
+        if kind is bool:
+            if text.strip().lower() not in _TRUE + _FALSE:
+                raise ValueError("not a boolean (1/0, true/false, yes/no)")
+            return text.strip().lower() in _TRUE
+        return _converter(kind)(text)
+    except (ValueError, TypeError) as exc:
+        return _BadVariable(f"{variable}={text!r} is not a valid {_flag(option)}: {exc}.")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``"a, b,c"`` -> ``("a", "b", "c")``."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _converter(kind):
+    return _names if kind == tuple[str, ...] else kind
+
+
+def add_service_arguments(parser: argparse.ArgumentParser, environ=None) -> None:
     """Adds one flag per :class:`ServiceOptions` field (those that are flags),
-    with the field's default and help, in the fields' order.
+    with the field's default and help, in the fields' order; a flag's
+    ``LORA_CKPT_<FLAG>`` variable, if set, replaces its default.
 
     Args:
         parser: The ``serve`` command's parser.
+        environ: The environment (default: ``os.environ``).
     """
+    environ = os.environ if environ is None else environ
     groups = {}  # title -> argument group
     for option in _flag_fields():
         target = parser
         if "group" in option.metadata:
             group = option.metadata["group"]
             target = groups.get(group) or groups.setdefault(group, parser.add_argument_group(group))
-        help_text = argparse.SUPPRESS if option.metadata.get("hidden") else option.metadata["help"]
+        help_text = argparse.SUPPRESS
+        if not option.metadata.get("hidden"):
+            help_text = f"{option.metadata['help']} [env {environment_variable(option)}]"
         kind = _scalar_type(option.type)
+        default = _from_environment(option, environ)
         if kind is bool:
             target.add_argument(
-                _flag(option), dest=option.name, action="store_true", help=help_text
+                _flag(option),
+                dest=option.name,
+                action="store_true",
+                default=default,
+                help=help_text,
             )
         else:
             flag = _flag(option)
-            env = option.metadata.get("env")
             target.add_argument(
                 flag,
                 dest=option.name,
                 # --model MODEL, not MODEL_NAME; or the field's own (--auth FILE)
                 metavar=option.metadata.get("metavar") or flag[2:].upper().replace("-", "_"),
-                type=kind,
-                default=os.environ.get(env) or option.default if env else option.default,
+                type=_converter(kind),
+                default=default,
                 help=help_text,
             )
 
@@ -233,6 +339,19 @@ def _check_number(options, name, *, positive, optional=False) -> None:
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise _invalid(name, f"must be a finite number {'> 0' if positive else '>= 0'}", value)
+
+
+def _check_names(options, name) -> tuple[str, ...]:
+    value = getattr(options, name)
+    if isinstance(value, str):
+        value = _names(value)
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, str) and _NAME.fullmatch(v) for v in value
+    ):
+        raise _invalid(name, "must be adapter names (letters, digits, '_', '.', '-')", value)
+    if len(set(value)) != len(value):
+        raise _invalid(name, "names an adapter twice", value)
+    return tuple(value)
 
 
 def _check_text(options, name, *, optional=False) -> None:

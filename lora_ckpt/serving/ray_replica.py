@@ -27,6 +27,8 @@ from ray import serve
 
 from ..errors import LoRAError, StoreError
 from .http_common import error_parts
+from .logs import configure_logging
+from .metrics import service_snapshot
 from .options import ServiceOptions
 from .orders import Order, OrderLog
 from .pool import OFF
@@ -57,6 +59,8 @@ class _Resident:
             return
         self._released = True
         pool = self._state.pool
+        if self.name in self._state.pinned:
+            return  # --pin: held for good, whatever Ray's LRU drops
         if pool is not None and self.name in pool.names():
             try:
                 pool.unload(self.name)
@@ -70,8 +74,10 @@ class AdapterReplica:
     Args:
         store: The adapter store (a directory every node can read, or ``s3://``).
         options: The service's options; ``capacity`` is also Ray's
-            ``max_num_models_per_replica``. (A replica never preloads: Ray's
-            router decides which replica holds which adapter.)
+            ``max_num_models_per_replica``. (A replica does not preload the
+            store's first adapters: Ray's router decides which replica holds
+            which adapter; ``--pin`` and ``--preload`` adapters are loaded in
+            every replica, and pinned ones stay whatever Ray's LRU drops.)
         directory: A handle to the :class:`ReplicaDirectory` deployment.
         startup_timeout: Seconds the base model may take to load.
 
@@ -89,9 +95,11 @@ class AdapterReplica:
     ):
         self.store = store
         self.capacity = options.capacity
+        configure_logging(options.log_level, options.log_format)
         self.state = ServiceState(store, options.replace(preload=False))
         deadline = time.monotonic() + startup_timeout
-        while self.state.pool is None and self.state.error is None:
+        # Warm, with the --pin/--preload adapters loaded, before Ray routes here.
+        while not self.state.ready and self.state.error is None:
             if time.monotonic() > deadline:
                 raise StoreError(f"The base model of {store} did not load in {startup_timeout} s.")
             await asyncio.sleep(0.05)
@@ -139,7 +147,8 @@ class AdapterReplica:
             parts = error_parts(exc)
             if parts is None:
                 raise
-            return {"error": list(parts), "replica": self.replica_id}
+            status, kind, message = parts
+            return {"error": [status, kind, self.state.scrub(message)], "replica": self.replica_id}
 
     # ---- what the ingress calls --------------------------------------------------------
 
@@ -215,6 +224,9 @@ class AdapterReplica:
             "requests": dict(self.requests),
             "pool": pool.stats,
             "failed": {name: reason for name, (_, reason) in sorted(self.state.failed.items())},
+            # The single process's metric names, summed over replicas by the
+            # ingress (metrics.SnapshotCollector).
+            "metrics": service_snapshot(self.state),
         }
 
     def check_health(self) -> None:

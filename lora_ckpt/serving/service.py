@@ -1,6 +1,13 @@
 """The state behind the HTTP service: a pool over a store, with bad adapters isolated.
 
-The service is ready as soon as the base model is loaded. Adapters load on
+The service is ready (:attr:`ServiceState.ready`) once the base model is
+loaded, its graphs have run once (warm) and the adapters named by ``--pin``
+and ``--preload`` are loaded; a base or a named adapter that cannot be
+loaded is fatal (:attr:`ServiceState.error`: ``serve`` exits with it).
+Pinned adapters are held in their slots for good, so they are never
+evicted. An object store that cannot be reached answers 503 (the load
+failed; retry) or 504 (past ``load_timeout``), never 400, and no answer
+carries a server path. Adapters load on
 their own worker threads with a time limit, so a slow or broken adapter
 never holds up requests for resident ones; an adapter that fails to load is
 remembered with its reason (until its file changes) and answers 422, while
@@ -24,14 +31,17 @@ from ..errors import (
     AdapterNotFoundError,
     AdapterNotLoadedError,
     LoRAError,
+    StoreError,
 )
 from ..state import read_lora_state
 from .batching import MicroBatcher
 from .inflight import LoadsInFlight
 from .inputs import HTTPError
+from .metrics import ServiceTally
 from .options import ServiceOptions
 from .orders import UNLOAD, Order
 from .pool import OFF, AdapterPool
+from .public import PathScrubber
 from .store import (
     adapter_config_bytes,
     adapter_path,
@@ -54,20 +64,32 @@ class ServiceState:
         store: The adapter store directory, or its ``s3://`` URL.
         options: The service's options; this uses the model (``model_name``,
             ``base_weights``), the pool's (``capacity``, ``max_rank``,
-            ``max_classes``), ``preload``, batching (``max_batch``,
-            ``max_wait``), ``queue_timeout`` (seconds a load waits for a slot
-            when every slot is in use, before 503), ``load_timeout`` (seconds
-            a load from the store may take before 504) and ``startup_delay``.
-        metrics: The service's metrics (``batch_size``, ``load_failures``), or ``None``.
+            ``max_classes``), ``preload`` (the store's first adapters, after
+            the named ones), ``pin`` and ``preload_adapters``, batching
+            (``max_batch``, ``max_wait``), ``queue_timeout`` (seconds a load
+            waits for a slot when every slot is in use, before 503),
+            ``load_timeout`` (seconds a load from the store may take before
+            504) and ``startup_delay``.
+
+    Attributes:
+        ready: True once warm and the named adapters are loaded.
+        error: Why the start failed (fatal), or ``None``.
+        draining: Set on SIGTERM: ``/ready`` answers 503 from then on.
+        tally: Counts and latencies for ``/metrics`` (:mod:`.metrics`).
+        pinned: The pinned adapters' names.
     """
 
-    def __init__(self, store: str, options: ServiceOptions | None = None, metrics=None):
+    def __init__(self, store: str, options: ServiceOptions | None = None):
         self.store = store
         self.options = options or ServiceOptions()
         self.pool: AdapterPool | None = None
         self.batcher: MicroBatcher | None = None
         self.error: str | None = None
-        self.metrics = metrics
+        self.ready = False
+        self.draining = False
+        self.tally = ServiceTally()
+        self.pinned: dict[str, object] = {}  # name -> the hold on its slot
+        self.scrub = PathScrubber(store)
         self.failed: dict[str, tuple[str | None, str]] = {}  # name -> (config sha, reason)
         self.labels: dict[str, list[str] | None] = {}  # name -> class names
         self._loads = LoadsInFlight(
@@ -89,26 +111,57 @@ class ServiceState:
                 max_classes=options.max_classes,
                 load_timeout=options.queue_timeout,
             )
-            on_batch = self.metrics.batch_size.observe if self.metrics else None
-            self.batcher = MicroBatcher(pool, options.max_batch, options.max_wait, on_batch)
+            self.batcher = MicroBatcher(
+                pool,
+                options.max_batch,
+                options.max_wait,
+                lambda size: self.tally.observe("batch_size", size),
+            )
+            # Warm: the serving graph runs once before /ready says so.
+            pool.predict_rows(np.zeros((1, *pool.input_shape), pool.dtype), [OFF])
             self.pool = pool
-            log.info("base model loaded: ready")
-        except Exception as exc:  # reported by /ready and the log: the base itself is broken
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.error("the base model failed to load: %s", self.error)
+            log.info("base model loaded and warm")
+        except Exception as exc:  # fatal: the base itself is broken
+            self._fail_start("the base model failed to load", exc)
             return
+        for name in options.startup_adapters:
+            try:
+                validate_adapter_name(name)
+                future, _ = self._loads.submit(name, self._load, name)
+                future.result()
+                if name in options.pin:
+                    self._pin(name)
+            except Exception as exc:  # fatal: the operator named this adapter
+                self._fail_start(f"adapter {name!r} (--pin/--preload) failed to load", exc)
+                return
+        self.ready = True
+        log.info("ready")
         if options.preload:
-            self._preload(options.capacity)
+            self._preload(options.capacity - len(options.startup_adapters))
+
+    def _fail_start(self, what: str, exc: Exception) -> None:
+        self.error = f"{what}: {type(exc).__name__}: {exc}"  # for the operator: paths kept
+        log.error("%s", self.error)
+
+    def _pin(self, name: str) -> None:
+        """Holds ``name``'s slot for good (as a request does while it runs),
+        releasing the hold on a slot it held before (a reload)."""
+        hold = self.pool.using([name])
+        hold.__enter__()
+        old = self.pinned.pop(name, None)
+        self.pinned[name] = hold
+        if old is not None:
+            old.__exit__(None, None, None)
 
     def _preload(self, count: int) -> None:
         """Loads the store's first ``count`` adapters, as requests would: a
         request for one of them meanwhile waits for the same load."""
         try:
-            names = store_adapters(self.store)[:count]
+            names = store_adapters(self.store)
         except Exception as exc:  # the service still serves: adapters load on request
             log.error("cannot list the store to preload adapters: %s", exc)
             return
-        for name in names:
+        for name in [n for n in names if n not in self.options.startup_adapters][:count]:
             future, _ = self._loads.submit(name, self._load, name)
             try:
                 future.result()
@@ -118,7 +171,11 @@ class ServiceState:
                 log.exception("preloading adapter %s failed", name)
 
     def require_pool(self) -> AdapterPool:
-        """The pool, or 503 while the base model is loading (or failed to)."""
+        """The pool, or 503 while the base model is loading (or failed to).
+
+        Raises:
+            HTTPError: 503 before the pool is built.
+        """
         if self.pool is None:
             reason = self.error or "the base model is still loading"
             raise HTTPError(503, "NotReady", f"The service is not ready: {reason}.")
@@ -149,11 +206,15 @@ class ServiceState:
                     raise AdapterFailedError(failed[1])
             # A failure below is remembered for that version even if the copy
             # read is newer: then the next request tries again, which is safe.
+            started = time.perf_counter()
             state = read_lora_state(adapter_path(self.store, name))
             version = state.config.json_sha256
             if resident and pool.version(name) == version:
                 return "resident"  # the store's copy changed back meanwhile
             pool.load_state(name, state)
+            self.tally.observe("load_seconds", time.perf_counter() - started)
+            if name in self.pinned:
+                self._pin(name)  # the new slot is held; the old one retires and frees
             self.labels[name] = _labels(state.config.metadata)
             self.failed.pop(name, None)
             log.info("adapter %s %s", name, "reloaded" if resident else "loaded")
@@ -182,10 +243,9 @@ class ServiceState:
                 version = self._store_version(name)
             except LoRAError:
                 version = None  # unreadable: every request tries again
-        self.failed[name] = (version, f"{type(exc).__name__}: {exc}")
+        self.failed[name] = (version, self.scrub(f"{type(exc).__name__}: {exc}"))
         log.warning("adapter %s failed to load: %s", name, exc)
-        if self.metrics is not None:
-            self.metrics.load_failures.inc()
+        self.tally.count("load_failures")
 
     async def ensure_resident(self, name: str, reload: bool = False) -> str:
         """Makes ``name`` resident (loading it on a loader thread), within the time limit.
@@ -194,13 +254,17 @@ class ServiceState:
             ``"resident"``, ``"loaded"`` or ``"reloaded"``.
 
         Raises:
-            HTTPError: 404 for a name not in the store, 504 past the time limit.
+            HTTPError: 404 for a name not in the store, 503 for a store that
+                cannot be reached, 504 past the time limit.
             LoRAError: As the load raises (422 for a bad adapter, 503 busy).
         """
         pool = self.require_pool()
         validate_adapter_name(name)
         if name == OFF or (not reload and name in pool.names()):
+            self.tally.count("cache_hits")
             return "resident"
+        if not reload:
+            self.tally.count("cache_misses")
         # No listing of the store: reading the config says whether the adapter
         # exists, in one request to an object store, and names of unfinished
         # saves are not valid adapter names.
@@ -217,6 +281,18 @@ class ServiceState:
             ) from None
         except AdapterNotFoundError:
             raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.") from None
+        except StoreError as exc:
+            raise self._unreachable(exc, f"load adapter {name!r}") from None
+
+    def _unreachable(self, exc: StoreError, what: str) -> HTTPError:
+        """503 for a store that failed a read: retryable, and without the
+        store's address (the log has the details)."""
+        log.warning("cannot %s: %s", what, exc)
+        return HTTPError(
+            503,
+            "StoreUnavailable",
+            f"Cannot {what}: the adapter store did not answer; retry later.",
+        )
 
     async def predict(self, name: str, images: np.ndarray) -> list[np.ndarray]:
         """Outputs of ``images`` through adapter ``name`` (loaded first if need be),
@@ -275,9 +351,20 @@ class ServiceState:
         request with it.
 
         Raises:
-            StoreError: If an object store cannot be reached.
+            HTTPError: 503 if the store cannot be reached, 504 past ``load_timeout``.
         """
-        return await asyncio.to_thread(store_adapters, self.store)
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(store_adapters, self.store), self.options.load_timeout
+            )
+        except asyncio.TimeoutError:
+            raise HTTPError(
+                504,
+                "StoreTimeout",
+                f"Listing the store took longer than {self.options.load_timeout:g} s.",
+            ) from None
+        except StoreError as exc:
+            raise self._unreachable(exc, "list the adapter store") from None
 
     async def describe(self) -> dict:
         """Resident, store and failed adapters, for ``GET /adapters``."""
