@@ -116,7 +116,7 @@ class Server:
         if replicas.status_code == 200:
             return sum(sum(r["loads"].values()) for r in replicas.json()["replicas"])
         for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line.startswith("lora_adapter_loads "):
+            if line.startswith("lora_adapter_loads_total "):
                 return int(float(line.split()[1]))
         return -1
 

@@ -43,6 +43,7 @@ PURE_PYTHON = {
     "serving/auth",
     "serving/tfserving",
     "serving/quotas",
+    "serving/fair_queue",
 }
 
 

@@ -34,6 +34,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from .backend import Prediction, ServiceBackend
 from .http_app import build_app
 from .inputs import HTTPError
+from .logs import AccessLog
+from .metrics import SnapshotCollector, add_default_collectors
 from .options import ServiceOptions
 from .orders import RELOAD, UNLOAD
 from .pool import OFF
@@ -75,6 +77,10 @@ class IngressBackend(ServiceBackend):
             "Calls sent again after their replica died",
             registry=self.registry,
         )
+        # The single process's metric names, from the replicas' snapshots.
+        add_default_collectors(self.registry)
+        self._snapshots: list = []
+        self.registry.register(SnapshotCollector(lambda: self._snapshots))
 
     # ---- calls to replicas ----------------------------------------------------------------
 
@@ -194,17 +200,18 @@ class IngressBackend(ServiceBackend):
 
     async def metrics_text(self) -> str:
         replicas = await self.replicas()
+        self._snapshots = [r["metrics"] for r in replicas if r.get("metrics")]
         lines = []
         # Per replica and adapter: which replica loaded (and served) which adapter.
         for metric, key, text in (
             ("lora_replica_adapter_loads", "loads", "Adapter loads per replica"),
             ("lora_replica_requests", "requests", "Requests served per replica and adapter"),
         ):
-            lines.append(f"# HELP {metric} {text}\n# TYPE {metric} gauge\n")
+            lines.append(f"# HELP {metric} {text}\n# TYPE {metric} counter\n")
             for replica in replicas:
                 for name, count in sorted(replica[key].items()):
                     lines.append(
-                        f'{metric}{{replica="{_escape(replica["replica"])}",'
+                        f'{metric}_total{{replica="{_escape(replica["replica"])}",'
                         f'adapter="{_escape(name)}"}} {count}\n'
                     )
         lines.append("# HELP lora_replicas Live replicas\n# TYPE lora_replicas gauge\n")
@@ -254,4 +261,6 @@ class LoRAIngress:
         self.backend = IngressBackend(store, replica, directory, options)
 
     def __serve_build_asgi_app__(self):
-        return build_app(self.backend)
+        app = build_app(self.backend)
+        app.add_middleware(AccessLog)  # one access line per request, as the single process
+        return app
