@@ -322,3 +322,25 @@ def test_a_non_loopback_host_needs_keys_or_insecure(tmp_path):
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "--auth FILE" in done.stderr and "--insecure" in done.stderr
+
+
+def test_an_overwrite_is_the_next_tf_serving_version(server, store):
+    from lora_ckpt import save_lora_state
+    from lora_ckpt.serving.store import adapter_path, build_base_model
+
+    from .helpers.scale import vary
+
+    model, _ = build_base_model(str(store))
+    vary(model, 77)
+    save_lora_state(model, adapter_path(str(store), "a2"), overwrite=True, labels=list("abcd"))
+    reload = httpx.post(url(server, "/adapters/a2"), headers=ADMIN, timeout=60)
+    assert reload.status_code == 200, reload.text
+    body = {"instances": x(1).tolist()}
+    second = httpx.post(
+        url(server, "/v1/models/a2/versions/2:predict"), json=body, headers=ADMIN, timeout=60
+    )
+    assert second.status_code == 200, second.text
+    first = httpx.post(url(server, "/v1/models/a2/versions/1:predict"), json=body, headers=ADMIN)
+    assert first.status_code == 404
+    status = httpx.get(url(server, "/v1/models/a2"), headers=ADMIN, timeout=60).json()
+    assert status["model_version_status"][0]["version"] == "2"

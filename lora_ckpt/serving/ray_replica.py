@@ -171,6 +171,8 @@ class AdapterReplica:
             return {
                 "rows": [np.asarray(row) for row in rows],
                 "labels": self.state.labels.get(name),
+                # TF Serving's model version: the adapter's save counter.
+                "version": self.state.save_versions.get(name, 1),
                 "replica": self.replica_id,
             }
 

@@ -92,6 +92,7 @@ class ServiceState:
         self.scrub = PathScrubber(store)
         self.failed: dict[str, tuple[str | None, str]] = {}  # name -> (config sha, reason)
         self.labels: dict[str, list[str] | None] = {}  # name -> class names
+        self.save_versions: dict[str, int] = {}  # name -> its config's save counter
         self._loads = LoadsInFlight(
             concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-ckpt-load")
         )
@@ -216,6 +217,7 @@ class ServiceState:
             if name in self.pinned:
                 self._pin(name)  # the new slot is held; the old one retires and frees
             self.labels[name] = _labels(state.config.metadata)
+            self.save_versions[name] = state.config.version
             self.failed.pop(name, None)
             log.info("adapter %s %s", name, "reloaded" if resident else "loaded")
             return "reloaded" if resident else "loaded"
