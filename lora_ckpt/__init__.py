@@ -85,7 +85,18 @@ _EXPORTS = {
 # that import no TensorFlow (the CLI imports it per subcommand), and `tf`,
 # which is TensorFlow alone. Every other name and submodule comes with the
 # architectures registered, as when `import lora_ckpt` imported everything.
-_WITHOUT_ARCHITECTURES = {"version", "errors", "cli", "synthetic", "_keras_env", "_tf"}
+_WITHOUT_ARCHITECTURES = {
+    "version",
+    "errors",
+    "cli",
+    "cli_store",
+    "cli_train",
+    "scaling",
+    "storage",
+    "synthetic",
+    "_keras_env",
+    "_tf",
+}
 
 # Spelled out for tools that read __all__ without running the module; a test
 # checks it against _EXPORTS.

@@ -33,6 +33,8 @@ LEVELS = {
     "demo": 9,
     "training": 9,
     "cli": 10,
+    "cli_store": 10,
+    "cli_train": 10,
 }
 PURE_PYTHON = {
     "errors",

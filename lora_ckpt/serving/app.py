@@ -96,8 +96,8 @@ class InProcessBackend(ServiceBackend):
             "input_shape": pool.input_shape,
             "classes": pool.classes(name),
             "labels": self.state.labels.get(name),
-        # TF Serving's model version: the adapter's save counter.
-        "version": self.state.save_versions.get(name, 1),
+            # TF Serving's model version: the adapter's save counter.
+            "version": self.state.save_versions.get(name, 1),
         }
 
     async def metrics_text(self) -> str:

@@ -15,6 +15,8 @@ import re
 from ..errors import LoRAConfigError, StoreError
 from ..storage import UnsafeFileError, is_url, is_work_name, open_store
 
+DEFAULT_STORE = "lora_ckpt_store"
+"""The store the demo writes and the commands use when none is named."""
 BASE_CONFIG = "base.json"
 BASE_WEIGHTS = "base.h5"
 ADAPTERS = "adapters"
