@@ -64,6 +64,7 @@ class InProcessBackend(ServiceBackend):
 
     def __init__(self, store: str, options: ServiceOptions):
         super().__init__(options)
+        self.store = store  # GET /adapters/{name}/info reads configs there
         self._metrics = _PoolMetrics(self.registry)
         self.state = ServiceState(store, options, metrics=self._metrics)
 
