@@ -24,6 +24,7 @@ from ..errors import (
     MergeStateError,
     PoolFullError,
 )
+from .console_stats import RecentRequests
 from .inputs import (
     HTTPError,
     decode_base64,
@@ -194,7 +195,9 @@ def tfs_metadata(name: str, input_shape, classes: int, labels) -> dict:
 
 
 class RequestMetrics:
-    """Prediction requests and their latency per adapter, in one Prometheus registry."""
+    """Prediction requests and their latency per adapter, in one Prometheus
+    registry, and the last minutes of them in :attr:`recent` (the console's
+    ``GET /console/stats``)."""
 
     def __init__(self, registry):
         self.requests = Counter(
@@ -203,6 +206,7 @@ class RequestMetrics:
         self.latency = Histogram(
             "lora_request_latency_seconds", "Prediction latency", ["adapter"], registry=registry
         )
+        self.recent = RecentRequests()
 
     async def observed(self, name: str, work, known):
         """Awaits ``work``, counting it under ``name`` if ``known(name, status)``
@@ -214,5 +218,7 @@ class RequestMetrics:
             return result
         finally:
             label = name if known(name, status) else "_unknown"
+            elapsed = time.perf_counter() - started
             self.requests.labels(adapter=label, status=status).inc()
-            self.latency.labels(adapter=label).observe(time.perf_counter() - started)
+            self.latency.labels(adapter=label).observe(elapsed)
+            self.recent.add(label, status == "ok", elapsed, time.monotonic())
