@@ -17,6 +17,8 @@ runs the model:
   ``GET /v1/models/{name}/metadata``: TF Serving's REST predict, status and
   metadata.
 - ``GET /metrics``: Prometheus text format.
+- The console (:mod:`.console_routes`): ``GET /`` and its files,
+  ``GET /adapters/{name}/info``, ``GET /console/stats``, ``GET /whoami``.
 - What the backend adds (:meth:`~.backend.ServiceBackend.extra_endpoints`).
 
 Errors are ``{"error": {"type", "message"}}`` with the status of
@@ -31,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .backend import ServiceBackend
+from .console_routes import console_routes
 from .http_common import (
     adapter_name,
     answer,
@@ -70,6 +73,7 @@ def build_app(backend: ServiceBackend) -> Starlette:
         route("/v1/models/{name}", endpoints.tfs_status),
         route("/metrics", endpoints.metrics),
     ]
+    routes += console_routes(backend, route)  # GET /: the console (see console_routes)
     for path, extra in backend.extra_endpoints().items():
         routes.append(route(path, _json_endpoint(extra)))
 
