@@ -96,7 +96,7 @@ function frame(maxY, bucketSeconds, count, unit) {
     root.append(svg("line", { class: i === 0 ? "axis" : "grid", x1: PLOT.left, x2: PLOT.left + w, y1: y, y2: y }));
     const label = svg("text", { class: "tick", x: PLOT.left - 6, y: y + 4, "text-anchor": "end" });
     const value = (maxY * i) / 4;
-    label.textContent = value >= 10 || value === 0 ? value.toFixed(0) : value.toFixed(1);
+    label.textContent = value >= 10 ? value.toFixed(0) : String(Number(value.toPrecision(3)));
     root.append(label);
   }
   const span = bucketSeconds * count;

@@ -82,9 +82,7 @@ export function renderStore() {
 
 function storeRow(name, info) {
   const status = statusOf(name);
-  const ok = info && !info.error;
-  const labels = ok && info.labels ? info.labels.join(", ") : "";
-  const classes = ok ? (info.classes === null || info.classes === undefined ? "—" : String(info.classes)) : "—";
+  const ok = Boolean(info && !info.error);
   return el(
     "tr",
     { "data-adapter": name, class: state.selected === name ? "selected" : null },
@@ -103,17 +101,28 @@ function storeRow(name, info) {
       "td",
       { class: "status-cell" },
       el("span", { class: `badge ${status.kind}`, text: status.text }),
-      status.reason ? el("span", { class: "reason", text: status.reason }) : null,
+      status.reason && ok ? el("span", { class: "reason", text: status.reason }) : null,
     ),
-    el("td", {}, classes, labels ? el("span", { class: "labels", title: labels, text: labels }) : null),
-    el("td", { class: "num", text: ok ? info.ranks.join(", ") : "—" }),
-    el("td", {}, ok ? el("span", { class: info.dora || info.rslora ? "badge variant" : "", text: variant(info) }) : "—"),
-    el("td", { class: "num", text: ok ? humanSize(info.size_bytes) : "—" }),
-    el("td", { class: "num", text: ok ? `v${info.format_version}` : "—" }),
-    el("td", { class: "nowrap", text: ok ? when(info.created) : "—" }),
-    el("td", {}, ok ? el("span", { class: "sha", title: `config SHA-256 ${info.version}`, text: info.version.slice(0, 12) }) : "—"),
+    // A config that cannot be read has nothing for the other columns: its reason takes them.
+    ok
+      ? configCells(info)
+      : el("td", { colspan: 7 }, info ? el("span", { class: "reason wide", text: status.reason }) : el("span", { class: "muted", text: "Reading its config…" })),
     el("td", {}, adminActions(name, status)),
   );
+}
+
+function configCells(info) {
+  const labels = info.labels ? info.labels.join(", ") : "";
+  const classes = info.classes === null || info.classes === undefined ? "—" : String(info.classes);
+  return [
+    el("td", {}, classes, labels ? el("span", { class: "labels", title: labels, text: labels }) : null),
+    el("td", { class: "num", text: info.ranks.join(", ") }),
+    el("td", {}, el("span", { class: info.dora || info.rslora ? "badge variant" : "", text: variant(info) })),
+    el("td", { class: "num", text: humanSize(info.size_bytes) }),
+    el("td", { class: "num", text: `v${info.format_version}` }),
+    el("td", { class: "nowrap", text: when(info.created) }),
+    el("td", {}, el("span", { class: "sha", title: `config SHA-256 ${info.version}`, text: info.version.slice(0, 12) })),
+  ];
 }
 
 function adminActions(name, status) {
