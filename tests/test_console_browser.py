@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -295,6 +296,15 @@ def test_the_service_view_counts_those_requests(server, browser, shots):
     assert "truncated" in failed.text
     cards = {c.find_element("css selector", ".label").text: c for c in css(browser, ".card")}
     assert cards["RESIDENT"].find_element("css selector", ".value").text == "3 / 3"
+    metrics = httpx.get(f"{server.url}/metrics", timeout=WAIT).text
+    loads = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if re.match(r"lora_adapter_loads(_total)?(\{[^}]*\})? ", line)
+    )
+    assert loads >= 3 and cards["LOADS"].find_element("css selector", ".value").text == str(
+        round(loads)
+    )
     screenshot(browser, shots, "service")
     assert script_errors(browser) == []
 

@@ -77,6 +77,7 @@ export function renderStore() {
     rows.push(el("tr", {}, el("td", { colspan: 10, class: "empty", text })));
   }
   body.replaceChildren(...rows);
+  $("store-table").classList.toggle("no-actions", !(state.who && state.who.admin));
   if (state.selected) renderDetail(state.selected);
 }
 
