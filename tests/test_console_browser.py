@@ -282,13 +282,19 @@ def test_an_uploaded_png_shows_the_pools_label_per_adapter(
     assert script_errors(browser) == []
 
 
-def test_the_service_view_counts_those_requests(server, browser, shots):
+def test_the_service_view_counts_requests(server, browser, png, shots):
+    path, _ = png
+    with httpx.Client(base_url=server.url, timeout=WAIT) as client:
+        for name, status in (("cats", 200), ("cats", 200), ("truncated", 422)):
+            with open(path, "rb") as image:
+                answer = client.post(f"/predict/{name}", files={"image": image})
+            assert answer.status_code == status, answer.text
     open_console(browser, server, "service")
     row = wait_for(
         browser, lambda d: css(d, '#service-rows tr[data-adapter="cats"]'), "the cats row"
     )[0]
     cells = [c.text for c in row.find_elements("css selector", "td")]
-    assert cells[1] == "yes" and int(cells[5]) >= 1 and cells[3].endswith("ms")
+    assert cells[1] == "yes" and int(cells[5]) >= 2 and cells[3].endswith("ms")
     assert css(browser, "#plot-rps svg path.line") and css(browser, "#plot-latency svg circle")
     failed = wait_for(
         browser, lambda d: css(d, '#failed-list li[data-adapter="truncated"]'), "the failure"
