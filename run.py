@@ -15,6 +15,7 @@ but Python 3.10+ with the venv module and pip.
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -70,6 +71,11 @@ COMMANDS = {
 }
 # Optional dependencies each command needs (setup.cfg extras).
 EXTRAS = {"test": "test,scale,train", "demo": "test", "bench": "test,bench,scale", "lint": "test"}
+# System packages each command needs (Debian names, installed with apt-get where
+# it exists, as root, as on CI): the console's browser tests drive Debian's
+# Chromium through its chromedriver. Without them those tests skip, saying why.
+APT = {"test": ["chromium", "chromium-driver"]}
+APT_STAMP = VENV / ".lora_ckpt-apt-stamp"
 # Options run.py itself understands, per command, and what they become.
 OPTIONS = {"test": {"--fast": ["-m", "not slow"]}}
 
@@ -104,6 +110,42 @@ def ensure_environment(extras: str) -> None:
     STAMP.write_text(fingerprint)
 
 
+def _apt_installed(package: str) -> bool:
+    result = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True
+    )
+    return result.returncode == 0 and result.stdout.strip() == "install ok installed"
+
+
+def ensure_system_packages(command: str) -> None:
+    """Installs ``APT[command]`` with apt-get if missing, once: an attempt that
+    failed (no network, no root) is not repeated until the list changes; what
+    needs them then skips with the reason."""
+    packages = APT.get(command, [])
+    if not packages or shutil.which("apt-get") is None or shutil.which("dpkg-query") is None:
+        return
+    missing = [p for p in packages if not _apt_installed(p)]
+    if not missing:
+        return
+    attempt = " ".join(packages)
+    if APT_STAMP.exists() and APT_STAMP.read_text() == attempt:
+        return  # tried before and failed: said so then
+    APT_STAMP.write_text(attempt)
+    if os.geteuid() != 0:
+        print(
+            f"Not root: install {' '.join(missing)} with `sudo apt-get install -y "
+            f"{' '.join(missing)}` for the browser tests (they skip without them).",
+            flush=True,
+        )
+        return
+    print(f"Installing {' '.join(missing)} with apt-get (the browser tests) ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+        if subprocess.run(step, env=env).returncode:
+            print(f"`{' '.join(step)}` failed: the browser tests will skip.", flush=True)
+            return
+
+
 def main(argv) -> int:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         print(f"usage: python3 run.py {{{'|'.join(COMMANDS)}}} [args...]", file=sys.stderr)
@@ -112,6 +154,7 @@ def main(argv) -> int:
     for arg in argv[2:]:
         extra += OPTIONS.get(command, {}).get(arg, [arg])
     ensure_environment(EXTRAS[command])
+    ensure_system_packages(command)
     # Level 3: TensorFlow's C++ ERROR lines on a machine without a GPU (a failed
     # cuInit) are noise; its real errors raise in Python.
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))

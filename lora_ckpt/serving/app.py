@@ -37,6 +37,7 @@ class InProcessBackend(ServiceBackend):
 
     def __init__(self, store: str, options: ServiceOptions):
         super().__init__(options)
+        self.store = store  # GET /adapters/{name}/info reads configs there
         self.state = ServiceState(store, options)
         add_default_collectors(self.registry)
         self.registry.register(SnapshotCollector(lambda: [service_snapshot(self.state)]))

@@ -10,12 +10,15 @@ live in the app; a backend answers in plain data.
 """
 
 import abc
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from .adapter_info import adapter_info
 from .http_common import RequestMetrics, error_parts
+from .inputs import HTTPError
 from .options import ServiceOptions
 
 
@@ -49,7 +52,11 @@ class ServiceBackend(abc.ABC):
         registry: The Prometheus registry ``GET /metrics`` shows; subclasses
             add their own metrics to it.
         requests: Prediction requests and latency per adapter (the app counts them).
+        store: The adapter store's path or URL, if the backend reads one
+            (:meth:`adapter_info` reads adapters' configs there).
     """
+
+    store: str | None = None
 
     def __init__(self, options: ServiceOptions):
         self.options = options
@@ -128,6 +135,21 @@ class ServiceBackend(abc.ABC):
         """``(status, type, message)`` of an error raised by an endpoint, or
         ``None`` for a bug (then the server answers 500)."""
         return error_parts(exc)
+
+    async def adapter_info(self, name: str) -> dict:
+        """``GET /adapters/{name}/info``'s body: what adapter ``name``'s config
+        says (:func:`~.adapter_info.adapter_info`), read from :attr:`store`
+        on a worker thread, without loading the adapter.
+
+        Raises:
+            HTTPError: 404 if this backend reads no store.
+            AdapterNotFoundError: If the store has no adapter ``name`` (404).
+            CorruptAdapterError, AdapterVersionError: For a broken adapter
+                (422, with what is wrong).
+        """
+        if self.store is None:
+            raise HTTPError(404, "AdapterNotFound", f"No adapter {name!r} in the store.")
+        return await asyncio.to_thread(adapter_info, self.store, name)
 
     def extra_endpoints(self) -> dict:
         """More ``GET`` routes: path -> coroutine function returning a JSON body."""

@@ -18,6 +18,8 @@ runs the model:
   /v1/models/{name}[/versions/{n}][/metadata]``, and ``POST
   /v1/adapters:predict`` (several adapters, one input, one mixed batch).
 - ``GET /metrics``: Prometheus text format.
+- The console (:mod:`.console_routes`): ``GET /`` and its files,
+  ``GET /adapters/{name}/info``, ``GET /console/stats``, ``GET /whoami``.
 - What the backend adds (:meth:`~.backend.ServiceBackend.extra_endpoints`).
 
 Errors are ``{"error": {"type", "message"}}`` with the status of
@@ -42,6 +44,7 @@ from starlette.routing import Route
 
 from .auth import Gate, Key, KeyFile, Refusal
 from .backend import ServiceBackend
+from .console_routes import console_routes
 from .http_common import (
     adapter_name,
     answer,
@@ -107,6 +110,7 @@ def build_app(backend: ServiceBackend) -> Starlette:
         route("/v1/models/{name}", tfs.status),
         route("/metrics", endpoints.metrics, access=metrics_access),
     ]
+    routes += console_routes(backend, route)  # GET /: the console (see console_routes)
     for path, extra in backend.extra_endpoints().items():
         routes.append(route(path, _json_endpoint(extra), access=ADMIN))
 

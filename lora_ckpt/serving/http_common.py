@@ -25,6 +25,7 @@ from ..errors import (
     MergeStateError,
     PoolFullError,
 )
+from .console_stats import RecentRequests
 from .inputs import (
     HTTPError,
     decode_base64,
@@ -215,7 +216,9 @@ def redact_paths(text: str) -> str:
 
 
 class RequestMetrics:
-    """Prediction requests and their latency per adapter, in one Prometheus registry."""
+    """Prediction requests and their latency per adapter, in one Prometheus
+    registry, and the last minutes of them in :attr:`recent` (the console's
+    ``GET /console/stats``)."""
 
     def __init__(self, registry):
         self.requests = Counter(
@@ -224,6 +227,7 @@ class RequestMetrics:
         self.latency = Histogram(
             "lora_request_latency_seconds", "Prediction latency", ["adapter"], registry=registry
         )
+        self.recent = RecentRequests()
 
     async def observed(self, name: str, work, known):
         """Awaits ``work``, counting it under ``name`` if ``known(name, status)``
@@ -235,5 +239,7 @@ class RequestMetrics:
             return result
         finally:
             label = name if known(name, status) else "_unknown"
+            elapsed = time.perf_counter() - started
             self.requests.labels(adapter=label, status=status).inc()
-            self.latency.labels(adapter=label).observe(time.perf_counter() - started)
+            self.latency.labels(adapter=label).observe(elapsed)
+            self.recent.add(label, status == "ok", elapsed, time.monotonic())

@@ -21,7 +21,9 @@ def inspect_adapter(path: str, *, verify: bool = False) -> dict:
     Returns:
         A dict with ``path``, ``format_version``, ``library_version``,
         ``created``, ``architecture``, ``base_architecture``,
-        ``base_fingerprint``, ``ranks`` (layer path -> rank), ``saved``,
+        ``base_fingerprint``, ``ranks`` (layer path -> rank), ``layers``
+        (layer path -> ``{"type", "rank", "alpha", "scaling"}``, and
+        ``"dora"``/``"rslora": True`` where used), ``saved``,
         ``variables`` (key -> shape, dtype, kind), ``num_parameters``,
         ``size_bytes``, ``config_sha256``, ``version`` (the save counter)
         and ``metadata``.
@@ -50,6 +52,7 @@ def inspect_adapter(path: str, *, verify: bool = False) -> dict:
         "base_architecture": config.base_model.architecture,
         "base_fingerprint": config.base_model.fingerprint,
         "ranks": {name: layer.rank for name, layer in config.layers.items()},
+        "layers": document["layers"],
         "saved": document["saved"],
         "variables": document["variables"],
         "num_parameters": config.num_parameters,
