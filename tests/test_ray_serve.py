@@ -258,7 +258,9 @@ def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(server):
             gained = after[rid]["requests"].get(name, 0) - before[rid]["requests"].get(name, 0)
             assert gained >= 1
     metrics = httpx.get(server.url + "/metrics").text
-    assert "lora_replica_adapter_loads{" in metrics and "lora_replicas 2" in metrics
+    # Counters end in _total (Prometheus' naming); the single process's names too.
+    assert "lora_replica_adapter_loads_total{" in metrics and "lora_replicas 2" in metrics
+    assert "lora_adapter_loads_total" in metrics and "lora_queue_depth" in metrics
 
 
 def test_a_reload_and_an_unload_reach_every_replica(server, store, tmp_path):

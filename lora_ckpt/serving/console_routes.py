@@ -155,13 +155,11 @@ async def read_counters(backend: ServiceBackend) -> dict:
     def first(*names: str):
         return next((totals[name] for name in names if name in totals), None)
 
+    # The same counters in one process and on Ray (summed over the replicas).
     return {
-        # A gauge in this process, a counter (_total) elsewhere; per replica on Ray.
-        "loads": first(
-            "lora_adapter_loads", "lora_adapter_loads_total", "lora_replica_adapter_loads"
-        ),
-        "evictions": first("lora_adapter_evictions", "lora_adapter_evictions_total"),
-        "load_failures": first("lora_adapter_load_failures_total", "lora_adapter_load_failures"),
+        "loads": first("lora_adapter_loads_total"),
+        "evictions": first("lora_adapter_evictions_total"),
+        "load_failures": first("lora_adapter_load_failures_total"),
     }
 
 
