@@ -12,6 +12,9 @@ with Keras 2.
 import os
 import sys
 
+__all__ = ["prefer_keras_2", "restore_environment"]
+
+
 _VARIABLE = "TF_USE_LEGACY_KERAS"
 _UNSET = object()
 _before = _UNSET  # the user's value, before lora_ckpt touched it

@@ -69,7 +69,7 @@ def require_tf_keras(obj, what: str = "lora_ckpt") -> None:
         )
 
 
-__all__ = ["require_tf_keras", "tf"]
+__all__ = ["own_function", "require_tf_keras", "tf"]
 
 
 _OWN_QUALNAMES: set[str] = set()

@@ -14,6 +14,8 @@ import sys
 from . import cli_store, cli_train
 from .state.layout import DEFAULT_STORE
 
+__all__ = ["DEFAULT_STORE", "build_parser", "main"]
+
 
 def _demo(args) -> int:
     from .demo import run_demo

@@ -7,6 +7,15 @@ import sys
 
 from .state.layout import DEFAULT_STORE
 
+__all__ = [
+    "add_combine_parser",
+    "add_export_parser",
+    "add_gc_parser",
+    "add_import_peft_parser",
+    "add_inspect_parser",
+    "add_list_parser",
+]
+
 
 def _human_size(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -5,6 +5,8 @@ import dataclasses
 import json
 import sys
 
+__all__ = ["add_evaluate_parser", "add_train_parser"]
+
 
 def _train(args) -> int:
     from .training import TrainSettings, train_adapter

@@ -24,6 +24,9 @@ from .state import save_lora_state
 from .state.inspect import inspect_adapter
 from .synthetic import TASKS, make_task_dataset
 
+__all__ = ["ADAPTER_TASKS", "LORA", "run_demo"]
+
+
 MODEL = "convnext_tiny"
 PRETEXT_TASK = "quadrant"
 ADAPTER_TASKS = ("color", "stripes", "size")

@@ -6,6 +6,8 @@ from ._tf import tf
 from .models import convert_to_regular_model
 from .preprocessing import preprocess_image
 
+__all__ = ["export_merged_savedmodel"]
+
 
 def export_merged_savedmodel(
     lora_model: tf.keras.Model,

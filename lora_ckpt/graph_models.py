@@ -23,6 +23,20 @@ from .layers import (
 from .selection import LoRASettings, layer_matches, match_layers
 from .traversal import named_layers, variable_short_name
 
+__all__ = [
+    "check_conversion_arguments",
+    "check_pattern_keys",
+    "convert_graph_model",
+    "convert_graph_targets",
+    "convert_target_layer",
+    "graph_model_to_regular",
+    "is_convertible",
+    "is_graph_model",
+    "lora_layer_arguments",
+    "match_targets",
+]
+
+
 # A conversion sets how layers freeze and start; these it takes from the caller.
 _LORA_KWARGS = tuple(
     a
@@ -130,7 +144,7 @@ def convert_target_layer(path: str, layer, kwargs: dict):
     )
 
 
-def copy_layer_weights(src, dst) -> None:
+def _copy_layer_weights(src, dst) -> None:
     """Copies every variable of ``src`` into the same-named variable of ``dst``."""
     by_name = {variable_short_name(v): v for v in src.weights}
     for var in dst.weights:
@@ -226,7 +240,7 @@ def convert_graph_targets(model, targets: list[str], trainable: list[str], kwarg
         if src.name in targets or (is_graph_model(src) and inside(targets, src.name)):
             continue  # converted with its weights
         if is_lora_layer(src):
-            copy_layer_weights(src, dst)  # a LoRA layer stays one, with its weights
+            _copy_layer_weights(src, dst)  # a LoRA layer stays one, with its weights
             continue
         dst.set_weights(src.get_weights())
         # Frozen layers; a frozen BatchNorm also runs in inference mode, so
@@ -268,7 +282,7 @@ def graph_model_to_regular(model: tf.keras.Model) -> tf.keras.Model:
         if has_lora(src):
             continue
         if is_lora_layer(src):
-            copy_layer_weights(src, dst)
+            _copy_layer_weights(src, dst)
             if not src.merged and src.lora_enabled:
                 dst.kernel.assign(src.merged_kernel())
         else:

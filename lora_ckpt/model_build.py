@@ -24,6 +24,17 @@ from .selection import (
 )
 from .traversal import named_variables
 
+__all__ = [
+    "build",
+    "config_with_overrides",
+    "lora_cfg_class",
+    "normalize_kwargs",
+    "reset_magnitudes",
+    "tfimm_create",
+    "transfer",
+]
+
+
 # tfimm's LoRAConvNeXtConfig spells this field `lora_train_classifer`.
 
 _DEPRECATED_KWARGS = {"lora_train_classifer": "lora_train_classifier"}
@@ -70,7 +81,7 @@ def lora_cfg_class(model_cls: type) -> type:
     return lora_config(model_cls) or model_cls.cfg_class
 
 
-def missing_timm(model_name: str, package: str) -> MissingDependencyError:
+def _missing_timm(model_name: str, package: str) -> MissingDependencyError:
     return MissingDependencyError(
         f"tfimm converts the pretrained weights of '{model_name}' from timm (PyTorch), "
         f"and {package} is not installed: `pip install timm torch` (the first call also "
@@ -84,13 +95,13 @@ def tfimm_create(model_name: str, **kwargs) -> tf.keras.Model:
         # Asked before tfimm tries: it logs an error of its own before raising.
         for package in ("timm", "torch"):
             if importlib.util.find_spec(package) is None:
-                raise missing_timm(model_name, package)
+                raise _missing_timm(model_name, package)
     try:
         return tfimm.create_model(model_name, **kwargs)
     except ModuleNotFoundError as exc:
         if exc.name not in ("timm", "torch"):
             raise
-        raise missing_timm(model_name, exc.name) from exc
+        raise _missing_timm(model_name, exc.name) from exc
 
 
 def transfer(src: tf.keras.Model, dst: tf.keras.Model) -> None:

@@ -15,6 +15,18 @@ from .selection import (
 )
 from .traversal import named_layers
 
+__all__ = [
+    "base_kernels_in_place",
+    "lora_disabled",
+    "lora_layers",
+    "merge_lora_weights",
+    "merge_weights",
+    "print_trainable_parameters",
+    "set_lora_enabled",
+    "unmerge_lora_weights",
+]
+
+
 # tfimm's LoRAConvNeXtConfig spells this field `lora_train_classifer`.
 
 

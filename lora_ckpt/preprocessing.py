@@ -9,6 +9,8 @@ TensorFlow, resized bilinearly to the model's input size, mapped to
 
 from ._tf import tf
 
+__all__ = ["preprocess_image", "preprocess_pixels"]
+
 
 def preprocess_image(data, shape) -> tf.Tensor:
     """An encoded image (PNG/JPEG/GIF/BMP bytes) as a float32 model input.

@@ -4,6 +4,9 @@ store) needs no TensorFlow."""
 
 import math
 
+__all__ = ["FLOAT32_MAX", "MAX_LORA_RANK", "lora_scaling"]
+
+
 MAX_LORA_RANK = 1 << 16
 """The largest rank a layer (or an adapter file) may have."""
 

@@ -27,6 +27,8 @@ from .layers import is_lora_layer
 from .selection import LoRASettings, match_layers
 from .traversal import layer_references, named_layers, named_variables, replace_layer
 
+__all__ = ["convert_subclassed_model", "convert_subclassed_model_to_regular"]
+
 
 def _sample_inputs(model):
     if hasattr(model, "dummy_inputs"):
@@ -47,7 +49,7 @@ def _sample_inputs(model):
     return args, kwargs
 
 
-def copy_model_structure(model: tf.keras.Model) -> tf.keras.Model:
+def _copy_model_structure(model: tf.keras.Model) -> tf.keras.Model:
     """A new, built instance of ``model``'s class made from its config (weights not copied).
 
     A model that LoRA layers were put into after construction comes back
@@ -100,7 +102,7 @@ def convert_subclassed_model(
             f"Model '{model.name}' already has LoRA layers; converting it again would "
             "re-initialise them. Use it as it is, or convert_to_regular_model first."
         )
-    copy = copy_model_structure(model)
+    copy = _copy_model_structure(model)
     copy.set_weights(model.get_weights())
     layers = list(named_layers(copy))
     by_path = dict(layers)
@@ -151,7 +153,7 @@ def convert_subclassed_model_to_regular(model: tf.keras.Model) -> tf.keras.Model
     Raises:
         LoRAConfigError: If the model cannot be rebuilt from its config.
     """
-    regular = copy_model_structure(model)
+    regular = _copy_model_structure(model)
     source = named_variables(model)
     lora_kernels = {
         f"{path}/kernel": layer

@@ -14,6 +14,9 @@ import numpy as np
 
 from .errors import LoRAConfigError
 
+__all__ = ["TASKS", "make_task_dataset"]
+
+
 TASKS = {"quadrant": 4, "color": 3, "stripes": 3, "size": 3}
 
 

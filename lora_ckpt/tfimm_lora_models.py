@@ -29,6 +29,9 @@ from .registry import (
 )
 from .traversal import named_layers
 
+__all__ = ["convert_tfimm_lora_model"]
+
+
 _FIXED_BY_TFIMM_LAYERS = (
     "lora_rank",
     "lora_alpha",

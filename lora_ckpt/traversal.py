@@ -15,6 +15,15 @@ from ._tf import require_tf_keras, tf
 from .errors import LoRAError, UnsupportedLayerError
 from .layers import LORA_STATE_NAME, is_lora_layer
 
+__all__ = [
+    "layer_references",
+    "layers_and_variables",
+    "named_layers",
+    "named_variables",
+    "replace_layer",
+    "variable_short_name",
+]
+
 
 def _is_graph_network(layer) -> bool:
     return isinstance(layer, tf.keras.Model) and getattr(layer, "_is_graph_network", False)

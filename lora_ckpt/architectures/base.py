@@ -31,6 +31,8 @@ from ..layers import (
 from ..selection import LoRATrainableMixin, check_train_bias, layer_matches
 from ..traversal import layer_references, named_layers, replace_layer
 
+__all__ = ["BuildTimeLoRAMixin", "LoRAConfigFields", "LoRAModelMixin", "lora_serializable"]
+
 
 @dataclass
 class LoRAConfigFields:

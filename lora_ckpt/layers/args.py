@@ -14,6 +14,18 @@ from .._tf import tf
 from ..errors import LoRAConfigError
 from ..scaling import FLOAT32_MAX, MAX_LORA_RANK, lora_scaling
 
+__all__ = [
+    "FLOAT32_MAX",
+    "LORA_INITIALIZERS",
+    "LORA_LAYER_ARGS",
+    "MAX_LORA_RANK",
+    "flag",
+    "lora_scaling",
+    "resolve_lora_initializer",
+    "validate_lora_args",
+]
+
+
 LORA_INITIALIZERS = ("gaussian", "kaiming_uniform")
 """PEFT's names for ``A``'s initialisation, accepted besides Keras initializers."""
 

@@ -5,6 +5,8 @@ from ..errors import UnsupportedLayerError
 from .args import LORA_LAYER_ARGS
 from .mixin import LoRALayerMixin
 
+__all__ = ["LoRAConv2D"]
+
 
 class LoRAConv2D(LoRALayerMixin, tf.keras.layers.Conv2D):
     """LoRA version of ``tf.keras.layers.Conv2D`` (channels_last, groups=1).

@@ -8,6 +8,17 @@ from .args import LORA_LAYER_ARGS
 from .conv import LoRAConv2D
 from .dense import LoRADense
 
+__all__ = [
+    "convert_to_lora_layer",
+    "describe_unsupported",
+    "has_kernel",
+    "has_lora_counterpart",
+    "is_lora_layer",
+    "register_lora_layer",
+    "supported_layer_types",
+]
+
+
 # Arguments whose objects are taken over as they are: a custom initializer
 # (tfimm's FanoutInitializer) need not be known to Keras' deserialisation.
 _OBJECT_ARGUMENTS = (

@@ -5,6 +5,8 @@ from .args import LORA_LAYER_ARGS
 from .mixin import LoRALayerMixin
 from .ops import matmul_last_axis
 
+__all__ = ["LoRADense"]
+
 
 class LoRADense(LoRALayerMixin, tf.keras.layers.Dense):
     """LoRA version of ``tf.keras.layers.Dense``.

@@ -23,6 +23,8 @@ from ..errors import MergeStateError
 from .names import LORA_STATE_NAME
 from .ops import kernel_fingerprint
 
+__all__ = ["KeptBase", "MergeState"]
+
 
 @dataclass(frozen=True)
 class KeptBase:

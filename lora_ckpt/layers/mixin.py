@@ -20,6 +20,9 @@ from .names import LORA_A_NAME, LORA_B_NAME, LORA_STATE_NAME
 from .ops import matmul_last_axis
 from .variants import lora_variant
 
+__all__ = ["LoRALayerMixin"]
+
+
 try:  # Keras 2 has no public way to tell a SavedModel export's traces from training.
     from tf_keras.src.saving.legacy.saved_model.utils import (
         in_tf_saved_model_scope as _saving_saved_model,

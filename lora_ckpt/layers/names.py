@@ -4,6 +4,15 @@ Checkpoints, ``.keras`` files, HDF5 weight files and adapter files key LoRA
 variables by these names: changing one breaks every file written before.
 """
 
+__all__ = [
+    "LORA_A_NAME",
+    "LORA_B_NAME",
+    "LORA_MAGNITUDE_NAME",
+    "LORA_STATE_NAME",
+    "LORA_WEIGHT_NAMES",
+]
+
+
 LORA_A_NAME = "kernel_lora_a"
 """``A``: ``[in, R]`` (Dense) or ``[kh, kw, in, R]`` (Conv2D)."""
 

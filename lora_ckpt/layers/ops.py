@@ -4,6 +4,8 @@ import numpy as np
 
 from .._tf import tf
 
+__all__ = ["column_norm", "dora_scale", "kernel_fingerprint", "matmul_last_axis"]
+
 
 def matmul_last_axis(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
     """Contracts the last axis of ``x`` with the first axis of the matrix ``w``.

@@ -18,6 +18,8 @@ from .._tf import tf
 from .names import LORA_MAGNITUDE_NAME
 from .ops import column_norm, dora_scale
 
+__all__ = ["DORA", "DoRAVariant", "LoRAVariant", "PLAIN_LORA", "lora_variant"]
+
 
 class LoRAVariant:
     """Plain LoRA; the base class of every variant.

@@ -10,6 +10,8 @@ from ..errors import LoRAError
 from ..state.inspect import inspect_adapter
 from ..state.layout import adapter_path
 
+__all__ = ["adapter_info"]
+
 
 def adapter_info(store: str, name: str) -> dict:
     """Summarises adapter ``name`` of ``store`` for the console and any client.

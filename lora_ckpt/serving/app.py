@@ -22,6 +22,8 @@ from .options import ServiceOptions
 from .pool import OFF
 from .service import ServiceState
 
+__all__ = ["InProcessBackend", "create_app"]
+
 
 class InProcessBackend(ServiceBackend):
     """The service's backend in this process: one :class:`ServiceState`

@@ -47,6 +47,19 @@ from collections.abc import Callable
 from ..errors import LoRAConfigError
 from .quotas import OverQuota, Quotas
 
+__all__ = [
+    "Gate",
+    "Key",
+    "KeyFile",
+    "KeyTable",
+    "Refusal",
+    "is_loopback",
+    "key_digest",
+    "parse_keys",
+    "presented_key",
+]
+
+
 log = logging.getLogger("lora_ckpt.serving")
 
 MAX_KEY_FILE_BYTES = 1 << 20

@@ -21,6 +21,8 @@ from .http_common import RequestMetrics, error_parts
 from .inputs import HTTPError
 from .options import ServiceOptions
 
+__all__ = ["Prediction", "ServiceBackend"]
+
 
 @dataclass(frozen=True)
 class Prediction:

@@ -17,6 +17,9 @@ from ..errors import LoRAConfigError
 from .fair_queue import FairQueue
 from .pool import AdapterPool
 
+__all__ = ["MicroBatcher"]
+
+
 log = logging.getLogger("lora_ckpt.serving")
 
 

@@ -38,6 +38,9 @@ from .inputs import HTTPError
 from .pool import OFF
 from .store import adapter_path, is_adapter_name
 
+__all__ = ["console_routes"]
+
+
 MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".css": "text/css; charset=utf-8",
@@ -131,7 +134,7 @@ def _allows(key, name: str) -> bool:
     return name not in _UNCOUNTED and key.allows(name)
 
 
-async def read_counters(backend: ServiceBackend) -> dict:
+async def _read_counters(backend: ServiceBackend) -> dict:
     """Adapter loads, evictions and load failures, as ``GET /metrics`` shows them.
 
     Read from the same exposition text (the registry after the backend's
@@ -215,5 +218,5 @@ class _ConsoleEndpoints:
                 n: self._redacted(n, str(r)) for n, r in failed.items() if _allows(key, n)
             }
             if admin:  # counts over every adapter: not a tenant's to see
-                body.update(await read_counters(self.backend))
+                body.update(await _read_counters(self.backend))
         return JSONResponse(body)

@@ -18,6 +18,9 @@ import random
 import threading
 from collections import deque
 
+__all__ = ["OTHER", "RecentRequests", "percentile"]
+
+
 OTHER = "_other"
 """Where requests of names beyond ``max_adapters`` in one bucket are counted."""
 

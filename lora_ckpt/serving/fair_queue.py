@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Hashable
 
+__all__ = ["FairQueue"]
+
 
 class FairQueue:
     """FIFOs keyed by adapter, drained round-robin into batches.

@@ -60,6 +60,9 @@ from .inputs import read_body
 from .pool import OFF
 from .tfserving import TFServingRequestError
 
+__all__ = ["build_app"]
+
+
 OPEN, TENANT, ADMIN = "open", "tenant", "admin"
 """Who may call a route: anyone, any key, an admin key (with ``options.auth``)."""
 

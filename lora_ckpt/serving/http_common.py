@@ -38,6 +38,24 @@ from .pool import OFF
 from .store import validate_adapter_name
 from .tfserving import PredictRequest, Sample, error_document
 
+__all__ = [
+    "PREPROCESSING",
+    "RequestMetrics",
+    "adapter_name",
+    "answer",
+    "error_parts",
+    "error_response",
+    "not_in_store",
+    "off_the_loop",
+    "predict_image",
+    "redact_paths",
+    "status_of",
+    "tfs_error_response",
+    "tfs_images",
+    "visible",
+]
+
+
 PREPROCESSING = "RGB, resized to the model's input size (bilinear), pixel / 127.5 - 1"
 
 _STATUS = [  # most specific first

@@ -42,6 +42,8 @@ from .tfserving import (
     version_number,
 )
 
+__all__ = ["TFServingEndpoints"]
+
 
 def _servable(endpoint):
     """``endpoint`` with a 404 for its adapter (not in the store, not the

@@ -11,6 +11,8 @@ import contextlib
 import threading
 from collections.abc import Callable
 
+__all__ = ["LoadsInFlight"]
+
 
 class LoadsInFlight:
     """The running load of each name, on ``executor``.

@@ -20,6 +20,16 @@ from starlette.requests import Request
 from .._tf import tf
 from ..preprocessing import preprocess_image, preprocess_pixels
 
+__all__ = [
+    "HTTPError",
+    "decode_base64",
+    "decode_image",
+    "multipart_image",
+    "parse_json",
+    "parse_tensor",
+    "read_body",
+]
+
 
 class HTTPError(Exception):
     """An error answered with ``status`` and ``{"error": {"type", "message"}}``."""

@@ -16,6 +16,9 @@ import sys
 import time
 import uuid
 
+__all__ = ["AccessLog", "configure_logging"]
+
+
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 ACCESS_LOGGER = "lora_ckpt.access"
 _TOKEN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -29,7 +32,7 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+class _JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (ISO 8601, UTC), ``level``,
     ``logger``, ``request_id``, ``message``, the access fields if any, and
     ``exception`` with its traceback."""
@@ -70,7 +73,7 @@ def configure_logging(level: str = "warning", fmt: str = "text", stream=None) ->
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(_RequestIdFilter())
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(_JsonFormatter())
     else:
         formatter = logging.Formatter(TEXT_FORMAT)
         formatter.converter = time.gmtime
@@ -89,7 +92,7 @@ def configure_logging(level: str = "warning", fmt: str = "text", stream=None) ->
     logging.getLogger("uvicorn.access").disabled = True  # AccessLog writes these lines
 
 
-def request_id_of(headers) -> str:
+def _request_id_of(headers) -> str:
     """The client's ``x-request-id`` if it is a short token, else a new id."""
     for key, value in headers:
         if key == b"x-request-id":
@@ -114,7 +117,7 @@ class AccessLog:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = request_id_of(scope.get("headers", ()))
+        request_id = _request_id_of(scope.get("headers", ()))
         token = REQUEST_ID.set(request_id)
         started = time.perf_counter()
         answer = {"status": 500, "bytes": 0}

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from ..errors import LoRAConfigError
 from .auth import is_loopback
 
+__all__ = ["ServiceOptions", "add_service_arguments"]
+
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 """uvicorn's log levels."""
 LOG_FORMATS = ("text", "json")
@@ -228,14 +231,14 @@ class _BadVariable:
         return "<invalid>"
 
 
-def environment_variable(option: dataclasses.Field) -> str:
+def _environment_variable(option: dataclasses.Field) -> str:
     """``LORA_CKPT_<FLAG>`` (or the field's own ``env``): a flag's environment variable."""
     return option.metadata.get("env") or ENV_PREFIX + _flag(option)[2:].upper().replace("-", "_")
 
 
 def _from_environment(option: dataclasses.Field, environ):
     """The field's default, or the value of its environment variable if set."""
-    variable = environment_variable(option)
+    variable = _environment_variable(option)
     text = environ.get(variable)
     if text is None:
         return option.default
@@ -277,7 +280,7 @@ def add_service_arguments(parser: argparse.ArgumentParser, environ=None) -> None
             target = groups.get(group) or groups.setdefault(group, parser.add_argument_group(group))
         help_text = argparse.SUPPRESS
         if not option.metadata.get("hidden"):
-            help_text = f"{option.metadata['help']} [env {environment_variable(option)}]"
+            help_text = f"{option.metadata['help']} [env {_environment_variable(option)}]"
         kind = _scalar_type(option.type)
         default = _from_environment(option, environ)
         if kind is bool:

@@ -16,6 +16,9 @@ Plain Python (no Ray, no TensorFlow): the directory keeps an
 import uuid
 from dataclasses import asdict, dataclass
 
+__all__ = ["Order", "OrderLog", "RELOAD", "UNLOAD"]
+
+
 RELOAD = "reload"
 UNLOAD = "unload"
 

@@ -11,6 +11,9 @@ Plain Python.
 import os
 import re
 
+__all__ = ["PathScrubber"]
+
+
 # An absolute path: "/" and at least one more component, not part of a URL
 # ("s3://b/k", "http://h/p") or of a relative path ("../x/y").
 _ABSOLUTE = re.compile(r"(?<![\w:/.>\-])/(?:[\w.+@%-]+/)+[\w.+@%-]*")

@@ -10,6 +10,8 @@ import threading
 import time
 from collections.abc import Callable
 
+__all__ = ["OverQuota", "Quotas", "TokenBucket"]
+
 
 class OverQuota(Exception):
     """A key is over its rate or concurrency.

@@ -22,6 +22,9 @@ import threading
 from .options import ServiceOptions
 from .store import read_base_config
 
+__all__ = ["forwarded_environment", "run_ray_service"]
+
+
 APP_NAME = "lora_ckpt"
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
@@ -52,7 +55,7 @@ def _require_ray():
     return ray, serve
 
 
-def build_application(
+def _build_application(
     store: str, options: ServiceOptions, *, replica_cpus: float, env: dict | None = None
 ):
     """The bound Ray Serve application (see the module docstring).
@@ -127,7 +130,7 @@ def run_ray_service(
     Args:
         store: The adapter store.
         options: The service's options; besides those of
-            :func:`build_application`: ``host`` and ``port`` (where Ray
+            :func:`_build_application`: ``host`` and ``port`` (where Ray
             Serve's HTTP proxy listens), ``address`` (a Ray cluster to join,
             ``auto`` or ``HOST:6379``; ``None`` starts a local one with
             ``num_cpus`` CPUs, default this machine's, stopped on exit),
@@ -175,7 +178,7 @@ def run_ray_service(
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        app = build_application(store, options, replica_cpus=replica_cpus, env=env)
+        app = _build_application(store, options, replica_cpus=replica_cpus, env=env)
         try:
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as exc:  # a replica could not start (its log says why)

@@ -41,6 +41,9 @@ from .orders import RELOAD, UNLOAD
 from .pool import OFF
 from .store import store_adapters
 
+__all__ = ["IngressBackend", "LoRAIngress"]
+
+
 REPLICA_HEADER = "x-lora-replica"
 RETRIES = 4
 """Attempts of one call when its replica dies under it."""

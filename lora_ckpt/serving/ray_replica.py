@@ -35,6 +35,9 @@ from .pool import OFF
 from .service import ServiceState
 from .store import validate_adapter_name
 
+__all__ = ["AdapterReplica", "ReplicaDirectory"]
+
+
 log = logging.getLogger("lora_ckpt.serving")
 
 HEARTBEAT_SECONDS = 1.0

@@ -9,6 +9,8 @@ starve a merge.
 import contextlib
 import threading
 
+__all__ = ["ReadWriteLock"]
+
 
 class ReadWriteLock:
     """Many readers (requests) or one writer (merge/unmerge)."""

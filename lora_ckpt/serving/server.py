@@ -12,7 +12,7 @@ installed, else h11) rather than moving to another server: one timer per
 connection, armed only while a head is incomplete, and uvicorn's parsing,
 flow control and limits stay as they are.
 
-On SIGTERM or SIGINT (:class:`GracefulServer`): ``/ready`` answers 503 at
+On SIGTERM or SIGINT (:class:`_GracefulServer`): ``/ready`` answers 503 at
 once; connections the kernel accepted before the signal (the listen backlog)
 are still taken for a moment; then the listener closes, idle keep-alive
 connections close once any request already sent on them has been read,
@@ -29,6 +29,9 @@ import signal
 import sys
 
 import uvicorn
+
+__all__ = ["run"]
+
 
 log = logging.getLogger("lora_ckpt.serving.server")
 
@@ -51,7 +54,7 @@ def _base_protocol():
         return H11Protocol
 
 
-def guarded_protocol(header_timeout: float, base=None):
+def _guarded_protocol(header_timeout: float, base=None):
     """uvicorn's HTTP protocol class with a header timeout and a gentle shutdown.
 
     Args:
@@ -124,7 +127,7 @@ def guarded_protocol(header_timeout: float, base=None):
     return GuardedProtocol
 
 
-class GracefulServer(uvicorn.Server):
+class _GracefulServer(uvicorn.Server):
     """uvicorn's server that drains on SIGTERM/SIGINT, exits 0 after a
     drain, and stops with exit code 1 if the service fails to start.
 
@@ -187,7 +190,7 @@ def run(app, options, sock) -> int:
     """
     config = uvicorn.Config(
         app,
-        http=guarded_protocol(options.header_timeout),
+        http=_guarded_protocol(options.header_timeout),
         log_config=None,  # the logs module set the loggers up
         log_level=options.log_level,
         access_log=False,  # the app's AccessLog writes one line per request
@@ -195,6 +198,6 @@ def run(app, options, sock) -> int:
         limit_concurrency=options.limit_concurrency,
         timeout_graceful_shutdown=options.drain_timeout,
     )
-    server = GracefulServer(config, app.state.service)
+    server = _GracefulServer(config, app.state.service)
     server.run(sockets=[sock])
     return server.exit_code

@@ -50,6 +50,9 @@ from .store import (
     validate_adapter_name,
 )
 
+__all__ = ["AdapterFailedError", "ServiceState"]
+
+
 log = logging.getLogger("lora_ckpt.serving")
 
 

@@ -28,7 +28,7 @@ from ..state import load_base_weights
 from ..state.atomic import begin_write, commit_files
 from ..state.files import read_config_bytes, read_verified
 from ..state.format import CONFIG_FILE, AdapterConfig
-from ..state.layout import (  # noqa: F401  (the store's layout, re-exported)
+from ..state.layout import (  # the store's layout, re-exported (in __all__)
     ADAPTERS,
     BASE_CONFIG,
     BASE_WEIGHTS,
@@ -37,6 +37,24 @@ from ..state.layout import (  # noqa: F401  (the store's layout, re-exported)
     validate_adapter_name,
 )
 from ..storage import UnsafeFileError, open_store
+
+__all__ = [
+    "ADAPTERS",
+    "BASE_CONFIG",
+    "BASE_WEIGHTS",
+    "adapter_config_bytes",
+    "adapter_path",
+    "build_base_model",
+    "copy_adapter",
+    "is_adapter_name",
+    "read_base_config",
+    "store_adapters",
+    "store_base_weights",
+    "upload_store",
+    "validate_adapter_name",
+    "write_base",
+]
+
 
 MAX_BASE_CONFIG_BYTES = 1 << 20
 MAX_BASE_BYTES = 64 << 30

@@ -23,6 +23,20 @@ The model's version is the adapter's (:func:`adapter_version`). Errors on
 
 from dataclasses import dataclass
 
+__all__ = [
+    "PredictRequest",
+    "Sample",
+    "TFServingRequestError",
+    "adapter_version",
+    "error_document",
+    "metadata_document",
+    "not_found",
+    "parse_predict",
+    "status_document",
+    "version_number",
+]
+
+
 SIGNATURE = "serving_default"
 IMAGES = "images"
 IMAGE_BYTES = "image_bytes"

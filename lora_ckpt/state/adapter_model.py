@@ -26,6 +26,8 @@ from .fit import qualified_name
 from .format import AdapterConfig
 from .load import load_adapter_state, read_lora_state
 
+__all__ = ["estimate_parameters", "from_adapter", "lora_model_config"]
+
 
 def _tuples(value):
     # JSON gave lists where the config dataclasses hold tuples.

@@ -17,6 +17,8 @@ from ..storage import AtomicDirectory, UnsafeFileError, open_store
 from .files import is_adapter_file, read_config_bytes
 from .format import CONFIG_FILE, AdapterConfig
 
+__all__ = ["begin_write", "check_writable", "collect_garbage", "commit_files"]
+
 
 def begin_write(path: str, overwrite: bool) -> AtomicDirectory:
     """Starts the atomic write of the adapter at ``path``, after the checks of a save.

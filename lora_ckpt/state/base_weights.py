@@ -19,6 +19,9 @@ from ..models import lora_layers
 from ..selection import match_layers
 from ..traversal import named_variables, variable_short_name
 
+__all__ = ["load_base_weights"]
+
+
 _H5_SUFFIXES = (".h5", ".hdf5")
 
 

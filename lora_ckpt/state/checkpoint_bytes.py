@@ -13,6 +13,9 @@ from .._tf import tf
 from ..errors import CorruptAdapterError
 from .format import CHECKPOINT_ROOT, checkpoint_files, nest_variables
 
+__all__ = ["checkpoint_bytes", "checkpoint_reader"]
+
+
 _gfile = tf.io.gfile
 
 

@@ -20,6 +20,21 @@ from .combine_factors import METHODS
 from .files import MAX_CONFIG_BYTES
 from .format import MAX_JSON_DEPTH, MAX_RANK, AdapterConfig, json_depth
 
+__all__ = [
+    "A_KEY",
+    "B_KEY",
+    "COMBINED_KEY",
+    "Input",
+    "MAX_INPUTS",
+    "check_arguments",
+    "check_configs",
+    "check_json",
+    "check_user_metadata",
+    "full_keys",
+    "lora_dtype",
+]
+
+
 COMBINED_KEY = "combined"
 """The metadata key under which a combined adapter records how it was made."""
 

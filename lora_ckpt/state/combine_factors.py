@@ -20,6 +20,19 @@ import numpy as np
 
 from ..errors import LoRAConfigError
 
+__all__ = [
+    "FullValue",
+    "LayerTerms",
+    "METHODS",
+    "Term",
+    "cat_factors",
+    "combine_layer",
+    "linear_factors",
+    "relative_error",
+    "svd_factors",
+]
+
+
 METHODS = ("cat", "linear", "svd")
 """The ways :func:`lora_ckpt.state.combine_adapters` combines adapters."""
 

@@ -13,6 +13,9 @@ import numpy as np
 
 from .._tf import own_function, tf
 
+__all__ = ["assign_all", "compiled"]
+
+
 _KEPT = 16
 _FUNCTIONS: collections.OrderedDict = collections.OrderedDict()
 

@@ -17,6 +17,16 @@ from ..errors import AdapterNotFoundError, CorruptAdapterError, StoreError
 from ..storage import Store, UnsafeFileError, is_work_name
 from .format import CONFIG_FILE, FileRecord
 
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "check_file_sizes",
+    "is_adapter_file",
+    "is_work_directory",
+    "read_config_bytes",
+    "read_verified",
+]
+
+
 MAX_CONFIG_BYTES = 16 << 20
 """The largest ``adapter_config.json`` a loader reads (a ViT-L config is ~1 MiB)."""
 
@@ -33,7 +43,7 @@ def is_adapter_file(name: str) -> bool:
     return name == CONFIG_FILE or bool(_CHECKPOINT_FILE.fullmatch(name))
 
 
-def check_file_name(name: str, where: str) -> str:
+def _check_file_name(name: str, where: str) -> str:
     """Refuses a file name that is not a plain name inside the adapter directory.
 
     Raises:
@@ -112,7 +122,7 @@ def read_verified(store: Store, directory: str, name: str, expected: FileRecord)
             odd, truncated or altered.
         StoreError: If the store cannot be reached.
     """
-    check_file_name(name, directory)
+    _check_file_name(name, directory)
     file_path = store.join(directory, name)
     try:
         return store.read_verified(file_path, expected.size, expected.sha256)
@@ -140,7 +150,7 @@ def check_file_sizes(store: Store, directory: str, files: dict[str, FileRecord])
     except UnsafeFileError as exc:
         raise CorruptAdapterError(str(exc)) from None
     for name, record in files.items():
-        check_file_name(name, directory)
+        _check_file_name(name, directory)
         entry = entries.get(name)
         if entry is None:
             raise CorruptAdapterError(f"{store.join(directory, name)} is missing.")

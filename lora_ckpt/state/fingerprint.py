@@ -8,6 +8,9 @@ import numpy as np
 from .._tf import tf
 from .compiled import compiled
 
+__all__ = ["base_fingerprint"]
+
+
 FINGERPRINT_SAMPLES = 4096
 """Values per variable a base fingerprint reads (all values of smaller ones)."""
 

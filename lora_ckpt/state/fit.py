@@ -21,6 +21,17 @@ from ..selection import KIND_LORA, select_state
 from .fingerprint import base_fingerprint
 from .format import AdapterConfig, BaseModelRecord
 
+__all__ = [
+    "LoadReport",
+    "ModelSignature",
+    "SlotLimits",
+    "check_base",
+    "check_fit",
+    "model_identity",
+    "qualified_name",
+]
+
+
 MAGNITUDE = "lora_magnitude"
 """The name of a DoRA layer's magnitude variable (one per output)."""
 

@@ -4,7 +4,9 @@ from ..errors import AdapterNotFoundError, LoRAError, StoreError
 from ..storage import UnsafeFileError, open_store
 from .files import check_file_sizes, is_work_directory, read_config_bytes, read_verified
 from .format import AdapterConfig
-from .layout import adapters_root  # noqa: F401  (the CLI's import)
+from .layout import adapters_root
+
+__all__ = ["adapters_root", "inspect_adapter", "list_adapters"]
 
 
 def inspect_adapter(path: str, *, verify: bool = False) -> dict:

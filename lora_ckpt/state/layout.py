@@ -15,6 +15,19 @@ import re
 from ..errors import LoRAConfigError, StoreError
 from ..storage import UnsafeFileError, is_url, is_work_name, open_store
 
+__all__ = [
+    "ADAPTERS",
+    "BASE_CONFIG",
+    "BASE_WEIGHTS",
+    "DEFAULT_STORE",
+    "adapter_path",
+    "adapters_root",
+    "is_adapter_name",
+    "resolve_adapter_ref",
+    "validate_adapter_name",
+]
+
+
 DEFAULT_STORE = "lora_ckpt_store"
 """The store the demo writes and the commands use when none is named."""
 BASE_CONFIG = "base.json"

@@ -22,6 +22,15 @@ from .files import MAX_CONFIG_BYTES, read_config_bytes, read_verified
 from .fit import LoadReport, ModelSignature, check_fit
 from .format import CHECKPOINT_ROOT, CONFIG_FILE, AdapterConfig, checkpoint_key
 
+__all__ = [
+    "AdapterState",
+    "load_adapter_state",
+    "load_lora_state",
+    "read_config",
+    "read_lora_state",
+]
+
+
 _ATTEMPTS = 5
 """Reads tried while saves keep replacing the adapter under the reader."""
 

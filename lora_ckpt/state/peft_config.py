@@ -26,6 +26,9 @@ from .peft_names import (
     within_modules,
 )
 
+__all__ = ["LoraConfig", "get_lora_model", "modules_to_save_layers"]
+
+
 BIAS_MODES = ("none", "all", "lora_only")
 # What each init_lora_weights trains from; the rest (PiSSA, OLoRA, CorDA,
 # LoftQ, LoRA-GA) change the base weights, which an adapter does not hold.
@@ -182,7 +185,7 @@ def _modules(value, name: str, regex: bool):
     raise LoRAConfigError(f"{name} must be {kind}, got {value!r:.80}.")
 
 
-def module_names(model) -> dict[str, str]:
+def _module_names(model) -> dict[str, str]:
     """PEFT's name of every LoRA-capable layer of a model -> its layer path.
 
     Args:
@@ -202,7 +205,7 @@ def module_names(model) -> dict[str, str]:
     }
 
 
-def resolve_targets(config: LoraConfig, modules: dict[str, str]) -> list[str]:
+def _resolve_targets(config: LoraConfig, modules: dict[str, str]) -> list[str]:
     """The module names that ``config`` puts LoRA on, in model order.
 
     Raises:
@@ -255,7 +258,7 @@ def modules_to_save_layers(model, config: LoraConfig) -> list[str]:
     return [p for p in layers if p in set(paths)]
 
 
-def lora_model_arguments(model, config: LoraConfig) -> dict:
+def _lora_model_arguments(model, config: LoraConfig) -> dict:
     """The keyword arguments of :func:`lora_ckpt.convert_to_lora_model` for ``config``.
 
     Raises:
@@ -280,8 +283,8 @@ def lora_model_arguments(model, config: LoraConfig) -> dict:
     if registered:
         arguments["lora_train_classifier"] = False  # PEFT trains a head only in modules_to_save
     if config.target_modules is not None:
-        modules = module_names(model)
-        targets = resolve_targets(config, modules)
+        modules = _module_names(model)
+        targets = _resolve_targets(config, modules)
         paths = [modules[m] for m in targets]
         arguments["lora_target_layers" if registered else "target_layers"] = paths
         arguments["lora_rank_pattern"] = {
@@ -330,4 +333,4 @@ def get_lora_model(model, config: LoraConfig, **overrides):
         raise LoRAConfigError(
             f"config must be a lora_ckpt.LoraConfig, got {type(config).__name__}."
         )
-    return convert_to_lora_model(model, **lora_model_arguments(model, config), **overrides)
+    return convert_to_lora_model(model, **_lora_model_arguments(model, config), **overrides)

@@ -28,6 +28,9 @@ from .peft_files import METADATA_KEY, write_peft_adapter
 from .peft_import import PREFIX
 from .peft_names import CONV2D, DENSE, TimmNames, module_named, pattern_value, to_timm
 
+__all__ = ["export_peft"]
+
+
 _MAX_PARAMETERS = 2_000_000_000
 
 

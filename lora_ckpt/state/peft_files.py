@@ -17,6 +17,9 @@ from ..storage import UnsafeFileError, open_store
 from .files import MAX_CONFIG_BYTES
 from .format import MAX_JSON_DEPTH, json_depth
 
+__all__ = ["METADATA_KEY", "read_peft_adapter", "write_peft_adapter"]
+
+
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PICKLE = "adapter_model.bin"

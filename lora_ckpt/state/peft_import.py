@@ -27,6 +27,9 @@ from .peft_files import METADATA_KEY, read_peft_adapter
 from .peft_names import CONV2D, DENSE, TimmNames, from_timm
 from .save import save_lora_state
 
+__all__ = ["PREFIX", "import_peft"]
+
+
 PREFIX = "base_model.model."
 _LORA_SUFFIXES = {
     ".lora_A.weight": "A",
@@ -69,7 +72,7 @@ _FIELDS = (
 )
 
 
-def config_from_peft(document: dict, where: str = "adapter_config.json") -> LoraConfig:
+def _config_from_peft(document: dict, where: str = "adapter_config.json") -> LoraConfig:
     """PEFT's ``adapter_config.json`` as a :class:`LoraConfig`, refusing what does not map.
 
     Raises:
@@ -241,7 +244,7 @@ def import_peft(
         AdapterExistsError: An adapter at ``out_path`` and not ``overwrite``.
     """
     document, tensors, header = read_peft_adapter(peft_dir)
-    config = config_from_peft(document, f"{peft_dir}/adapter_config.json")
+    config = _config_from_peft(document, f"{peft_dir}/adapter_config.json")
     lora, full = _split_keys(tensors, str(peft_dir))
     base = _regular(model)
     names = TimmNames(base)

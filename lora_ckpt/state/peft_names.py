@@ -25,12 +25,25 @@ from tfimm.utils.timm import TransposeType, convert_tf_weight_name_to_pt_weight_
 from ..layers import LORA_WEIGHT_NAMES
 from ..traversal import named_layers, named_variables
 
+__all__ = [
+    "CONV2D",
+    "DENSE",
+    "TimmNames",
+    "from_timm",
+    "module_named",
+    "pattern_value",
+    "target_matches",
+    "to_timm",
+    "within_modules",
+]
+
+
 DENSE, CONV2D, PLAIN = "dense", "conv2d", "plain"
 _KINDS = {TransposeType.SIMPLE: DENSE, TransposeType.CONV2D: CONV2D, TransposeType.NO: PLAIN}
 
 
 @dataclass(frozen=True)
-class Parameter:
+class _Parameter:
     """One variable of the model as timm names it.
 
     Attributes:
@@ -56,8 +69,8 @@ class TimmNames:
 
     def __init__(self, model):
         layers = dict(named_layers(model))
-        self.parameters: dict[str, Parameter] = {}  # timm name -> Parameter
-        self.by_key: dict[str, Parameter] = {}
+        self.parameters: dict[str, _Parameter] = {}  # timm name -> _Parameter
+        self.by_key: dict[str, _Parameter] = {}
         for key, variable in named_variables(model).items():
             path, leaf = key.rsplit("/", 1) if "/" in key else ("", key)
             if leaf in LORA_WEIGHT_NAMES or path not in layers:
@@ -65,7 +78,7 @@ class TimmNames:
             timm, transpose = convert_tf_weight_name_to_pt_weight_name(
                 variable.name, tf_weight_shape=variable.shape
             )
-            parameter = Parameter(key, path, timm, _KINDS[transpose])
+            parameter = _Parameter(key, path, timm, _KINDS[transpose])
             self.parameters[timm] = parameter
             self.by_key[key] = parameter
         # A layer's module is its kernel's name without ".weight".
@@ -80,7 +93,7 @@ class TimmNames:
         """The timm module names of every layer with a kernel, in model order."""
         return list(self.layer_of)
 
-    def parameters_under(self, module: str) -> list[Parameter]:
+    def parameters_under(self, module: str) -> list[_Parameter]:
         """The parameters of a module and its sub-modules (PEFT's ``modules_to_save``)."""
         prefix = module + "."
         return [p for name, p in self.parameters.items() if name.startswith(prefix)]

@@ -33,8 +33,10 @@ from .format import (
 )
 from .load import read_config
 
+__all__ = ["save_lora_state", "write_lora_state"]
 
-def build_config(model, selection: StateSelection, metadata: dict) -> AdapterConfig:
+
+def _build_config(model, selection: StateSelection, metadata: dict) -> AdapterConfig:
     """The adapter config for a selection (without the checkpoint file records)."""
     fingerprint = base_fingerprint(selection.model_variables, selection.variables)
     return AdapterConfig(
@@ -127,11 +129,11 @@ def save_lora_state(
     except TypeError as exc:
         raise LoRAConfigError(f"metadata must be JSON-serialisable: {exc}.") from exc
     selection = select_state(model, include_bias, extra_layers)
-    config = build_config(model, selection, metadata)
-    return commit_adapter(path, config, selection.variables, overwrite)
+    config = _build_config(model, selection, metadata)
+    return _commit_adapter(path, config, selection.variables, overwrite)
 
 
-def commit_adapter(path: str, config: AdapterConfig, variables: dict, overwrite: bool) -> str:
+def _commit_adapter(path: str, config: AdapterConfig, variables: dict, overwrite: bool) -> str:
     """Writes ``variables`` and their config as the adapter at ``path``, atomically.
 
     The one write path of ``save_lora_state`` and ``write_lora_state``: the
@@ -251,7 +253,7 @@ def write_lora_state(
     check_json(config.metadata, "metadata")
     _check_readable(config)
     variables = {key: tf.Variable(tensors[key], trainable=False) for key in config.variables}
-    return commit_adapter(path, config, variables, overwrite)
+    return _commit_adapter(path, config, variables, overwrite)
 
 
 def _check_readable(config: AdapterConfig) -> None:

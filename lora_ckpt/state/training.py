@@ -26,6 +26,13 @@ from ..storage import UnsafeFileError, open_store
 from ..storage.base import new_tag
 from .format import CHECKPOINT_ROOT, checkpoint_files, nest_variables
 
+__all__ = [
+    "AdapterCheckpoint",
+    "AdapterCheckpointManager",
+    "StoreTrainingCheckpoint",
+    "restore_training_checkpoint",
+]
+
 
 class AdapterCheckpointManager:
     """Keeps the last ``max_to_keep`` training checkpoints of a LoRA model.

@@ -17,6 +17,18 @@ import dataclasses
 import hashlib
 import uuid
 
+__all__ = [
+    "AtomicDirectory",
+    "Entry",
+    "Store",
+    "UnsafeFileError",
+    "WORK_MARKERS",
+    "check_digest",
+    "is_work_name",
+    "new_tag",
+]
+
+
 WORK_MARKERS = (".tmp-", ".old-")
 """Infixes of an atomic write's work directories: never a directory of their own."""
 

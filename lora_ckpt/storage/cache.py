@@ -27,6 +27,9 @@ from .base import AtomicDirectory, Entry, Store, UnsafeFileError, check_digest, 
 from .local import LocalStore
 from .remote import FsspecStore, _remote
 
+__all__ = ["CACHE_ENV", "VerifiedCache", "cache_root"]
+
+
 log = logging.getLogger("lora_ckpt.storage")
 
 CACHE_ENV = "LORA_CKPT_CACHE_DIR"

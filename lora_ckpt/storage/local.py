@@ -15,6 +15,8 @@ import warnings
 
 from .base import AtomicDirectory, Entry, Store, UnsafeFileError, new_tag
 
+__all__ = ["LocalStore"]
+
 
 def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)

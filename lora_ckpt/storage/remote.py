@@ -23,6 +23,9 @@ import os
 from ..errors import LoRAError, MissingDependencyError, StoreError
 from .base import AtomicDirectory, Entry, Store, UnsafeFileError
 
+__all__ = ["FsspecStore"]
+
+
 TIMEOUT_ENV = "LORA_CKPT_STORE_TIMEOUT"
 
 _PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}

@@ -9,6 +9,9 @@ import numpy as np
 
 from .._tf import tf
 
+__all__ = ["BestEpoch", "ProgressBar", "new_progress"]
+
+
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 

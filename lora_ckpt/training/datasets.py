@@ -11,6 +11,8 @@ from .._tf import tf
 from ..preprocessing import preprocess_image
 from .folders import ImageFolder
 
+__all__ = ["epoch_order", "ordered_batches", "training_batches"]
+
 
 def _loader(folder: ImageFolder, shape):
     paths = tf.constant(folder.files)

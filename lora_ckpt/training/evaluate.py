@@ -12,6 +12,8 @@ from .folders import scan_folder
 from .model import input_shape
 from .settings import DEFAULT_MAX_PIXELS
 
+__all__ = ["classification_report", "evaluate_adapter", "format_evaluation", "predict_batches"]
+
 
 def classification_report(labels, logits, classes: list[str]) -> dict:
     """Accuracy, loss, per-class precision/recall/support and the confusion matrix.

@@ -17,6 +17,9 @@ import traceback
 from ..errors import LoRAConfigError, LoRAError
 from .settings import TrainSettings
 
+__all__ = ["read_tasks", "run_tasks", "run_tasks_file", "run_tasks_on_ray", "summary_table"]
+
+
 MAX_TASKS_BYTES = 4 << 20
 _TASK_KEYS = {"name", "data", "val_data", "overwrite"}
 
@@ -71,7 +74,7 @@ def read_tasks(path: str, defaults: dict | None = None) -> list[dict]:
     return checked
 
 
-def run_task(store: str, task: dict, resume: bool = False, log=None, progress=False) -> dict:
+def _run_task(store: str, task: dict, resume: bool = False, log=None, progress=False) -> dict:
     """Trains one task; never raises for the task's own failure.
 
     Returns:
@@ -120,7 +123,7 @@ def _ray_worker(store: str, task: dict, resume: bool, cpus: float) -> dict:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError:
         pass  # already initialised in this worker: keep its pools
-    return run_task(store, task, resume=resume)
+    return _run_task(store, task, resume=resume)
 
 
 def run_tasks_on_ray(
@@ -212,7 +215,7 @@ def run_tasks(
     for i, task in enumerate(tasks):
         if log:
             log(f"[{i + 1}/{len(tasks)}] {task['name']}")
-        rows.append(run_task(store, task, resume=resume, log=log, progress=progress))
+        rows.append(_run_task(store, task, resume=resume, log=log, progress=progress))
         if log and rows[-1]["error"]:
             log(f"  {task['name']} failed: {rows[-1]['error']}")
     return rows

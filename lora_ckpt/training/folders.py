@@ -25,6 +25,9 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import StoreError
 
+__all__ = ["ImageFolder", "scan_folder", "split_validation"]
+
+
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 FORMATS = ("PNG", "JPEG")
 MAX_FILE_BYTES = 64 << 20

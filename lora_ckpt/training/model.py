@@ -17,6 +17,8 @@ from ..serving.store import read_base_config, store_base_weights
 from ..state import load_base_weights
 from .settings import TrainSettings
 
+__all__ = ["build_training_model", "input_shape"]
+
 
 def _tuples(values: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
@@ -75,11 +77,11 @@ def build_training_model(store: str, num_classes: int, settings: TrainSettings):
     if local is not None:
         # A head of another width keeps its fresh weights: the adapter brings its own.
         load_base_weights(model, local, skip=classifier_paths(model) if width_changes else None)
-    compile_model(model, settings.learning_rate)
+    _compile_model(model, settings.learning_rate)
     return model, base
 
 
-def compile_model(model, learning_rate: float):
+def _compile_model(model, learning_rate: float):
     """Compiles for integer labels and logits: Adam, cross-entropy, accuracy."""
     model.compile(
         optimizer=tf.keras.optimizers.Adam(learning_rate),

@@ -15,10 +15,13 @@ import json
 from ..errors import MissingDependencyError
 from ..storage import open_store
 
+__all__ = ["require_report_tools", "write_report"]
+
+
 REPORTS = "reports"
 
 
-def report_path(store: str, name: str) -> str:
+def _report_path(store: str, name: str) -> str:
     """``STORE/reports/NAME`` in the store's spelling."""
     backend, store = open_store(store)
     return backend.join(store, REPORTS, name)
@@ -54,7 +57,7 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def curves_png(history: list[dict], best_epoch: int | None, title: str = "") -> bytes:
+def _curves_png(history: list[dict], best_epoch: int | None, title: str = "") -> bytes:
     """Loss and accuracy per epoch, training and validation, as PNG bytes.
 
     Args:
@@ -90,7 +93,7 @@ def curves_png(history: list[dict], best_epoch: int | None, title: str = "") -> 
     return _png(figure)
 
 
-def confusion_png(confusion: list[list[int]], labels: list[str], title: str = "") -> bytes:
+def _confusion_png(confusion: list[list[int]], labels: list[str], title: str = "") -> bytes:
     """The confusion matrix (rows: true class, columns: predicted) as PNG bytes."""
     pyplot = _pyplot()
     size = len(labels)
@@ -130,15 +133,17 @@ def write_report(store: str, name: str, metrics: dict) -> str:
         StoreError: If the store cannot be written.
     """
     backend, _ = open_store(store)
-    directory = report_path(store, name)
+    directory = _report_path(store, name)
     validation = metrics.get("validation") or {}
     files = {
         "metrics.json": json.dumps(metrics, indent=2).encode(),
-        "curves.png": curves_png(metrics["history"], metrics.get("best_epoch"), f"adapter {name}"),
+        "curves.png": _curves_png(metrics["history"], metrics.get("best_epoch"), f"adapter {name}"),
     }
     if validation.get("confusion"):
         title = f"{name}: validation accuracy {validation['accuracy']:.3f}"
-        files["confusion.png"] = confusion_png(validation["confusion"], validation["labels"], title)
+        files["confusion.png"] = _confusion_png(
+            validation["confusion"], validation["labels"], title
+        )
     for file_name, data in files.items():
         backend.write(backend.join(directory, file_name), data)
     return directory

@@ -11,6 +11,9 @@ import math
 
 from ..errors import LoRAConfigError
 
+__all__ = ["DEFAULT_MAX_PIXELS", "TrainSettings"]
+
+
 DEFAULT_MAX_PIXELS = 4096 * 4096
 """The service's default ``--max-pixels``: a training image larger than this is refused."""
 

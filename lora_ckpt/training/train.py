@@ -40,6 +40,9 @@ from .model import build_training_model, input_shape
 from .reports import require_report_tools, write_report
 from .settings import TrainSettings
 
+__all__ = ["TrainResult", "train_adapter"]
+
+
 WORK = ("work", "training")
 
 
@@ -75,7 +78,7 @@ class TrainResult:
     seconds: float
 
 
-def work_path(store: str, name: str) -> str:
+def _work_path(store: str, name: str) -> str:
     """The training checkpoint directory of adapter ``name``: ``STORE/work/training/NAME``."""
     backend, store = open_store(store)
     return backend.join(store, *WORK, validate_adapter_name(name))
@@ -106,7 +109,7 @@ def _check_target(store: str, name: str, overwrite: bool) -> str:
 def _check_writable(store: str, name: str) -> None:
     """Writes and removes a probe in the work area: an unwritable store fails before training."""
     backend, _ = open_store(store)
-    probe = backend.join(work_path(store, name), f".probe-{os.getpid()}")
+    probe = backend.join(_work_path(store, name), f".probe-{os.getpid()}")
     try:
         backend.write(probe, b"")
         backend.remove_file(probe)
@@ -245,7 +248,7 @@ def train_adapter(
     tf.keras.utils.set_random_seed(settings.seed)
     model, _ = build_training_model(store, len(classes), settings)
     selection = select_state(model)
-    checkpoint = StoreTrainingCheckpoint(model, work_path(store, name))
+    checkpoint = StoreTrainingCheckpoint(model, _work_path(store, name))
     fingerprint = {"settings": settings.to_dict(), "data_digest": digest, "labels": classes}
     run = new_progress()
     best, first_epoch = None, 0
