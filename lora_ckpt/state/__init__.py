@@ -4,7 +4,7 @@ Names are imported on first use (PEP 562): listing and inspecting adapters
 (:mod:`lora_ckpt.state.inspect`) needs no TensorFlow.
 """
 
-import importlib
+from .._lazy import lazy_names
 
 _EXPORTS = {
     "load_base_weights": "base_weights",
@@ -38,14 +38,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _EXPORTS)

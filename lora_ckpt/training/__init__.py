@@ -7,7 +7,7 @@ imported on first use (PEP 562): the CLI reads :class:`TrainSettings` to
 build its flags without TensorFlow.
 """
 
-import importlib
+from .._lazy import lazy_names
 
 _EXPORTS = {
     "TrainSettings": "settings",
@@ -24,14 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _EXPORTS)
