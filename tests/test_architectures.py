@@ -435,6 +435,7 @@ SMALL_RESNEXT = dict(
 )
 
 
+@pytest.mark.slow  # test_every_model_converts covers it across all 282 names
 def test_resnext_converts_by_default_leaving_out_its_grouped_convolutions():
     tf.keras.utils.set_random_seed(0)
     regular = tfimm.create_model("seresnext26d_32x4d", **SMALL_RESNEXT)

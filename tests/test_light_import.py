@@ -74,6 +74,7 @@ def test_import_lora_ckpt_asks_for_keras_2_before_tensorflow_comes_up():
     )
 
 
+@pytest.mark.slow  # a fresh interpreter imports TensorFlow (about 9 s)
 def test_first_use_of_a_model_name_imports_tensorflow_and_registers_the_architectures():
     # The one fast-lane test that starts TensorFlow and tfimm in a fresh process.
     out = _run(

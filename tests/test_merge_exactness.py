@@ -148,7 +148,12 @@ REDUCED_PADDED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(REDUCED_PADDED))
+@pytest.mark.parametrize(
+    "name",
+    # One in the fast lane catches a padding mismatch; the other runs with the slow lane.
+    [n if n.startswith("mobilenet") else pytest.param(n, marks=pytest.mark.slow)
+     for n in sorted(REDUCED_PADDED)],
+)  # fmt: skip
 def test_padded_convolutions_merge_exactly(name, tmp_path):
     with float64():
         tf.keras.utils.set_random_seed(0)

@@ -268,6 +268,7 @@ def test_export_writes_peft_keys_and_import_of_the_export_is_bitwise(vit, tmp_pa
         assert getattr(first.config, part) == getattr(second.config, part), part
 
 
+@pytest.mark.slow  # trains; the export round trip stays fast in the test above
 def test_a_trained_adapter_exports_and_comes_back_bitwise(tmp_path):
     model = lora_ckpt.create_model(
         "convnext_tiny",
@@ -390,6 +391,7 @@ def test_a_pickled_adapter_is_refused_and_never_unpickled(vit, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # the same calls as the fast tests, through the CLI
 def test_cli_import_peft_and_export_peft(vit, tmp_path, capsys):
     from lora_ckpt.cli import main
     from lora_ckpt.serving.store import write_base
