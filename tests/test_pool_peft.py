@@ -3,6 +3,8 @@ computed at load), rsLoRA scaling and per-layer ranks, served on one plain
 LoRA base per request and in mixed batches, merged and unmerged, and the fit
 check that accepts them in a pool and explains them outside one."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import tfimm
@@ -13,12 +15,12 @@ from lora_ckpt.errors import AdapterMismatchError, LoRAError
 from lora_ckpt.layers import LORA_LAYER_ARGS, LoRAConv2D, LoRADense, convert_to_lora_layer
 from lora_ckpt.serving.slots import LoRASlots
 from lora_ckpt.state import ModelSignature, check_fit, read_config
-from lora_ckpt.state.files import file_record
 from lora_ckpt.state.fit import SlotLimits
 from lora_ckpt.state.format import (
     CHECKPOINT_PREFIX,
     CHECKPOINT_ROOT,
     CONFIG_FILE,
+    FileRecord,
     VariableRecord,
     checkpoint_files,
     nest_variables,
@@ -248,6 +250,13 @@ def test_a_freed_dora_slot_no_longer_scales(pool, peft):
 
 
 # ---- refused adapters ---------------------------------------------------------------------------
+
+
+def file_record(path):
+    """Size and SHA-256 of a file, as an adapter config records them (hashlib)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return FileRecord(size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 def rewrite_adapter(source, target, edit):
