@@ -87,8 +87,8 @@ class AdapterPool:
         self.max_rank, self.max_classes = layers.max_rank, layers.max_classes
         self.load_timeout = load_timeout
         self._layers, self._rw = layers, ReadWriteLock()
-        self._graphs = ServingGraphs(model, layers.routing, layers.slot_variables)
-        self._slots = Residents(capacity, self._graphs.write, layers.cleared, layers.base_record)
+        self._graphs = ServingGraphs(model, layers.routing)
+        self._slots = Residents(capacity, layers.write, layers.cleared, layers.base_record)
         self.input_shape, self.dtype = self._graphs.input_shape, self._graphs.dtype
         self.output_width = self._graphs.output_width
         # The slot table and per-layer storage under the names tests and benchmarks read.
