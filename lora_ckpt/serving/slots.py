@@ -331,14 +331,43 @@ class LoRASlots:
 
     def uniform(self, x, slot):
         """Output (bias included, activation not) when every sample uses ``slot``."""
+        kernel_path = self._prefers_kernel(x, _static_batch(x))
+        if self.is_dense and self.FLAT_DENSE:
+            # As rows [n, in]: the matmul, the bias and the update's add are then
+            # adjacent, which the grappler remapper fuses into one oneDNN matmul.
+            rows = tf.reshape(x, [-1, self.a_shape[0]])
+            y = self._uniform(rows, slot, kernel_path)
+            y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [-1]], 0))
+            y.set_shape(x.shape[:-1].concatenate([self.out_dim]))
+            return y
+        return self._uniform(x, slot, kernel_path)
+
+    FLAT_DENSE = True
+
+    def _uniform(self, x, slot, kernel_path: bool):
         layer = self.layer
-        g = tf.cast(self.g_of(slot), x.dtype)
-        if self._prefers_kernel(x, _static_batch(x)):
+        bias = self.bias_of(slot)
+        # Plain LoRA (no own output scale, the common case) skips the multiply by
+        # ones, an output-sized pass, and adds the bias right after the base op.
+        scaled = tf.gather(self.g_index, slot) > 0
+        if kernel_path:
             # The output scale folded into the kernel: kernel-sized, not output-sized.
-            kernel = (layer.kernel + tf.cast(self.delta(slot), x.dtype)) * g
-            return self._with_bias(layer.base_op(x, kernel), self.bias_of(slot))
-        outputs = layer.base_op(x, layer.kernel) + self.uniform_update(x, slot)
-        return self._with_bias(outputs * g, self.bias_of(slot))
+            kernel = layer.kernel + tf.cast(self.delta(slot), x.dtype)
+            kernel = tf.cond(
+                scaled, lambda: kernel * tf.cast(self.g_of(slot), x.dtype), lambda: kernel
+            )
+            return self._with_bias(layer.base_op(x, kernel), bias)
+
+        def with_scale():
+            outputs = layer.base_op(x, layer.kernel) + self.uniform_update(x, slot)
+            return self._with_bias(outputs * tf.cast(self.g_of(slot), x.dtype), bias)
+
+        def plain():
+            return self._with_bias(layer.base_op(x, layer.kernel), bias) + self.uniform_update(
+                x, slot
+            )
+
+        return tf.cond(scaled, with_scale, plain)
 
     def mixed(self, x, slot_ids):
         """Pre-bias output, each sample with its own slot."""
