@@ -266,6 +266,8 @@ class LoRASlots:
 
     def _delta(self, a_pages, b_pages) -> tf.Tensor:
         """``A @ B`` in the shape of the kernel, from pages ``[r, *fan_in]`` and ``[r, out]``."""
+        if self.is_dense:  # two reshapes fewer per layer and request
+            return tf.matmul(a_pages, b_pages, transpose_a=True)
         flat = tf.reshape(a_pages, [-1, self.fan_in])
         return tf.reshape(tf.matmul(flat, b_pages, transpose_a=True), [*self.a_shape, self.out_dim])
 
@@ -273,7 +275,8 @@ class LoRASlots:
         """One slot's pages: ``A`` as ``[r, *fan_in]`` and ``scale * B`` as ``[r, out]``
         (at least ``least`` pages: the zero page pads them)."""
         # tf.gather reads rows of a variable; indexing would read all of it first.
-        rank = tf.maximum(tf.gather(self.ranks, slot), least)
+        rank = tf.gather(self.ranks, slot)
+        rank = tf.maximum(rank, least) if least else rank
         ids = tf.gather(self.page_table, slot)[:rank]
         return tf.gather(self.a_pages, ids), tf.gather(self.b_pages, ids)
 
@@ -332,7 +335,7 @@ class LoRASlots:
     def uniform(self, x, slot):
         """Output (bias included, activation not) when every sample uses ``slot``."""
         kernel_path = self._prefers_kernel(x, _static_batch(x))
-        if self.is_dense and self.FLAT_DENSE:
+        if self.is_dense:
             # As rows [n, in]: the matmul, the bias and the update's add are then
             # adjacent, which the grappler remapper fuses into one oneDNN matmul.
             rows = tf.reshape(x, [-1, self.a_shape[0]])
@@ -341,8 +344,6 @@ class LoRASlots:
             y.set_shape(x.shape[:-1].concatenate([self.out_dim]))
             return y
         return self._uniform(x, slot, kernel_path)
-
-    FLAT_DENSE = True
 
     def _uniform(self, x, slot, kernel_path: bool):
         layer = self.layer
