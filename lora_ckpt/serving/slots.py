@@ -301,7 +301,9 @@ class LoRASlots:
         if routing is None:
             return None
         if routing is BASE_ONLY:
-            return self._with_bias(layer.base_op(x, layer.kernel), layer.bias)
+            return self._flat(
+                x, lambda rows: self._with_bias(layer.base_op(rows, layer.kernel), layer.bias)
+            )
         if routing.shape.rank == 0:
             return self.uniform(x, routing)
         outputs = self.mixed(x, routing)
@@ -335,15 +337,18 @@ class LoRASlots:
     def uniform(self, x, slot):
         """Output (bias included, activation not) when every sample uses ``slot``."""
         kernel_path = self._prefers_kernel(x, _static_batch(x))
-        if self.is_dense:
-            # As rows [n, in]: the matmul, the bias and the update's add are then
-            # adjacent, which the grappler remapper fuses into one oneDNN matmul.
-            rows = tf.reshape(x, [-1, self.a_shape[0]])
-            y = self._uniform(rows, slot, kernel_path)
-            y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [-1]], 0))
-            y.set_shape(x.shape[:-1].concatenate([self.out_dim]))
-            return y
-        return self._uniform(x, slot, kernel_path)
+        return self._flat(x, lambda rows: self._uniform(rows, slot, kernel_path))
+
+    def _flat(self, x, compute):
+        """``compute`` on a Dense layer's input as rows ``[n, in]``: its matmul, bias
+        and any add are then adjacent, which grappler's remapper fuses into one
+        oneDNN matmul (a tensordot's reshapes sit between them)."""
+        if not self.is_dense or x.shape.rank == 2:
+            return compute(x)
+        y = compute(tf.reshape(x, [-1, self.a_shape[0]]))
+        y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [-1]], 0))
+        y.set_shape(x.shape[:-1].concatenate([self.out_dim]))
+        return y
 
     def _uniform(self, x, slot, kernel_path: bool):
         layer = self.layer
