@@ -5,8 +5,10 @@ rows the adapter needs, growing its stacks if they are short), then written
 by one traced function whose inputs are the slot, one int vector (each LoRA
 layer's rank, row numbers and pages) and one flat float vector: one graph for
 every adapter, whatever its ranks (an input per array would cost more than
-the writes). Writes are serialised by a lock: a stack that grows is copied,
-and a write meanwhile would be lost.
+the writes). Plans are serialised by a lock; writes run concurrently (each
+into pages no one else holds), but a stack that grows is copied, and a write
+meanwhile would be lost: growth holds a readers-writer lock alone, writes
+hold it shared.
 """
 
 import dataclasses
@@ -15,6 +17,8 @@ import threading
 import numpy as np
 
 from .._tf import tf
+from .rwlock import ReadWriteLock
+from .slots import LoRASlots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +41,17 @@ class SlotWriter:
     """
 
     def __init__(self, lora: list, full: list, max_rank: int, dtype):
-        self._lora, self._max_rank = lora, max_rank
+        self._lora, self._max_rank, self._dtype = lora, max_rank, dtype
         self._full = [v for slots in full for v in slots.slot_variables]
-        self._lock = threading.Lock()
+        self._plan_lock, self._grow_lock = threading.Lock(), ReadWriteLock()
         spec = [
             tf.TensorSpec([], tf.int32),
             tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None], dtype),
         ]
         self._write = tf.function(self._write_slot, input_signature=spec, autograph=False)
+        # Called directly: a load then skips matching its inputs against the signature.
+        self._concrete = self._write.get_concrete_function()
 
     def __call__(self, slot: int, contents: SlotContents) -> None:
         """Writes ``contents`` into ``slot`` of every layer (freeing what it held).
@@ -54,16 +60,26 @@ class SlotWriter:
             slot: The slot index.
             contents: Its values (:meth:`PoolLayers.values_of`).
         """
-        with self._lock:
-            ints, floats = [], []
+        ints, floats, growths = [], [], []
+        with self._plan_lock:
             for slots, values in zip(self._lora, contents.lora, strict=True):
-                row, parts = slots.plan(slot, values)
+                row, parts, grow = slots.plan(slot, values)
                 ints.append(row)
                 floats += parts
-            floats.append(contents.full)
-            dtype = contents.full.dtype
-            flat = np.concatenate([np.asarray(f, dtype) for f in floats])
-            self._write(tf.constant(slot, tf.int32), np.concatenate(ints), flat)
+                growths += grow
+            if growths:
+                with self._grow_lock.writing():
+                    for variable, size in growths:
+                        LoRASlots.grow(variable, size)
+        floats.append(contents.full)
+        dtype = contents.full.dtype
+        flat = np.concatenate([np.asarray(f, dtype) for f in floats])
+        with self._grow_lock.reading():
+            self._concrete(
+                tf.constant(slot, tf.int32),
+                tf.constant(np.concatenate(ints)),
+                tf.constant(flat, self._dtype),
+            )
 
     def _write_slot(self, slot, ints, flat):
         rows = tf.reshape(ints, [len(self._lora), 3 + self._max_rank])

@@ -153,42 +153,48 @@ class LoRASlots:
         own_bias = None if bias is None or self.bias_rows is None else np.asarray(bias, dtype)
         return a_pages, b_pages, g, own_bias
 
-    def plan(self, slot: int, contents: tuple | None) -> tuple[np.ndarray, list]:
-        """Takes the pages and rows ``slot`` needs for ``contents`` (growing the
-        stacks first if they are short), freeing those it held. The caller
-        holds the pool's write lock and then runs :meth:`write` in a graph.
+    def plan(self, slot: int, contents: tuple | None) -> tuple[np.ndarray, list, list]:
+        """Takes the pages and rows ``slot`` needs for ``contents``, freeing those
+        it held (plain Python: the caller serialises plans). The caller then
+        grows the stacks that are short (:meth:`grow`) and runs :meth:`write`
+        in a graph.
 
         Args:
             slot: The pool slot.
             contents: As :meth:`slot_values` returned, or ``None`` (a cleared slot).
 
         Returns:
-            The slot's ints ``[rank, g row, bias row, pages padded to max_rank]``
-            and its float parts ``[a_pages, b_pages, g rows, bias rows]``.
+            The slot's ints ``[rank, g row, bias row, pages padded to max_rank]``,
+            its float parts ``[a_pages, b_pages, g rows, bias rows]``, and the
+            stacks to grow first as ``(variable, rows)``.
         """
         a, b, g, bias = contents if contents is not None else self.slot_values(*[None] * 4)
+        growths = []
         pages, grown = self.pages.assign(slot, len(a))
         if grown is not None:
-            self._grow(self.a_pages, grown)
-            self._grow(self.b_pages, grown)
-        ints = [len(a), self._row(self.g_alloc, self.g_rows, slot, g)]
+            growths += [(self.a_pages, grown), (self.b_pages, grown)]
+        ints = [len(a), self._row(self.g_alloc, self.g_rows, slot, g, growths)]
         if self.bias_alloc is not None:
-            ints.append(self._row(self.bias_alloc, self.bias_rows, slot, bias))
+            ints.append(self._row(self.bias_alloc, self.bias_rows, slot, bias, growths))
         else:
             ints.append(0)
         ints += pages + [0] * (self.max_rank - len(pages))
         parts = [a, b] + [v for v in (g, bias) if v is not None]
-        return np.asarray(ints, np.int32), [np.ravel(p) for p in parts]
+        return np.asarray(ints, np.int32), [np.ravel(p) for p in parts], growths
 
-    def _row(self, allocator, variable, slot: int, value) -> int:
+    @staticmethod
+    def _row(allocator, variable, slot: int, value, growths: list) -> int:
         rows, grown = allocator.assign(slot, 0 if value is None else 1)
         if grown is not None:
-            self._grow(variable, grown)
+            growths.append((variable, grown))
         return rows[0] if rows else 0
 
     @staticmethod
-    def _grow(variable, size: int) -> None:
+    def grow(variable, size: int) -> None:
+        """Extends a stack to ``size`` rows (a copy: no write may run meanwhile)."""
         old = tf.convert_to_tensor(variable)
+        if size <= old.shape[0]:
+            return
         extra = tf.zeros([size - old.shape[0], *old.shape[1:]], old.dtype)
         variable.assign(tf.concat([old, extra], 0))
 
