@@ -3,8 +3,14 @@
     .venv/bin/python benchmarks/pool_bench.py            # convnext_tiny, ranks 4/16/64
     .venv/bin/python benchmarks/pool_bench.py --tiny     # a small config, seconds
 
-Each time is the median of several runs after a warm-up. Prints the ratios
-and writes benchmarks/results/local/pool_bench.json (untracked; --out to choose).
+Figures: the rank mix (a mixed batch of rank-4 adapters in a pool built for
+``max_rank=64`` against one built for ``max_rank=4``; the slot bytes of
+adapters of rank 4 to 64 against their own tensors), the capacity sweep,
+then per rank switch, load and forward, batch 1 against the base.
+Each time is the median of several runs after a warm-up; compared figures
+are interleaved round by round, and ratios come with the spread of the
+per-round ratios. Prints the ratios and writes
+benchmarks/results/local/pool_bench.json (untracked; --out to choose).
 """
 
 import argparse
@@ -42,8 +48,8 @@ def median_time(fn, repeat: int, warmup: int = 1, setup=None) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, rounds: int) -> dict:
-    """Median time of each function, run in turn round after round (in
+def interleaved_times(fns: dict, rounds: int) -> dict:
+    """Each function's time in each round, run in turn round after round (in
     reverse order every other round, so running first or second favours none),
     so every figure sees the same machine conditions (these machines are noisy)."""
     for fn in fns.values():
@@ -55,7 +61,29 @@ def interleaved_medians(fns: dict, rounds: int) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_medians(fns: dict, rounds: int) -> dict:
+    """Median time of each function, measured by :func:`interleaved_times`."""
+    times = interleaved_times(fns, rounds)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def ratio_spread(times: dict, numerator: str, denominator: str) -> dict:
+    """The ratio of two interleaved figures: of their medians, and the median,
+    lowest and highest of the per-round ratios (the spread)."""
+    rounds = [a / b for a, b in zip(times[numerator], times[denominator], strict=True)]
+    return {
+        "ratio": statistics.median(times[numerator]) / statistics.median(times[denominator]),
+        "round_median": statistics.median(rounds),
+        "round_min": min(rounds),
+        "round_max": max(rounds),
+    }
+
+
+def _spread(r: dict) -> str:
+    return f"{r['ratio']:.3f}x (rounds: median {r['round_median']:.3f}, {r['round_min']:.3f}-{r['round_max']:.3f})"
 
 
 def lora_model(name, config, rank, base_file):
@@ -79,27 +107,25 @@ def make_adapters(name, config, rank, base_file, directory, count):
 
 
 def grouped_numpy_baseline(pool, path, npz_path, repeat):
-    """Reads the adapter's arrays with numpy and assigns them into a slot in
-    one grouped op: the floor a pool load is compared with."""
+    """Reads the adapter's arrays with numpy and assigns them into pages 1..r of
+    every layer in one grouped op: the floor a pool load is compared with."""
     state = read_lora_state(path)
     np.savez(npz_path, **{k.replace("/", "|"): v for k, v in state.tensors.items()})
     targets = []
     for layer_path, slots in pool._lora.items():
-        targets.append((slots.a, f"{layer_path}/kernel_lora_a"))
-        targets.append((slots.b, f"{layer_path}/kernel_lora_b"))
+        targets.append((slots.a_pages, f"{layer_path}/kernel_lora_a"))
+        targets.append((slots.b_pages, f"{layer_path}/kernel_lora_b"))
 
     @tf.function
     def assign_all(values):
-        for i, ((var, _), value) in enumerate(zip(targets, values, strict=True)):
-            if i % 2 == 0:
-                var[1, ..., : value.shape[-1]].assign(value)
-            else:
-                var[1, : value.shape[0]].assign(value)
+        for (var, _), value in zip(targets, values, strict=True):
+            var[1 : 1 + value.shape[0]].assign(value)
 
     def run():
         with np.load(npz_path) as data:
             values = [data[key.replace("/", "|")] for _, key in targets]
-        assign_all(values)
+        # A page is a column of A: the pool moves the rank axis first too.
+        assign_all([np.moveaxis(v, -1, 0) if i % 2 == 0 else v for i, v in enumerate(values)])
 
     return median_time(run, repeat, warmup=2)
 
@@ -157,13 +183,14 @@ def run(name, config, ranks, batch, repeat, capacity):
                     for i in range(batch):
                         base_forward(x[i : i + 1]).numpy()
 
-                single = interleaved_medians(
+                single_times = interleaved_times(
                     {  # batch 1: the request most services see
                         "base": lambda: base_forward(x[:1]).numpy(),
                         "unmerged": lambda: pool.predict(x[:1], adapter="a0"),
                     },
                     4 * repeat,
                 )
+                single = {k: statistics.median(v) for k, v in single_times.items()}
 
                 timed = interleaved_medians(
                     {
@@ -199,17 +226,97 @@ def run(name, config, ranks, batch, repeat, capacity):
                         "batch1_base_s": single["base"],
                         "batch1_unmerged_s": single["unmerged"],
                         "batch1_unmerged_vs_base": single["unmerged"] / single["base"],
+                        "batch1_spread": ratio_spread(single_times, "unmerged", "base"),
                     }
                 )
             results["ranks"][str(rank)] = entry
     return results
 
 
-def slot_bytes_per_adapter(pool) -> int:
-    """Bytes one slot takes in every layer's slot storage (LoRA and full layers)."""
-    variables = [v for s in pool._lora.values() for v in s.slot_variables]
-    variables += [v for s in pool._full.values() for v in s.slots.values()]
-    return sum(v.shape[1:].num_elements() * v.dtype.size for v in variables)
+def adapter_slot_bytes(pool, name) -> int:
+    """Bytes resident adapter ``name`` takes: its pages and rows in every LoRA
+    layer, and its slot of every full layer (heads, norms)."""
+    slot = pool._table.slot_of(name)
+    total = sum(slots.slot_bytes(slot) for slots in pool._lora.values())
+    variables = [v for s in pool._full.values() for v in s.slots.values()]
+    return total + sum(v.shape[1:].num_elements() * v.dtype.size for v in variables)
+
+
+def slot_bytes_per_adapter(pool) -> float:
+    """Mean bytes a resident adapter takes (:func:`adapter_slot_bytes`)."""
+    names = pool.names()
+    return sum(adapter_slot_bytes(pool, n) for n in names) / len(names)
+
+
+def allocated_slot_bytes(pool) -> int:
+    """Bytes of every LoRA layer's page and row stacks as allocated now (free
+    pages and the zero page included), and of the full layers' slots."""
+    total = sum(slots.allocated_bytes() for slots in pool._lora.values())
+    variables = [v for s in pool._full.values() for v in s.slots.values()]
+    return total + sum(v.shape.num_elements() * v.dtype.size for v in variables)
+
+
+def own_bytes(path) -> int:
+    """Bytes of an adapter's own tensors (what ``read_lora_state`` returns)."""
+    return sum(v.nbytes for v in read_lora_state(path).tensors.values())
+
+
+def rank_mix(name, config, batch, repeat, small=4, large=64, ranks=(4, 8, 16, 32, 64)):
+    """Rank-``small`` adapters in a pool built for ``max_rank=large`` against the
+    same adapters in a pool built for ``max_rank=small`` (interleaved), and the
+    slot bytes each rank takes in the large pool against its own tensors."""
+    results = {"model": name, "batch": batch, "small": small, "large": large, "by_rank": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        import tfimm
+
+        regular = tfimm.create_model(name, **config)
+        base_file = os.path.join(tmp, "base.h5")
+        regular.save_weights(base_file)
+        shape = regular.dummy_inputs.shape[1:]
+        del regular
+        x = np.random.default_rng(0).normal(size=(batch, *shape)).astype("float32")
+        adapters = make_adapters(name, config, small, base_file, tmp, count=8)
+        others = {r: make_adapters(name, config, r, base_file, tmp, count=1)[0] for r in ranks}
+        pools = {
+            small: AdapterPool(lora_model(name, config, small, base_file), 8, max_rank=small),
+            large: AdapterPool(
+                lora_model(name, config, large, base_file), 8 + len(ranks), max_rank=large
+            ),
+        }
+        for pool in pools.values():
+            for i, path in enumerate(adapters):
+                pool.load(f"a{i}", path)
+        mix = [f"a{i % 8}" for i in range(batch)]
+        times = interleaved_times(
+            {
+                "mixed_large": lambda: pools[large].predict(x, adapters=mix),
+                "mixed_small": lambda: pools[small].predict(x, adapters=mix),
+                "single_large": lambda: pools[large].predict(x, adapter="a0"),
+                "single_small": lambda: pools[small].predict(x, adapter="a0"),
+            },
+            repeat,
+        )
+        results["mixed"] = ratio_spread(times, "mixed_large", "mixed_small")
+        results["single"] = ratio_spread(times, "single_large", "single_small")
+        results["mixed_small_s"] = statistics.median(times["mixed_small"])
+        pool = pools[large]
+        for rank, path in others.items():
+            pool.load(f"r{rank}", path)
+            taken, own = adapter_slot_bytes(pool, f"r{rank}"), own_bytes(path)
+            results["by_rank"][str(rank)] = {
+                "slot_bytes": taken,
+                "own_bytes": own,
+                "slot_vs_own": taken / own,
+                "padded_to_max_rank_bytes": own
+                * large
+                // rank,  # what slots as wide as max_rank took
+            }
+        residents = len(pool.names())
+        results["allocated_bytes"] = allocated_slot_bytes(pool)
+        results["resident_bytes"] = sum(adapter_slot_bytes(pool, n) for n in pool.names())
+        results["allocated_vs_resident"] = results["allocated_bytes"] / results["resident_bytes"]
+        results["residents"] = residents
+    return results
 
 
 def capacity_sweep(name, config, rank, capacities, batch, repeat):
@@ -258,6 +365,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="a small config, for a smoke run")
     parser.add_argument("--capacities", default="8,64,256,1024", help="capacity sweep at rank 16")
     parser.add_argument("--sweep-only", action="store_true", help="only the capacity sweep")
+    parser.add_argument("--skip-sweep", action="store_true", help="no capacity sweep")
     parser.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(__file__), "results", "local", "pool_bench.json"),
@@ -266,23 +374,40 @@ def main(argv=None) -> dict:
     ranks = [int(r) for r in args.ranks.split(",")]
     config = TINY if args.tiny else {}
     capacities = [int(c) for c in args.capacities.split(",")]
-    sweep = capacity_sweep(args.model, config, 16, capacities, args.batch, args.repeat)
-    print(f"capacity sweep, {args.model}, rank 16, mixed batch of {args.batch} over 8 adapters:")
-    for capacity, r in sweep["capacities"].items():
+    mix = rank_mix(args.model, config, args.batch, args.repeat)
+    print(
+        f"rank mix, {args.model}, mixed batch of {args.batch} over 8 rank-{mix['small']} adapters:"
+        f" pool max_rank={mix['large']} vs max_rank={mix['small']}: {_spread(mix['mixed'])}"
+        f" | one adapter: {_spread(mix['single'])}"
+    )
+    for rank, r in mix["by_rank"].items():
         print(
-            f"  capacity {capacity:>5}: {r['mixed_s'] * 1e3:7.1f} ms = {r['mixed_vs_capacity_8']:.3f}x"
-            f" capacity {capacities[0]} | {r['slot_bytes_per_adapter'] / 2**20:.2f} MiB per resident adapter"
+            f"  rank {rank:>2} adapter in the max_rank={mix['large']} pool: {r['slot_bytes'] / 2**20:.2f} MiB"
+            f" = {r['slot_vs_own']:.3f}x its own tensors (padded to max_rank: {r['padded_to_max_rank_bytes'] / 2**20:.2f} MiB)"
         )
     print(
-        f"  mixed at capacity {capacities[0]} = {sweep['mixed_vs_single_adapter']:.3f}x a single-adapter batch"
+        f"  allocated page and row stacks: {mix['allocated_bytes'] / 2**20:.1f} MiB for {mix['residents']} adapters"
+        f" = {mix['allocated_vs_resident']:.3f}x their bytes"
     )
+    results = {"rank_mix": mix, "tiny": args.tiny}
+    if not args.skip_sweep:
+        sweep = capacity_sweep(args.model, config, 16, capacities, args.batch, args.repeat)
+        print(
+            f"capacity sweep, {args.model}, rank 16, mixed batch of {args.batch} over 8 adapters:"
+        )
+        for capacity, r in sweep["capacities"].items():
+            print(
+                f"  capacity {capacity:>5}: {r['mixed_s'] * 1e3:7.1f} ms = {r['mixed_vs_capacity_8']:.3f}x"
+                f" capacity {capacities[0]} | {r['slot_bytes_per_adapter'] / 2**20:.2f} MiB per resident adapter"
+            )
+        print(
+            f"  mixed at capacity {capacities[0]} = {sweep['mixed_vs_single_adapter']:.3f}x a single-adapter batch"
+        )
+        results["capacity_sweep"] = sweep
     if args.sweep_only:
-        results = {"capacity_sweep": sweep, "tiny": args.tiny}
         _write(results, args.out)
         return results
-    results = run(args.model, config, ranks, args.batch, args.repeat, capacity=8)
-    results["capacity_sweep"] = sweep
-    results["tiny"] = args.tiny
+    results.update(run(args.model, config, ranks, args.batch, args.repeat, capacity=8))
 
     print(f"{args.model}{' (tiny config)' if args.tiny else ''}, batch {args.batch}, capacity 8")
     for rank, r in results["ranks"].items():
@@ -294,7 +419,7 @@ def main(argv=None) -> dict:
     r = results["ranks"][str(ranks[0])]
     print(
         f"batch 1, rank {ranks[0]}: base {r['batch1_base_s'] * 1e3:.1f} ms | unmerged"
-        f" {r['batch1_unmerged_vs_base']:.3f}x base"
+        f" {_spread(r['batch1_spread'])} the base"
     )
     print(
         f"forward, rank {ranks[0]}: base {r['base_forward_s'] * 1e3:.1f} ms | unmerged {r['unmerged_vs_base']:.3f}x"

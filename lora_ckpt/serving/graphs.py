@@ -1,28 +1,27 @@
-"""The compiled graphs of one adapter pool: its forward passes and its slot write.
+"""The compiled forward passes of one adapter pool.
 
 A pool serves through four traced forward passes, one per kind of request,
 each traced once when the pool is built (the warm-up), never again: the only
 input besides the batch is the slot ids, so loading, evicting and switching
-adapters change tensor values, not graphs. Batch 1 has its own graph so each
-layer can choose its cheapest path for it. A fifth graph writes one slot of
-every layer in one call.
+adapters change tensor values, not graphs (the page stacks that grow as
+adapters load have an unknown leading dimension in the graphs). Batch 1 has
+its own graph so each layer can choose its cheapest path for it. The slot
+write is :mod:`~.slot_writer`'s.
 """
 
 import numpy as np
 
 from .._tf import tf
 from ..errors import LoRAConfigError
-from .slots import BASE_ONLY, Routing
+from .routing import BASE_ONLY, Routing
 
 
 class ServingGraphs:
-    """The traced forward passes and slot write of one pool's model.
+    """The traced forward passes of one pool's model.
 
     Args:
         model: The pool's LoRA model, its layers already given their slots.
         routing: The pool's routing (the slot ids reach the layers through it).
-        slot_variables: Every stacked ``[slots, ...]`` variable, in the order
-            a flat slot value lists them (see :meth:`write`).
 
     Attributes:
         input_shape: One sample's shape (no batch axis).
@@ -33,10 +32,9 @@ class ServingGraphs:
             after construction, and it stays 3.
     """
 
-    def __init__(self, model: tf.keras.Model, routing: Routing, slot_variables: list):
+    def __init__(self, model: tf.keras.Model, routing: Routing):
         self.model = model
         self.routing = routing
-        self.slot_variables = slot_variables
         self.trace_count = 0
         sample = getattr(model, "dummy_inputs", None)
         shape = tuple(sample.shape[1:]) if sample is not None else tuple(model.input_shape[1:])
@@ -51,7 +49,6 @@ class ServingGraphs:
         self._single = tf.function(self._serve, input_signature=[single, scalar])
         self._mixed = tf.function(self._serve, input_signature=[batch, vector])
         self._base = tf.function(self._serve_base, input_signature=[batch])
-        self._write = tf.function(self._write_slot, autograph=False)
         # The warm-up: every slot graph traced now, not by a first request.
         zeros = np.zeros([1, *shape], self.dtype)
         self.output_width = int(self._one(zeros, tf.constant(0)).shape[-1])
@@ -66,23 +63,6 @@ class ServingGraphs:
     def _serve_base(self, x):
         with self.routing.route(BASE_ONLY):
             return self.model(x, training=False)
-
-    def _write_slot(self, slot, flat):
-        # One graph and one flat input for every layer's slot write: a load is
-        # one call (an input per array would cost more than the writes).
-        sizes = [v.shape[1:].num_elements() for v in self.slot_variables]
-        for variable, part in zip(self.slot_variables, tf.split(flat, sizes), strict=True):
-            variable[slot].assign(tf.reshape(part, variable.shape[1:]))
-
-    def write(self, slot: int, flat: np.ndarray) -> None:
-        """Writes one slot of every slot variable.
-
-        Args:
-            slot: The slot index.
-            flat: The slot's values, each variable's raveled, concatenated in
-                the order of ``slot_variables``.
-        """
-        self._write(tf.constant(slot, tf.int32), flat)
 
     def check_batch(self, x) -> np.ndarray:
         """The input as an array the graphs take.

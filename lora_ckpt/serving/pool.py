@@ -2,8 +2,8 @@
 
 The pool is a thin front over its parts, each in a module of its own:
 
-- :class:`~.pool_layers.PoolLayers`: the per-layer slot storage
-  (:mod:`~.slots`), the checks an adapter passes before it is written (the
+- :class:`~.pool_layers.PoolLayers`: the per-layer paged slot storage
+  (:mod:`~.slots`, :mod:`~.pages`), the checks an adapter passes before it is written (the
   partial-state subsystem's one fit check, the base fingerprint), and the
   folding of a slot into the base kernels (merge/unmerge);
 - :class:`~.residents.Residents`: the :class:`~.slot_table.SlotTable` (plain
@@ -12,13 +12,17 @@ The pool is a thin front over its parts, each in a module of its own:
   the writes that fill and clear slots;
 - :class:`~.graphs.ServingGraphs`: the compiled forward passes, whose only
   extra input is the slot ids, so loading, evicting and switching never
-  retrace them, and the compiled slot write;
+  retrace them; :class:`~.slot_writer.SlotWriter` the compiled slot write;
 - :class:`~.rwlock.ReadWriteLock`: requests and loads read the base kernels,
   ``merge``/``unmerge`` rewrite them (``unmerge`` restores them bit for bit).
 
 Adapters may differ in rank (up to ``max_rank``, per layer: a rank pattern
-pads each layer on its own), in scaling (LoRA's ``alpha / rank`` or rsLoRA's
-``alpha / sqrt(rank)``, as each layer recorded it), in method (DoRA adapters
+too). Each is stored as pages, one per rank component (S-LoRA's unified
+paging), so its memory is its own tensors' bytes and its compute its own rank,
+whatever ``max_rank``: a pool built for rank 64 serves rank-4 adapters at
+rank-4 cost (a mixed batch gathers up to the largest rank in it). They may
+differ in scaling (LoRA's ``alpha / rank`` or rsLoRA's ``alpha / sqrt(rank)``,
+as each layer recorded it), in method (DoRA adapters
 serve on the pool's plain LoRA layers: their per-output scale is computed
 once at load), in which LoRA layers they adapt, and in the layers they carry
 in full (``full_layers``: by default the layers the model trains in full,
@@ -53,8 +57,8 @@ class AdapterPool:
             Sequential model, ...). The pool drives it from now on: its own LoRA weights are
             not used while the pool routes requests.
         capacity: How many adapters can be resident at once.
-        max_rank: The largest adapter rank the pool accepts; smaller ranks are zero-padded
-            (exactly). Defaults to the model's largest LoRA rank.
+        max_rank: The largest adapter rank the pool accepts; an adapter takes the memory
+            and compute of its own rank. Defaults to the model's largest LoRA rank.
         max_classes: The widest classifier head an adapter may carry. Defaults to the
             model's own number of classes.
         full_layers: Layers (paths, names or globs) an adapter may carry in full, served per
@@ -87,8 +91,8 @@ class AdapterPool:
         self.max_rank, self.max_classes = layers.max_rank, layers.max_classes
         self.load_timeout = load_timeout
         self._layers, self._rw = layers, ReadWriteLock()
-        self._graphs = ServingGraphs(model, layers.routing, layers.slot_variables)
-        self._slots = Residents(capacity, self._graphs.write, layers.cleared, layers.base_record)
+        self._graphs = ServingGraphs(model, layers.routing)
+        self._slots = Residents(capacity, layers.write, layers.cleared, layers.base_record)
         self.input_shape, self.dtype = self._graphs.input_shape, self._graphs.dtype
         self.output_width = self._graphs.output_width
         # The slot table and per-layer storage under the names tests and benchmarks read.

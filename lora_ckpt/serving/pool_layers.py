@@ -25,8 +25,11 @@ from ..selection import classifier_paths, lora_settings, match_layers
 from ..state import AdapterState, ModelSignature, check_base, check_fit
 from ..state.fit import SlotLimits
 from ..traversal import named_layers
+from .full_slots import FullLayerSlots
+from .routing import Routing
 from .slot_record import SlotRecord
-from .slots import FullLayerSlots, LoRASlots, Routing
+from .slot_writer import SlotContents, SlotWriter
+from .slots import LoRASlots
 
 
 class PoolLayers:
@@ -46,9 +49,9 @@ class PoolLayers:
         full: Full layer path -> :class:`FullLayerSlots`.
         max_rank, max_classes: As resolved from the arguments.
         base_record: What slot 0 (and every free slot) holds.
-        slot_variables: Every stacked ``[slots, ...]`` variable, in the order
-            of the flat values of :meth:`values_of`.
-        cleared: The flat values of a cleared slot.
+        slot_variables: Every variable a slot write changes.
+        cleared: The contents of a cleared slot.
+        write: ``write(slot, contents)``: writes one slot of every layer.
 
     Raises:
         LayerNotFoundError: If the model has no LoRA layers, or a
@@ -92,12 +95,19 @@ class PoolLayers:
         self.heads = sorted(heads)
         self.base_record = SlotRecord(classes=int(by_path[self.heads[0]].units) if heads else None)
         self.slot_variables = [v for s in self._all() for v in s.slot_variables]
-        if len({v.dtype for v in self.slot_variables}) != 1:
+        if len({v.dtype for v in self.slot_variables if v.dtype.is_floating}) != 1:
             raise LoRAConfigError(
                 "The LoRA layers and full layers of this model keep variables of several "
                 "dtypes; a pool needs one."
             )
         self.cleared = self.values_of(None)
+        self.write = SlotWriter(
+            list(self.lora.values()), list(self.full.values()), max_rank, self._dtype
+        )
+
+    @property
+    def _dtype(self):
+        return self.lora[next(iter(self.lora))].dtype
 
     def _all(self) -> list:
         return [*self.lora.values(), *self.full.values()]
@@ -175,26 +185,28 @@ class PoolLayers:
             )
         return {**variables, **base}
 
-    def values_of(self, state: AdapterState | None) -> np.ndarray:
-        """One slot's contents for an adapter (``None``: a cleared slot), flat.
+    def values_of(self, state: AdapterState | None) -> SlotContents:
+        """One slot's contents for an adapter (``None``: a cleared slot).
 
         Raises:
             AdapterMismatchError: A DoRA update whose output scale is not finite.
         """
         tensors = state.tensors if state is not None else {}
-        values = []
+        lora = []
         for path, slots in self.lora.items():
             a, b = tensors.get(f"{path}/kernel_lora_a"), tensors.get(f"{path}/kernel_lora_b")
             # The recorded scaling: alpha / rank, or rsLoRA's alpha / sqrt(rank).
             scale = state.config.layers[path].scaling if a is not None else 0.0
             magnitude = tensors.get(f"{path}/lora_magnitude")  # DoRA layers only
-            values += slots.slot_values(a, b, scale, tensors.get(f"{path}/bias"), magnitude)
+            lora.append(slots.slot_values(a, b, scale, tensors.get(f"{path}/bias"), magnitude))
+        full = []
         for path, slots in self.full.items():
             prefix = f"{path}/"
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            values += slots.slot_values(own)
-        dtype = self.slot_variables[0].dtype.as_numpy_dtype
-        return np.concatenate([np.ravel(v) for v in values]).astype(dtype, copy=False)
+            full += slots.slot_values(own)
+        dtype = self._dtype.as_numpy_dtype
+        flat = np.concatenate([np.ravel(v) for v in full]) if full else np.zeros([0])
+        return SlotContents(lora, flat.astype(dtype, copy=False))
 
     def record_of(self, state: AdapterState) -> SlotRecord:
         """What a slot holding this adapter records beside its weights."""
@@ -220,8 +232,10 @@ class PoolLayers:
         }
         for slots in self.lora.values():
             layer = slots.layer
-            bias = slots.bias[slot] if layer.use_bias else None
-            layer.merge_update(slots.delta(slot), bias=bias, output_scale=slots.g[slot])
+            slot_id = tf.constant(slot, tf.int32)
+            layer.merge_update(
+                slots.delta(slot_id), bias=slots.bias_of(slot_id), output_scale=slots.g_of(slot_id)
+            )
         self.routing.merged_slot.assign(slot)
 
     def unmerge(self) -> None:

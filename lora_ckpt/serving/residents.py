@@ -23,8 +23,9 @@ class Residents:
 
     Args:
         capacity: Number of adapter slots (slot 0, the base, comes on top).
-        write: ``write(slot, flat_values)``: writes one slot of every layer.
-        cleared: The flat values of a cleared slot.
+        write: ``write(slot, contents)``: writes one slot of every layer
+            (and frees the pages and rows it held).
+        cleared: The contents of a cleared slot.
         base_record: The record of slot 0 and of every free slot.
 
     Attributes:
@@ -32,9 +33,7 @@ class Residents:
         records: One :class:`SlotRecord` per slot, slot 0 included.
     """
 
-    def __init__(
-        self, capacity: int, write: Callable, cleared: np.ndarray, base_record: SlotRecord
-    ):
+    def __init__(self, capacity: int, write: Callable, cleared, base_record: SlotRecord):
         self.table = SlotTable(capacity)
         self.records = [base_record] * (capacity + 1)
         self._write, self._cleared, self._base_record = write, cleared, base_record
@@ -49,12 +48,12 @@ class Residents:
         """
         return self.records[self.table.slot_of(name)]
 
-    def put(self, name: str, values: np.ndarray, record: SlotRecord, timeout: float) -> int:
+    def put(self, name: str, values, record: SlotRecord, timeout: float) -> int:
         """Writes an adapter into a slot and makes it resident under ``name``.
 
         Args:
             name: The adapter's name (a resident one is replaced).
-            values: The slot's flat values.
+            values: The slot's contents.
             record: What the slot records beside its weights.
             timeout: Seconds to wait for a slot while every slot is in use.
 
@@ -102,7 +101,8 @@ class Residents:
             self.clear_freed()
 
     def clear_freed(self) -> None:
-        """Zeroes the slots nobody uses any more, so no stale weights linger."""
+        """Clears the slots nobody uses any more (their pages return to the free
+        lists), so no stale weights linger."""
         slots = self.table.take_dirty()
         if not slots:
             return

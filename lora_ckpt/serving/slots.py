@@ -1,116 +1,53 @@
-"""Per-layer slot storage for many resident adapters, and its forward paths.
+"""Per-layer paged storage for many resident adapters, and its forward paths.
 
-A pool gives each LoRA layer a :class:`LoRASlots` (``A[K, ..., R]``,
-``B[K, R, out]``, an output scale ``g[K, out]`` and a bias per slot; smaller
-ranks zero-padded, each layer to ``R`` on its own, which adds exact zeros)
-and each layer an adapter may carry in full (a classifier head of its own
-width, norm statistics) a :class:`FullLayerSlots`.
-Slot 0 is "off": zero update, the base layer's own weights.
+A pool gives each LoRA layer a :class:`LoRASlots`. Its adapters live in
+pages (S-LoRA's unified paging): page ``p`` is one rank component, ``A``'s
+column ``p`` (``a_pages[p]``, the shape of the kernel's fan-in) and row ``p``
+of ``scale * B`` (``b_pages[p]``). A slot's adapter of rank ``r`` in this
+layer owns ``r`` pages, listed in the slot's row of ``page_table`` (then
+zeros: page 0 is all zeros), its rank in ``ranks``. So memory and compute
+follow each adapter's own rank, per layer (a rank pattern costs what each
+layer's rank costs), never the pool's ``max_rank``. The stacks grow as
+adapters load (:mod:`~.pages` decides by how much), which changes their
+leading dimension, not the traced graphs (it is left unknown).
 
-DoRA adapters are served by the same storage: at inference DoRA's
-``magnitude / ||W0 + scaling * A @ B||`` (column norms) is a constant per
-output, computed once when the adapter loads and kept as the slot's ``g``;
-every forward path multiplies the LoRA-augmented output by it before the bias.
-Plain LoRA slots (and free ones) hold ``g = 1``, which multiplies exactly.
+DoRA adapters keep their output scale ``g`` (DoRA's ``magnitude / ||W0 +
+scale * A @ B||`` per output, a constant at inference, computed once when the
+adapter loads), and adapters that bring a bias keep it, in row stacks of
+their own: ``g_rows``/``bias_rows``, row 0 the default (ones; the base bias)
+for every adapter without one. Every forward path multiplies the
+LoRA-augmented output by ``g`` before the bias.
 
-Requests reach the slots through the pool's :class:`Routing`: a scalar slot
-id (the whole batch uses one adapter) or a vector (one slot per sample) that
-the pool's compiled forward takes as an input, so nothing retraces when
-adapters load, evict or switch. A routing value set by one pool reaches only
-that pool's layers; outside its routing the layers behave as plain layers.
+Slot 0 is "off": rank 0 in every layer, the base layer's own weights.
 
-Mixed batches cost what the adapters present in them cost, never what the
-resident ones would: Dense layers gather each sample's ``A``/``B`` (or its
-updated kernel), convolutions run the LoRA branch once per distinct adapter
-in the batch on that adapter's samples.
+Mixed batches cost what the adapters present in them cost: Dense layers
+gather each sample's pages up to the largest rank in the batch (padding with
+the zero page, which adds exact zeros), convolutions run the LoRA branch once
+per distinct adapter in the batch on that adapter's samples.
 """
-
-import contextlib
-import contextvars
-import itertools
 
 import numpy as np
 
 from .._tf import tf
-from ..errors import AdapterMismatchError, LoRAConfigError
+from ..errors import AdapterMismatchError
 from ..layers import dora_scale, matmul_last_axis
-
-BASE_ONLY = object()
-"""Routing value that makes every layer of the pool compute its base layer alone."""
+from .pages import RowAllocator
+from .routing import BASE_ONLY, Routing, grouped_by_slot, per_sample
+from .slot_views import SlotView
 
 TYPICAL_BATCH = 8
 """Samples a single-adapter batch of unknown size is assumed to have when a
 layer chooses between an updated kernel and the LoRA branch."""
 
-_ids = itertools.count()
 
-
-class Routing:
-    """The slot routing of one pool: a context variable no other pool reads."""
-
-    def __init__(self):
-        self._var = contextvars.ContextVar(f"lora_slot_routing_{next(_ids)}", default=None)
-        # The slot whose full layers (heads, norms) serve while LoRA is merged.
-        self.merged_slot = tf.Variable(0, trainable=False)
-
-    @contextlib.contextmanager
-    def route(self, slot_ids):
-        """Routes this pool's layers called inside the block.
-
-        Args:
-            slot_ids: An int32 tensor (a scalar slot for the whole batch, or
-                ``[batch]`` slots), or :data:`BASE_ONLY`.
-        """
-        token = self._var.set(slot_ids)
-        try:
-            yield
-        finally:
-            self._var.reset(token)
-
-    def current(self):
-        """The routing value in force, or ``None`` outside :meth:`route`."""
-        return self._var.get()
-
-
-def _per_sample(values: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-    """Reshapes ``values[batch, n]`` to broadcast against ``like[batch, ..., n]``."""
-    extra = like.shape.rank - values.shape.rank
-    shape = tf.concat([tf.shape(values)[:1], tf.ones([extra], tf.int32), tf.shape(values)[1:]], 0)
-    return tf.reshape(values, shape)
+def _growable(initial: np.ndarray) -> tf.Variable:
+    """A variable whose leading dimension may change (the graphs leave it unknown)."""
+    shape = tf.TensorShape([None, *initial.shape[1:]])
+    return tf.Variable(initial, shape=shape, trainable=False)
 
 
 def _static_batch(x: tf.Tensor) -> int:
     return x.shape[0] if x.shape[0] is not None else TYPICAL_BATCH
-
-
-def grouped_by_slot(x: tf.Tensor, slot_ids: tf.Tensor, branch, out: tf.Tensor) -> tf.Tensor:
-    """Adds ``branch(samples, slot)`` to ``out`` once per distinct slot of the batch.
-
-    Args:
-        x: The layer input ``[batch, ...]``.
-        slot_ids: ``[batch]`` slot per sample.
-        branch: ``(x_of_group, slot) -> update`` for the samples of one slot.
-        out: The base output ``[batch, ..., out]``; the updates are added to it.
-
-    Returns:
-        ``out`` plus each sample's update.
-    """
-    slots, group = tf.unique(slot_ids)
-    updates = tf.TensorArray(out.dtype, size=tf.size(slots), infer_shape=False)
-    positions = tf.TensorArray(tf.int32, size=tf.size(slots), infer_shape=False)
-
-    def body(i, updates, positions):
-        members = tf.cast(tf.where(tf.equal(group, i))[:, 0], tf.int32)
-        update = branch(tf.gather(x, members), slots[i])
-        return i + 1, updates.write(i, update), positions.write(i, members)
-
-    _, updates, positions = tf.while_loop(
-        lambda i, *_: i < tf.size(slots), body, [tf.constant(0), updates, positions]
-    )
-    # Undo the grouping: position p of the concatenation holds sample order[p].
-    order = positions.concat()
-    update = tf.gather(updates.concat(), tf.math.invert_permutation(order))
-    return out + tf.reshape(update, tf.shape(out))
 
 
 class LoRASlots:
@@ -119,29 +56,41 @@ class LoRASlots:
     Args:
         layer: A built LoRA layer (it gets this object as ``lora_hook``).
         num_slots: Number of slots, slot 0 included.
-        max_rank: Rank every slot is padded to.
+        max_rank: The largest rank an adapter may have in this layer.
         routing: The pool's routing.
+
+    Attributes:
+        a_pages, b_pages: The pages ``[pages, *fan_in]`` and ``[pages, out]``.
+        page_table: ``[slots, max_rank]`` each slot's pages (0 past its rank).
+        ranks: ``[slots]`` each slot's rank in this layer.
+        g_rows, g_index: DoRA output scales ``[rows, out]`` and each slot's row.
+        bias_rows, bias_index: Biases and each slot's row (``None`` without a bias).
     """
 
     def __init__(self, layer, num_slots: int, max_rank: int, routing: Routing):
         dtype = layer.kernel.dtype
-        self.layer = layer
-        self.routing = routing
-        self.max_rank = max_rank
+        self.layer, self.routing, self.max_rank, self.dtype = layer, routing, max_rank, dtype
         self.a_shape = list(layer.kernel_lora_a.shape[:-1])
+        self.fan_in = int(np.prod(self.a_shape))
         self.out_dim = int(layer.kernel.shape[-1])
-        self.dtype = dtype
-        self.a = tf.Variable(tf.zeros([num_slots, *self.a_shape, max_rank], dtype), trainable=False)
-        self.b = tf.Variable(tf.zeros([num_slots, max_rank, self.out_dim], dtype), trainable=False)
-        # DoRA's per-output factor of each slot; 1 for plain LoRA and free slots.
-        self.g = tf.Variable(tf.ones([num_slots, self.out_dim], dtype), trainable=False)
-        self.bias = (
-            tf.Variable(tf.tile(layer.bias[None], [num_slots, 1]), trainable=False)
+        self.is_dense = len(self.a_shape) == 1
+        np_dtype = dtype.as_numpy_dtype
+        self.pages = RowAllocator(limit=(num_slots - 1) * max_rank + 1)
+        self.a_pages = _growable(np.zeros([1, *self.a_shape], np_dtype))
+        self.b_pages = _growable(np.zeros([1, self.out_dim], np_dtype))
+        self.page_table = tf.Variable(tf.zeros([num_slots, max_rank], tf.int32), trainable=False)
+        self.ranks = tf.Variable(tf.zeros([num_slots], tf.int32), trainable=False)
+        self.g_alloc = RowAllocator(limit=num_slots)
+        self.g_rows = _growable(np.ones([1, self.out_dim], np_dtype))
+        self.g_index = tf.Variable(tf.zeros([num_slots], tf.int32), trainable=False)
+        self.base_bias = layer.bias.numpy() if layer.use_bias else None
+        self.bias_alloc = RowAllocator(limit=num_slots) if layer.use_bias else None
+        self.bias_rows = _growable(self.base_bias[None]) if layer.use_bias else None
+        self.bias_index = (
+            tf.Variable(tf.zeros([num_slots], tf.int32), trainable=False)
             if layer.use_bias
             else None
         )
-        self.base_bias = layer.bias.numpy() if layer.use_bias else None
-        self.is_dense = len(self.a_shape) == 1
         layer.lora_hook = self
 
     def detach(self) -> None:
@@ -149,54 +98,170 @@ class LoRASlots:
         if self.layer.lora_hook is self:
             self.layer.lora_hook = None
 
-    # ---- writing (inside the pool's compiled slot write) ----------------------
+    # ---- what a slot holds ---------------------------------------------------------
 
-    def padded(self, a: np.ndarray | None, b: np.ndarray | None):
-        """An adapter's ``A[..., r]`` and ``B[r, out]`` zero-padded to ``max_rank``
-        (zeros for a layer the adapter does not adapt); pass ``B`` already scaled."""
-        a_padded = np.zeros([*self.a_shape, self.max_rank], self.dtype.as_numpy_dtype)
-        b_padded = np.zeros([self.max_rank, self.out_dim], self.dtype.as_numpy_dtype)
-        if a is not None:
-            a_padded[..., : a.shape[-1]] = a
-            b_padded[: b.shape[0]] = b
-        return a_padded, b_padded
+    @property
+    def a(self) -> SlotView:
+        """Every slot's ``A``, zero-padded to ``max_rank``: ``[slots, *fan_in, max_rank]``."""
+        return SlotView(self, "a")
+
+    @property
+    def b(self) -> SlotView:
+        """Every slot's ``scale * B``, zero-padded: ``[slots, max_rank, out]``."""
+        return SlotView(self, "b")
+
+    @property
+    def g(self) -> SlotView:
+        """Every slot's output scale ``[slots, out]`` (ones for plain LoRA)."""
+        return SlotView(self, "g")
+
+    @property
+    def bias(self) -> SlotView | None:
+        """Every slot's bias ``[slots, out]``, or ``None`` for a layer without one."""
+        return SlotView(self, "bias") if self.bias_rows is not None else None
 
     @property
     def slot_variables(self) -> list:
-        """The stacked ``[slots, ...]`` variables, in the order of :meth:`slot_values`."""
-        return [self.a, self.b, self.g] + ([self.bias] if self.bias is not None else [])
+        """Every variable a slot write changes."""
+        variables = [self.a_pages, self.b_pages, self.page_table, self.ranks]
+        variables += [self.g_rows, self.g_index]
+        if self.bias_rows is not None:
+            variables += [self.bias_rows, self.bias_index]
+        return variables
 
-    def slot_values(self, a, b, scale: float, bias, magnitude=None) -> list[np.ndarray]:
-        """One slot's values for an adapter's ``A``, ``B``, scaling, bias and
-        DoRA magnitude (``None``: a layer it does not adapt, the base bias, a
-        plain LoRA layer). The slot keeps ``scale * B``: two ops fewer per
-        layer in every forward pass.
+    def slot_values(self, a, b, scale: float, bias, magnitude=None) -> tuple:
+        """One slot's contents for an adapter's ``A[..., r]``, ``B[r, out]``,
+        scaling, bias and DoRA magnitude (``None``: a layer it does not adapt,
+        the base bias, a plain LoRA layer). The slot keeps ``scale * B``: two
+        ops fewer per layer in every forward pass.
+
+        Returns:
+            ``(a_pages[r, *fan_in], b_pages[r, out], g or None, bias or None)``.
 
         Raises:
             AdapterMismatchError: If a DoRA layer's updated kernel has a column
                 of norm zero (its output scale would not be finite).
         """
         dtype = self.dtype.as_numpy_dtype
-        scaled = None if b is None else b.astype(dtype) * np.asarray(scale, dtype)
-        a_padded, b_padded = self.padded(a, scaled)
-        values = [a_padded, b_padded, np.ones([self.out_dim], dtype)]
-        if magnitude is not None:
-            values[2] = self.output_scale(a_padded, b_padded, magnitude)
-        if self.bias is not None:
-            values.append(self.base_bias if bias is None else bias)
-        return values
+        if a is None:
+            a_pages = np.zeros([0, *self.a_shape], dtype)
+            b_pages = np.zeros([0, self.out_dim], dtype)
+        else:
+            a_pages = np.moveaxis(np.asarray(a, dtype), -1, 0)
+            b_pages = np.asarray(b, dtype) * np.asarray(scale, dtype)
+        g = None if magnitude is None else self.output_scale(a_pages, b_pages, magnitude)
+        own_bias = None if bias is None or self.bias_rows is None else np.asarray(bias, dtype)
+        return a_pages, b_pages, g, own_bias
+
+    def plan(self, slot: int, contents: tuple | None) -> tuple[np.ndarray, list, list]:
+        """Takes the pages and rows ``slot`` needs for ``contents``, freeing those
+        it held (plain Python: the caller serialises plans). The caller then
+        grows the stacks that are short (:meth:`grow`) and runs :meth:`write`
+        in a graph.
+
+        Args:
+            slot: The pool slot.
+            contents: As :meth:`slot_values` returned, or ``None`` (a cleared slot).
+
+        Returns:
+            The slot's ints ``[rank, g row, bias row, pages padded to max_rank]``,
+            its float parts ``[a_pages, b_pages, g rows, bias rows]``, and the
+            stacks to grow first as ``(variable, rows)``.
+        """
+        a, b, g, bias = contents if contents is not None else self.slot_values(*[None] * 4)
+        growths = []
+        pages, grown = self.pages.assign(slot, len(a))
+        if grown is not None:
+            growths += [(self.a_pages, grown), (self.b_pages, grown)]
+        ints = [len(a), self._row(self.g_alloc, self.g_rows, slot, g, growths)]
+        if self.bias_alloc is not None:
+            ints.append(self._row(self.bias_alloc, self.bias_rows, slot, bias, growths))
+        else:
+            ints.append(0)
+        ints += pages + [0] * (self.max_rank - len(pages))
+        parts = [a, b] + [v for v in (g, bias) if v is not None]
+        return np.asarray(ints, np.int32), [np.ravel(p) for p in parts], growths
+
+    @staticmethod
+    def _row(allocator, variable, slot: int, value, growths: list) -> int:
+        rows, grown = allocator.assign(slot, 0 if value is None else 1)
+        if grown is not None:
+            growths.append((variable, grown))
+        return rows[0] if rows else 0
+
+    @staticmethod
+    def grow(variable, size: int) -> None:
+        """Extends a stack to ``size`` rows (a copy: no write may run meanwhile)."""
+        old = tf.convert_to_tensor(variable)
+        if size <= old.shape[0]:
+            return
+        extra = tf.zeros([size - old.shape[0], *old.shape[1:]], old.dtype)
+        variable.assign(tf.concat([old, extra], 0))
+
+    def flat_size(self, ints) -> tf.Tensor:
+        """The number of floats of a slot write, from its ints (in a graph)."""
+        rank, has_g, has_bias = ints[0], tf.minimum(ints[1], 1), tf.minimum(ints[2], 1)
+        return rank * (self.fan_in + self.out_dim) + (has_g + has_bias) * self.out_dim
+
+    def write(self, slot, ints, flat) -> None:
+        """Writes one slot (inside the pool's compiled slot write).
+
+        Args:
+            slot: The slot (a scalar tensor).
+            ints: Its ints as :meth:`plan` returned them.
+            flat: Its floats, raveled and concatenated in :meth:`plan`'s order.
+        """
+        rank, g_row, bias_row, pages = ints[0], ints[1], ints[2], ints[3:]
+        has_g, has_bias = tf.minimum(g_row, 1), tf.minimum(bias_row, 1)
+        sizes = tf.stack(
+            [rank * self.fan_in, rank * self.out_dim, has_g * self.out_dim, has_bias * self.out_dim]
+        )
+        a, b, g, bias = tf.split(flat, sizes, num=4)
+        ids = pages[:rank]
+        self.a_pages.scatter_update(
+            tf.IndexedSlices(tf.reshape(a, tf.stack([rank, *self.a_shape])), ids)
+        )
+        self.b_pages.scatter_update(tf.IndexedSlices(tf.reshape(b, [rank, self.out_dim]), ids))
+        self.page_table[slot].assign(pages)
+        self.ranks[slot].assign(rank)
+        row = tf.reshape(g_row, [1])[:has_g]
+        self.g_rows.scatter_update(tf.IndexedSlices(tf.reshape(g, [has_g, self.out_dim]), row))
+        self.g_index[slot].assign(g_row)
+        if self.bias_rows is not None:
+            row = tf.reshape(bias_row, [1])[:has_bias]
+            shaped = tf.reshape(bias, [has_bias, self.out_dim])
+            self.bias_rows.scatter_update(tf.IndexedSlices(shaped, row))
+            self.bias_index[slot].assign(bias_row)
+
+    def slot_bytes(self, slot: int) -> int:
+        """Bytes ``slot``'s adapter takes in this layer's pages and rows."""
+        size = self.dtype.size
+        total = len(self.pages.rows_of(slot)) * (self.fan_in + self.out_dim) * size
+        total += len(self.g_alloc.rows_of(slot)) * self.out_dim * size
+        if self.bias_alloc is not None:
+            total += len(self.bias_alloc.rows_of(slot)) * self.out_dim * size
+        return total
+
+    def allocated_bytes(self) -> int:
+        """Bytes of this layer's page and row stacks (free rows and row 0 included)."""
+        size = self.dtype.size
+        total = self.pages.size * (self.fan_in + self.out_dim) * size
+        total += self.g_alloc.size * self.out_dim * size
+        if self.bias_alloc is not None:
+            total += self.bias_alloc.size * self.out_dim * size
+        return total
+
+    # ---- reading one slot (merge, DoRA, inspection) ---------------------------------
 
     def base_kernel(self) -> tf.Tensor:
         """The layer's base kernel ``W0``, also while an adapter is merged into it."""
         return self.layer.base_kernel()
 
-    def output_scale(self, a_padded, b_scaled, magnitude) -> np.ndarray:
+    def output_scale(self, a_pages, b_scaled, magnitude) -> np.ndarray:
         """DoRA's ``magnitude / ||W0 + A @ (scale * B)||`` per output, in float32
         from the base kernel (the layer's own, never a merged one)."""
         kernel = tf.cast(self.base_kernel(), tf.float32)
-        update = matmul_last_axis(
-            tf.constant(a_padded, tf.float32), tf.constant(b_scaled, tf.float32)
-        )
+        update = self._delta(tf.constant(a_pages, tf.float32), tf.constant(b_scaled, tf.float32))
         g = dora_scale(tf.constant(magnitude, tf.float32), kernel + update).numpy()
         if not np.isfinite(g).all():
             raise AdapterMismatchError(
@@ -205,6 +270,36 @@ class LoRASlots:
             )
         return g.astype(self.dtype.as_numpy_dtype)
 
+    def _delta(self, a_pages, b_pages) -> tf.Tensor:
+        """``A @ B`` in the shape of the kernel, from pages ``[r, *fan_in]`` and ``[r, out]``."""
+        if self.is_dense:  # two reshapes fewer per layer and request
+            return tf.matmul(a_pages, b_pages, transpose_a=True)
+        flat = tf.reshape(a_pages, [-1, self.fan_in])
+        return tf.reshape(tf.matmul(flat, b_pages, transpose_a=True), [*self.a_shape, self.out_dim])
+
+    def factors(self, slot, least: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
+        """One slot's pages: ``A`` as ``[r, *fan_in]`` and ``scale * B`` as ``[r, out]``
+        (at least ``least`` pages: the zero page pads them)."""
+        # tf.gather reads rows of a variable; indexing would read all of it first.
+        rank = tf.gather(self.ranks, slot)
+        rank = tf.maximum(rank, least) if least else rank
+        ids = tf.gather(self.page_table, slot)[:rank]
+        return tf.gather(self.a_pages, ids), tf.gather(self.b_pages, ids)
+
+    def delta(self, slot) -> tf.Tensor:
+        """``scale * A @ B`` of one slot, in the shape of the kernel."""
+        return self._delta(*self.factors(slot))
+
+    def g_of(self, slot) -> tf.Tensor:
+        """The output scale of ``slot`` (ones for plain LoRA)."""
+        return tf.gather(self.g_rows, tf.gather(self.g_index, slot))
+
+    def bias_of(self, slot) -> tf.Tensor | None:
+        """The bias of ``slot`` (the base bias unless its adapter brought one)."""
+        if self.bias_rows is None:
+            return None
+        return tf.gather(self.bias_rows, tf.gather(self.bias_index, slot))
+
     # ---- forward ----------------------------------------------------------------
 
     def __call__(self, layer, x):
@@ -212,13 +307,15 @@ class LoRASlots:
         if routing is None:
             return None
         if routing is BASE_ONLY:
-            return self._with_bias(layer.base_op(x, layer.kernel), layer.bias)
+            return self._flat(
+                x, lambda rows: self._with_bias(layer.base_op(rows, layer.kernel), layer.bias)
+            )
         if routing.shape.rank == 0:
             return self.uniform(x, routing)
         outputs = self.mixed(x, routing)
         if not layer.use_bias:
             return outputs
-        return outputs + _per_sample(tf.cast(tf.gather(self.bias, routing), x.dtype), outputs)
+        return outputs + per_sample(tf.cast(self.bias_of(routing), x.dtype), outputs)
 
     def _with_bias(self, outputs, bias):
         # bias_add right after the matmul/convolution: the two fuse into one op,
@@ -238,168 +335,83 @@ class LoRASlots:
         # Memory traffic decides on a CPU: the LoRA branch reads the input and
         # writes and adds an output-sized tensor per sample; an updated kernel
         # costs in*out once per kernel.
-        fan_in = int(np.prod(self.a_shape))
-        return self._rows(x) * (fan_in + 2 * self.out_dim) * samples >= 2 * fan_in * self.out_dim
-
-    # tf.gather reads one slot of a variable; indexing would read all of it first.
-    def delta(self, slot) -> tf.Tensor:
-        """``scale * A @ B`` of one slot, in the shape of the kernel."""
-        return matmul_last_axis(tf.gather(self.a, slot), tf.gather(self.b, slot))
+        return (
+            self._rows(x) * (self.fan_in + 2 * self.out_dim) * samples
+            >= 2 * self.fan_in * self.out_dim
+        )
 
     def uniform(self, x, slot):
         """Output (bias included, activation not) when every sample uses ``slot``."""
+        kernel_path = self._prefers_kernel(x, _static_batch(x))
+        return self._flat(x, lambda rows: self._uniform(rows, slot, kernel_path))
+
+    def _flat(self, x, compute):
+        """``compute`` on a Dense layer's input as rows ``[n, in]``: its matmul, bias
+        and any add are then adjacent, which grappler's remapper fuses into one
+        oneDNN matmul (a tensordot's reshapes sit between them)."""
+        if not self.is_dense or x.shape.rank == 2:
+            return compute(x)
+        y = compute(tf.reshape(x, [-1, self.a_shape[0]]))
+        y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [-1]], 0))
+        y.set_shape(x.shape[:-1].concatenate([self.out_dim]))
+        return y
+
+    def _uniform(self, x, slot, kernel_path: bool):
         layer = self.layer
-        bias = tf.gather(self.bias, slot) if layer.use_bias else None
-        g = tf.cast(tf.gather(self.g, slot), x.dtype)
-        if self._prefers_kernel(x, _static_batch(x)):
+        bias = self.bias_of(slot)
+        # Plain LoRA (no own output scale, the common case) skips the multiply by
+        # ones, an output-sized pass, and adds the bias right after the base op.
+        scaled = tf.gather(self.g_index, slot) > 0
+        if kernel_path:
             # The output scale folded into the kernel: kernel-sized, not output-sized.
-            kernel = (layer.kernel + tf.cast(self.delta(slot), x.dtype)) * g
+            kernel = layer.kernel + tf.cast(self.delta(slot), x.dtype)
+            kernel = tf.cond(
+                scaled, lambda: kernel * tf.cast(self.g_of(slot), x.dtype), lambda: kernel
+            )
             return self._with_bias(layer.base_op(x, kernel), bias)
-        outputs = layer.base_op(x, layer.kernel) + self.uniform_update(x, slot)
-        return self._with_bias(outputs * g, bias)
+
+        def with_scale():
+            outputs = layer.base_op(x, layer.kernel) + self.uniform_update(x, slot)
+            return self._with_bias(outputs * tf.cast(self.g_of(slot), x.dtype), bias)
+
+        def plain():
+            return self._with_bias(layer.base_op(x, layer.kernel), bias) + self.uniform_update(
+                x, slot
+            )
+
+        return tf.cond(scaled, with_scale, plain)
 
     def mixed(self, x, slot_ids):
         """Pre-bias output, each sample with its own slot."""
         layer = self.layer
-        g = tf.cast(tf.gather(self.g, slot_ids), x.dtype)
+        g = tf.cast(self.g_of(slot_ids), x.dtype)
         if not self.is_dense:
             base = layer.base_op(x, layer.kernel)
             outputs = grouped_by_slot(x, slot_ids, self.uniform_update, base)
-            return outputs * _per_sample(g, outputs)
+            return outputs * per_sample(g, outputs)
+        # Each sample's pages up to the batch's largest rank; the zero page pads the rest.
+        rank = tf.reduce_max(tf.gather(self.ranks, slot_ids))
+        ids = tf.gather(self.page_table, slot_ids)[:, :rank]
+        a = tf.cast(tf.gather(self.a_pages, ids), x.dtype)  # [batch, rank, in]
+        b = tf.cast(tf.gather(self.b_pages, ids), x.dtype)  # [batch, rank, out]
         # self.a_shape[0] is static even where x.shape[-1] is not (ViT attention).
         rows = tf.reshape(x, [tf.shape(x)[0], -1, self.a_shape[0]])
-        b = tf.gather(self.b, slot_ids)
-        a = tf.gather(self.a, slot_ids)
         if self._prefers_kernel(x, 1):
             # Early, wide layers: each sample's own updated kernel, one batched matmul
             # in place of the base matmul.
-            kernels = (layer.kernel[None] + tf.cast(tf.matmul(a, b), x.dtype)) * g[:, None]
+            kernels = (layer.kernel[None] + tf.matmul(a, b, transpose_a=True)) * g[:, None]
             y = tf.matmul(rows, kernels)
         else:
-            update = tf.matmul(tf.matmul(rows, tf.cast(a, x.dtype)), tf.cast(b, x.dtype))
+            update = tf.matmul(tf.matmul(rows, a, transpose_b=True), b)
             y = (matmul_last_axis(rows, layer.kernel) + update) * g[:, None]
         return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.out_dim]], 0))
 
     def uniform_update(self, x, slot):
         """The LoRA update alone (no base) for samples that all use ``slot``."""
-        a = tf.cast(tf.gather(self.a, slot), x.dtype)
-        b = tf.cast(tf.gather(self.b, slot), x.dtype)
+        # A convolution refuses an empty filter: rank 0 ("off") runs the zero page.
+        a, b = self.factors(slot, least=0 if self.is_dense else 1)
+        a, b = tf.cast(a, x.dtype), tf.cast(b, x.dtype)
         if self.is_dense:  # one broadcasting matmul each: fewer ops than tensordot
-            return tf.matmul(tf.matmul(x, a), b)
-        return matmul_last_axis(self.layer.base_op(x, a), b)
-
-
-class FullLayerSlots:
-    """Per-slot copies of a layer an adapter carries in full (PEFT's ``modules_to_save``).
-
-    Supported: ``Dense`` (a classifier head may be narrower than
-    ``max_width``: its output is zero-padded and the pool masks it),
-    ``BatchNormalization`` and ``LayerNormalization`` (inference statistics
-    and scale/offset). Slot 0 and every free slot hold the base layer's own
-    weights.
-
-    Args:
-        layer: The built layer.
-        num_slots: Number of slots, slot 0 included.
-        routing: The pool's routing.
-        max_width: Output width of each slot (a Dense head's ``max_classes``).
-
-    Raises:
-        LoRAConfigError: For another layer type.
-    """
-
-    SUPPORTED = ("Dense", "BatchNormalization", "LayerNormalization")
-
-    def __init__(self, layer, num_slots: int, routing: Routing, max_width: int | None = None):
-        kind = type(layer).__name__
-        if not isinstance(
-            layer,
-            (
-                tf.keras.layers.Dense,
-                tf.keras.layers.BatchNormalization,
-                tf.keras.layers.LayerNormalization,
-            ),
-        ) or getattr(layer, "is_lora_layer", False):
-            raise LoRAConfigError(
-                f"Layer '{layer.name}' ({kind}) cannot be served per slot; a pool serves "
-                f"full layers of types {list(self.SUPPORTED)}."
-            )
-        self.layer, self.routing = layer, routing
-        self.is_dense = isinstance(layer, tf.keras.layers.Dense)
-        self.width = int(max_width or layer.units) if self.is_dense else None
-        self.base = {self._name(v): v.numpy() for v in layer.weights}
-        self.slots = {
-            name: tf.Variable(np.repeat(self.pad(value)[None], num_slots, 0), trainable=False)
-            for name, value in self.base.items()
-        }
-        self._plain_call = layer.call
-        layer.call = self._call  # scoped: only this layer object, undone by detach()
-
-    @staticmethod
-    def _name(variable) -> str:
-        return variable.name.rsplit("/", 1)[-1].split(":", 1)[0]
-
-    def detach(self) -> None:
-        """Gives the layer back its plain ``call``."""
-        if self.layer.__dict__.get("call") == self._call:
-            del self.layer.call
-
-    def pad(self, value: np.ndarray) -> np.ndarray:
-        """A variable's value padded on its output axis to the slot width."""
-        if not self.is_dense or value.shape[-1] == self.width:
-            return value
-        padded = np.zeros([*value.shape[:-1], self.width], value.dtype)
-        padded[..., : value.shape[-1]] = value
-        return padded
-
-    @property
-    def slot_variables(self) -> list:
-        """The stacked ``[slots, ...]`` variables, in the order of :meth:`slot_values`."""
-        return list(self.slots.values())
-
-    def slot_values(self, values: dict) -> list[np.ndarray]:
-        """One slot's values: the adapter's where it has them (``name -> array``),
-        else the base layer's, padded to the slot width."""
-        return [self.pad(values.get(name, base)) for name, base in self.base.items()]
-
-    def _call(self, inputs, *args, **kwargs):
-        routing = self.routing.current()
-        if routing is None:
-            return self._plain_call(inputs, *args, **kwargs)
-        if routing is BASE_ONLY:
-            routing = self.routing.merged_slot
-        x = tf.cast(inputs, self.layer.compute_dtype)
-        pick = lambda name: tf.gather(self.slots[name], routing)  # noqa: E731
-        if self.is_dense:
-            kernel, layer = pick("kernel"), self.layer
-            if routing.shape.rank == 0:
-                y = matmul_last_axis(x, tf.cast(kernel, x.dtype))
-            else:
-                rows = tf.reshape(x, [tf.shape(x)[0], -1, layer.kernel.shape[0]])
-                y = tf.matmul(rows, tf.cast(kernel, x.dtype))
-                y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.width]], 0))
-            if layer.use_bias:
-                bias = tf.cast(pick("bias"), y.dtype)
-                y += bias if routing.shape.rank == 0 else _per_sample(bias, y)
-            return layer.activation(y) if layer.activation is not None else y
-        return self._normalize(x, pick, routing.shape.rank == 0)
-
-    def _normalize(self, x, pick, uniform: bool):
-        layer = self.layer
-        x32 = tf.cast(x, tf.float32)  # statistics in float32, also under mixed precision
-        shaped = (
-            (lambda v: tf.cast(v, tf.float32))
-            if uniform
-            else (lambda v: _per_sample(tf.cast(v, tf.float32), x32))
-        )
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            mean, variance = shaped(pick("moving_mean")), shaped(pick("moving_variance"))
-        else:
-            axes = [a % x.shape.rank for a in layer.axis]
-            mean, variance = tf.nn.moments(x32, axes, keepdims=True)
-        y = (x32 - mean) * tf.math.rsqrt(variance + layer.epsilon)
-        if layer.scale:
-            y *= shaped(pick("gamma"))
-        if layer.center:
-            y += shaped(pick("beta"))
-        return tf.cast(y, x.dtype)
+            return tf.matmul(tf.matmul(x, a, transpose_b=True), b)
+        kernel = tf.transpose(a, [1, 2, 3, 0])  # pages [r, kh, kw, in] -> [kh, kw, in, r]
+        return matmul_last_axis(self.layer.base_op(x, kernel), b)
