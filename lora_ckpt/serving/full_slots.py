@@ -12,6 +12,8 @@ from ..errors import LoRAConfigError
 from ..layers import matmul_last_axis
 from .routing import BASE_ONLY, Routing, per_sample
 
+__all__ = ["FullLayerSlots"]
+
 
 class FullLayerSlots:
     """Per-slot copies of a layer an adapter carries in full (PEFT's ``modules_to_save``).

@@ -15,6 +15,8 @@ from .._tf import tf
 from ..errors import LoRAConfigError
 from .routing import BASE_ONLY, Routing
 
+__all__ = ["ServingGraphs"]
+
 
 class ServingGraphs:
     """The traced forward passes of one pool's model.

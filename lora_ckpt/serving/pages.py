@@ -18,6 +18,8 @@ stack never shrinks.
 
 import math
 
+__all__ = ["RowAllocator"]
+
 
 class RowAllocator:
     """Free rows of one growable stack, and the rows each slot owns.

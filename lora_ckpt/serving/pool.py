@@ -48,6 +48,8 @@ from .residents import Residents
 from .rwlock import ReadWriteLock
 from .slot_table import OFF as OFF  # the service imports it from here
 
+__all__ = ["AdapterPool"]
+
 
 class AdapterPool:
     """Up to ``capacity`` adapters resident on one LoRA model.

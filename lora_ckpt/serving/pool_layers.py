@@ -31,6 +31,8 @@ from .slot_record import SlotRecord
 from .slot_writer import SlotContents, SlotWriter
 from .slots import LoRASlots
 
+__all__ = ["PoolLayers"]
+
 
 class PoolLayers:
     """Per-slot storage of one model's LoRA layers and full layers.

@@ -17,6 +17,8 @@ import numpy as np
 from .slot_record import SlotRecord
 from .slot_table import SlotTable
 
+__all__ = ["Residents"]
+
 
 class Residents:
     """A pool's slots: which adapter each holds, its record, and its weights.

@@ -14,6 +14,9 @@ import itertools
 
 from .._tf import tf
 
+__all__ = ["Routing", "grouped_by_slot", "per_sample"]
+
+
 BASE_ONLY = object()
 """Routing value that makes every layer of the pool compute its base layer alone."""
 

@@ -7,6 +7,8 @@ the slot, before the slot table makes the slot visible.
 
 from dataclasses import dataclass, field
 
+__all__ = ["SlotRecord"]
+
 
 @dataclass(frozen=True)
 class SlotRecord:

@@ -40,6 +40,9 @@ from dataclasses import dataclass
 
 from ..errors import AdapterNotLoadedError, LoRAConfigError, MergeStateError, PoolFullError
 
+__all__ = ["Reservation", "SlotTable"]
+
+
 OFF = "off"
 FREE, LOADING, LIVE, RETIRED, DIRTY, CLEARING = (
     "free",

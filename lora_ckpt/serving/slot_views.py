@@ -10,6 +10,9 @@ converts to a tensor), so it never goes stale. It is read-only.
 
 from .._tf import tf
 
+__all__ = ["SlotView"]
+
+
 PARTS = ("a", "b", "g", "bias")
 
 

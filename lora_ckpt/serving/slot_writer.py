@@ -20,6 +20,8 @@ from .._tf import tf
 from .rwlock import ReadWriteLock
 from .slots import LoRASlots
 
+__all__ = ["SlotContents", "SlotWriter"]
+
 
 @dataclasses.dataclass(frozen=True)
 class SlotContents:

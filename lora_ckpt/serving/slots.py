@@ -30,10 +30,13 @@ import numpy as np
 
 from .._tf import tf
 from ..errors import AdapterMismatchError
-from ..layers import dora_scale, matmul_last_axis
+from ..layers import DORA, matmul_last_axis
 from .pages import RowAllocator
 from .routing import BASE_ONLY, Routing, grouped_by_slot, per_sample
 from .slot_views import SlotView
+
+__all__ = ["LoRASlots"]
+
 
 TYPICAL_BATCH = 8
 """Samples a single-adapter batch of unknown size is assumed to have when a
@@ -262,7 +265,8 @@ class LoRASlots:
         from the base kernel (the layer's own, never a merged one)."""
         kernel = tf.cast(self.base_kernel(), tf.float32)
         update = self._delta(tf.constant(a_pages, tf.float32), tf.constant(b_scaled, tf.float32))
-        g = dora_scale(tf.constant(magnitude, tf.float32), kernel + update).numpy()
+        # DoRA's own rule (the layers' variant object), not a second copy of it here.
+        g = DORA.adapter_output_scale(kernel, update, magnitude).numpy()
         if not np.isfinite(g).all():
             raise AdapterMismatchError(
                 f"The DoRA output scale (magnitude / column norm) of layer '{self.layer.name}' "
