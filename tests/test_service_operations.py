@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -19,61 +18,14 @@ import httpx
 import pytest
 
 from lora_ckpt.serving.store import upload_store
-from tests.helpers.http_server import ENV, free_port
+from tests.helpers.http_server import ENV, Server, free_port
 from tests.helpers.scale import images, make_tiny_store, moto_s3
 
 pytestmark = pytest.mark.slow
 
 
-class Serve:
-    """``lora-ckpt serve`` on 127.0.0.1 and a free port, with its own environment."""
-
-    def __init__(self, store: str, *extra: str, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed by stop())
-        command = [sys.executable, "-m", "lora_ckpt.cli", "serve", "--store", store]
-        self.proc = subprocess.Popen(
-            [*command, "--port", str(self.port), *extra],
-            env=dict(ENV, **(env or {})),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.output()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(self.output()[-3000:])
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-        self.log.close()
+# The helpers' server, under the name this file's tests use.
+Serve = Server
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +39,7 @@ def store(tmp_path_factory):
 def server(store):
     srv = Serve(store, "--log-format", "json", "--capacity", "2", "--pin", "a0")
     try:
-        srv.wait_ready()
+        srv.wait()
         yield srv
     finally:
         srv.stop()
@@ -147,11 +99,11 @@ def animated_gif(width: int, height: int, frames: int) -> bytes:
 def test_an_animated_gif_decodes_one_frame(server):
     gif = animated_gif(4096, 4096, 64)
     assert len(gif) < 1_000_000
-    before, peak, done = server.rss(), [0], threading.Event()
+    before, peak, done = server.rss_bytes(), [0], threading.Event()
 
     def watch():
         while not done.is_set():
-            peak[0] = max(peak[0], server.rss())
+            peak[0] = max(peak[0], server.rss_bytes())
             time.sleep(0.01)
 
     watcher = threading.Thread(target=watch)
@@ -218,7 +170,7 @@ def test_ready_only_once_warm_and_pins_loaded_then_sigterm_drains(store):
                 time.sleep(0.1)
         not_ready = httpx.get(srv.url + "/ready", timeout=5)
         assert not_ready.status_code == 503, not_ready.text
-        srv.wait_ready()
+        srv.wait()
         assert "a1" in httpx.get(srv.url + "/adapters", timeout=10).json()["resident"]
 
         # 8 clients on keep-alive connections; SIGTERM in the middle.
@@ -291,7 +243,7 @@ def test_an_object_store_outage_is_503_or_504_within_the_load_timeout(store, tmp
         srv = Serve("s3://lora/store", "--load-timeout", "5", "--capacity", "2",
                     env={**env, **cache})  # fmt: skip
         try:
-            srv.wait_ready()
+            srv.wait()
             assert (
                 httpx.post(f"{srv.url}/predict/a0", json=tensor_body(), timeout=30).status_code
                 == 200

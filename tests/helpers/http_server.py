@@ -22,7 +22,7 @@ def free_port() -> int:
 class Server:
     """``lora-ckpt serve --store STORE *extra`` on 127.0.0.1 and a free port."""
 
-    def __init__(self, store_path: str, *extra: str):
+    def __init__(self, store_path: str, *extra: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "lora_ckpt.cli", "serve", "--store", store_path]
@@ -31,7 +31,7 @@ class Server:
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed by stop())
         self.proc = subprocess.Popen(
             [*command, "--port", str(self.port), *extra],
-            env=ENV,
+            env=dict(ENV, **(env or {})),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -72,9 +72,10 @@ class Server:
         raise RuntimeError("no VmRSS")
 
     def stop(self) -> None:
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=40)  # a draining server answers what it accepted first
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=20)
