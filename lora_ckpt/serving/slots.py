@@ -415,7 +415,10 @@ class LoRASlots:
         # A convolution refuses an empty filter: rank 0 ("off") runs the zero page.
         a, b = self.factors(slot, least=0 if self.is_dense else 1)
         a, b = tf.cast(a, x.dtype), tf.cast(b, x.dtype)
-        if self.is_dense:  # one broadcasting matmul each: fewer ops than tensordot
-            return tf.matmul(tf.matmul(x, a, transpose_b=True), b)
+        if self.is_dense:
+            # (A x^T)^T B: both matmuls read the pages as stored; x @ A^T then
+            # @ B (a transposed page operand) ran 1.2% slower on convnext_tiny's
+            # batch 1 (benchmarks/README.md), with the same outputs.
+            return tf.matmul(tf.matmul(a, x, transpose_b=True), b, transpose_a=True)
         kernel = tf.transpose(a, [1, 2, 3, 0])  # pages [r, kh, kw, in] -> [kh, kw, in, r]
         return matmul_last_axis(self.layer.base_op(x, kernel), b)
