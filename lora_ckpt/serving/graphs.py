@@ -56,6 +56,12 @@ class ServingGraphs:
         self.output_width = int(self._one(zeros, tf.constant(0)).shape[-1])
         self._single(zeros, tf.constant(0))
         self._mixed(zeros, tf.zeros([1], tf.int32))
+        # Requests call the traced graphs directly: a tf.function would first
+        # hash its inputs and every captured variable (hundreds) to find one.
+        self._calls = {
+            name: getattr(self, name).get_concrete_function()
+            for name in ("_one", "_single", "_mixed", "_base")
+        }
 
     def _serve(self, x, slot_ids):
         self.trace_count += 1  # runs only while tracing
@@ -105,10 +111,11 @@ class ServingGraphs:
         Returns:
             The model's outputs.
         """
+        calls = self._calls
         if merged:
-            return self._base(x)
+            return calls["_base"](x)
         if np.any(slot_ids != slot_ids[0]):
-            return self._mixed(x, slot_ids)
+            return calls["_mixed"](x, slot_ids)
         if len(x) == 1:
-            return self._single(x, slot_ids[0])
-        return self._one(x, slot_ids[0])
+            return calls["_single"](x, slot_ids[0])
+        return calls["_one"](x, slot_ids[0])
