@@ -1,7 +1,8 @@
 """The compiled forward passes of one adapter pool.
 
 A pool serves through four traced forward passes, one per kind of request,
-each traced once when the pool is built (the warm-up), never again: the only
+each traced once, never again: the three with slots when the pool is built
+(the warm-up), the base graph (merged adapters) at the first merge. The only
 input besides the batch is the slot ids, so loading, evicting and switching
 adapters change tensor values, not graphs (the page stacks that grow as
 adapters load have an unknown leading dimension in the graphs). Batch 1 has
@@ -58,9 +59,10 @@ class ServingGraphs:
         self._mixed(zeros, tf.zeros([1], tf.int32))
         # Requests call the traced graphs directly: a tf.function would first
         # hash its inputs and every captured variable (hundreds) to find one.
+        # The base graph is traced when first needed (a merge): most pools never are.
         self._calls = {
             name: getattr(self, name).get_concrete_function()
-            for name in ("_one", "_single", "_mixed", "_base")
+            for name in ("_one", "_single", "_mixed")
         }
 
     def _serve(self, x, slot_ids):
@@ -113,6 +115,8 @@ class ServingGraphs:
         """
         calls = self._calls
         if merged:
+            if "_base" not in calls:  # two threads may both look it up: the same graph
+                calls["_base"] = self._base.get_concrete_function()
             return calls["_base"](x)
         if np.any(slot_ids != slot_ids[0]):
             return calls["_mixed"](x, slot_ids)

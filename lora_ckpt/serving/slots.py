@@ -306,6 +306,10 @@ class LoRASlots:
 
     # ---- forward ----------------------------------------------------------------
 
+    # Written with tf.cond and tf.while_loop where it branches on tensors:
+    # autograph has nothing to convert here, and converting this code made
+    # building a pool slower.
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, layer, x):
         routing = self.routing.current()
         if routing is None:
