@@ -102,7 +102,8 @@ class AdapterPool:
 
     @property
     def trace_count(self) -> int:
-        """How often a serving graph with slots was traced: 3, from construction on."""
+        """How often a serving graph with slots was traced: 3 from construction on,
+        5 once an adapter with output scales (DoRA) has loaded; requests never trace."""
         return self._graphs.trace_count
 
     @property
@@ -208,6 +209,8 @@ class AdapterPool:
         self._table.check_name(name)
         with self._rw.reading():  # no merge or unmerge changes the kernels meanwhile
             values, record = self._layers.prepare(state, self.check_base)
+        if record.scaled:  # its graphs exist before any request can ask for it
+            self._graphs.prepare_scaled()
         return self._slots.put(name, values, record, self.load_timeout)
 
     def unload(self, name: str) -> None:
@@ -267,8 +270,11 @@ class AdapterPool:
         with self.using(names) as slot_ids, self._rw.reading():
             merged = self.merged
             _refuse_while_merged(merged, names)
-            outputs = self._graphs.forward(x, slot_ids, merged=merged is not None)
-            classes = [self._slots.records[s].classes for s in slot_ids]
+            records = [self._slots.records[s] for s in slot_ids]
+            outputs = self._graphs.forward(
+                x, slot_ids, merged=merged is not None, scaled=records[0].scaled
+            )
+            classes = [record.classes for record in records]
         self._slots.served(len(x))
         return outputs.numpy(), classes
 

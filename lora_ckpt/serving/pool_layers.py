@@ -142,7 +142,9 @@ class PoolLayers:
         self.check_fit(state)
         if base:
             self.check_base(state)
-        return self.values_of(state), self.record_of(state)
+        values = self.values_of(state)
+        scaled = any(g is not None for _, _, g, _ in values.lora)
+        return values, dataclasses.replace(self.record_of(state), scaled=scaled)
 
     def check_fit(self, state: AdapterState) -> None:
         """Refuses an adapter these slots cannot hold.

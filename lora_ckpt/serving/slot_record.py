@@ -20,8 +20,11 @@ class SlotRecord:
         version: The SHA-256 of the ``adapter_config.json`` it was loaded
             from (``None`` for slot 0 and free slots).
         metadata: The user metadata of that config (labels, ...).
+        scaled: Whether some layer of the adapter has an output scale (DoRA):
+            batches for it alone run the pool's graphs with output scales.
     """
 
     classes: int | None = None
     version: str | None = None
     metadata: dict = field(default_factory=dict)
+    scaled: bool = False

@@ -367,27 +367,20 @@ class LoRASlots:
     def _uniform(self, x, slot, kernel_path: bool):
         layer = self.layer
         bias = self.bias_of(slot)
-        # Plain LoRA (no own output scale, the common case) skips the multiply by
-        # ones, an output-sized pass, and adds the bias right after the base op.
-        scaled = tf.gather(self.g_index, slot) > 0
+        # Graphs for plain LoRA (the common case) skip the multiply by ones, an
+        # output-sized pass, and add the bias right after the base op; adapters
+        # with output scales (DoRA) have graphs of their own. A tf.cond per layer
+        # chose at run time before, and made tracing a pool seconds slower.
+        scaled = self.routing.scaled()
         if kernel_path:
-            # The output scale folded into the kernel: kernel-sized, not output-sized.
             kernel = layer.kernel + tf.cast(self.delta(slot), x.dtype)
-            kernel = tf.cond(
-                scaled, lambda: kernel * tf.cast(self.g_of(slot), x.dtype), lambda: kernel
-            )
+            if scaled:  # folded into the kernel: kernel-sized, not output-sized
+                kernel *= tf.cast(self.g_of(slot), x.dtype)
             return self._with_bias(layer.base_op(x, kernel), bias)
-
-        def with_scale():
+        if scaled:
             outputs = layer.base_op(x, layer.kernel) + self.uniform_update(x, slot)
             return self._with_bias(outputs * tf.cast(self.g_of(slot), x.dtype), bias)
-
-        def plain():
-            return self._with_bias(layer.base_op(x, layer.kernel), bias) + self.uniform_update(
-                x, slot
-            )
-
-        return tf.cond(scaled, with_scale, plain)
+        return self._with_bias(layer.base_op(x, layer.kernel), bias) + self.uniform_update(x, slot)
 
     def mixed(self, x, slot_ids):
         """Pre-bias output, each sample with its own slot."""
