@@ -306,9 +306,9 @@ class LoRASlots:
 
     # ---- forward ----------------------------------------------------------------
 
-    # Written with tf.cond and tf.while_loop where it branches on tensors:
-    # autograph has nothing to convert here, and converting this code made
-    # building a pool slower.
+    # It branches in Python on static facts only (shapes, the routing) and
+    # with tf.while_loop on tensors: autograph has nothing to convert here,
+    # and converting this code made building a pool slower.
     @tf.autograph.experimental.do_not_convert
     def __call__(self, layer, x):
         routing = self.routing.current()
