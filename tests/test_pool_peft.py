@@ -165,9 +165,7 @@ def test_mixed_batch_of_dora_rslora_and_rank_pattern_adapters_equals_their_model
         np.testing.assert_allclose(pool.predict(x[2:3], adapter=name), reference[name][2:3], **TOL)
     # DoRA changes the output: the scale is applied, not ignored.
     assert not np.allclose(reference["dora"], reference["off"], **TOL)
-    # The first DoRA load traced the two single-adapter graphs with output
-    # scales; further loads and every request above traced nothing.
-    assert pool.trace_count == 5
+    assert pool.trace_count == 3  # DoRA adapters load without retracing
 
 
 @pytest.mark.slow

@@ -1,14 +1,15 @@
 """The compiled forward passes of one adapter pool.
 
-A pool serves through traced forward passes, one per kind of request, each
-traced once, never again: the three with slots when the pool is built (the
-warm-up), the two for single adapters with output scales (DoRA) when the
-first such adapter loads, the base graph (merged adapters) at the first
-merge. No request traces. The only input besides the batch is the slot ids,
-so loading, evicting and switching adapters change tensor values, not graphs
-(the page stacks that grow as adapters load have an unknown leading
-dimension in the graphs). Batch 1 has its own graph so each layer can choose
-its cheapest path for it. The slot write is :mod:`~.slot_writer`'s.
+A pool serves through four traced forward passes, one per kind of request,
+each traced once, never again: the three with slots when the pool is built
+(the warm-up), the base graph (merged adapters) at the first merge. The only
+input besides the batch is the slot ids, so loading, evicting and switching
+adapters change tensor values, not graphs (the page stacks that grow as
+adapters load have an unknown leading dimension in the graphs). Batch 1 has
+its own graph so each layer can choose its cheapest path for it. The
+single-adapter graphs leave out output scales (no multiply by ones for plain
+LoRA); batches for an adapter with output scales (DoRA) run the mixed graph,
+which applies each sample's. The slot write is :mod:`~.slot_writer`'s.
 """
 
 import threading
@@ -35,8 +36,7 @@ class ServingGraphs:
             mixed precision.
         output_width: The width of the model's output.
         trace_count: How many times a forward pass with slots was traced: 3
-            after construction, 5 once an adapter with output scales has
-            loaded, never more.
+            after construction, and it stays 3.
     """
 
     def __init__(self, model: tf.keras.Model, routing: Routing):
@@ -56,9 +56,7 @@ class ServingGraphs:
         self._single = tf.function(self._serve, input_signature=[single, scalar])
         self._mixed = tf.function(self._serve, input_signature=[batch, vector])
         self._base = tf.function(self._serve_base, input_signature=[batch])
-        self._one_scaled = tf.function(self._serve_scaled, input_signature=[batch, scalar])
-        self._single_scaled = tf.function(self._serve_scaled, input_signature=[single, scalar])
-        self._lock = threading.Lock()  # the graphs traced after construction, once
+        self._lock = threading.Lock()  # the base graph is traced once, at the first merge
         # The warm-up: every slot graph traced now, not by a first request.
         zeros = np.zeros([1, *shape], self.dtype)
         self.output_width = int(self._one(zeros, tf.constant(0)).shape[-1])
@@ -73,34 +71,19 @@ class ServingGraphs:
         }
 
     def _serve(self, x, slot_ids):
-        return self._traced(x, slot_ids, scaled=False)
-
-    def _serve_scaled(self, x, slot_ids):
-        return self._traced(x, slot_ids, scaled=True)
-
-    def _traced(self, x, slot_ids, scaled: bool):
         self.trace_count += 1  # runs only while tracing
-        with self.routing.route(slot_ids, scaled):
+        with self.routing.route(slot_ids):
             return self.model(x, training=False)
 
     def _concrete(self, name: str):
-        """The traced graph ``name``, tracing (and running) it the first time."""
+        """The traced graph ``name``, tracing it the first time."""
         call = self._calls.get(name)
         if call is None:
             with self._lock:
                 call = self._calls.get(name)
                 if call is None:
-                    call = getattr(self, name).get_concrete_function()
-                    if name != "_base":  # a first run optimises the graph: not a request's
-                        call(np.zeros([1, *self.input_shape], self.dtype), tf.constant(0))
-                    self._calls[name] = call
+                    call = self._calls[name] = getattr(self, name).get_concrete_function()
         return call
-
-    def prepare_scaled(self) -> None:
-        """Traces the single-adapter graphs with output scales (DoRA), once:
-        call it before an adapter with output scales serves."""
-        self._concrete("_one_scaled")
-        self._concrete("_single_scaled")
 
     def _serve_base(self, x):
         with self.routing.route(BASE_ONLY):
@@ -143,15 +126,15 @@ class ServingGraphs:
             slot_ids: One slot per sample (int32).
             merged: Whether the adapter of every sample is merged into the
                 base kernels: the plain base graph then serves it.
-            scaled: Whether a single adapter's batch needs output scales
-                (its graphs come from :meth:`prepare_scaled`).
+            scaled: Whether some sample's adapter has output scales (DoRA):
+                the mixed graph serves the batch, as the single-adapter graphs
+                leave them out.
 
         Returns:
             The model's outputs.
         """
         if merged:
             return self._concrete("_base")(x)
-        if np.any(slot_ids != slot_ids[0]):
+        if scaled or np.any(slot_ids != slot_ids[0]):
             return self._concrete("_mixed")(x, slot_ids)
-        name = "_single" if len(x) == 1 else "_one"
-        return self._concrete(name + "_scaled" if scaled else name)(x, slot_ids[0])
+        return self._concrete("_single" if len(x) == 1 else "_one")(x, slot_ids[0])

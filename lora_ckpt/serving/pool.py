@@ -209,8 +209,6 @@ class AdapterPool:
         self._table.check_name(name)
         with self._rw.reading():  # no merge or unmerge changes the kernels meanwhile
             values, record = self._layers.prepare(state, self.check_base)
-        if record.scaled:  # its graphs exist before any request can ask for it
-            self._graphs.prepare_scaled()
         return self._slots.put(name, values, record, self.load_timeout)
 
     def unload(self, name: str) -> None:
@@ -272,7 +270,7 @@ class AdapterPool:
             _refuse_while_merged(merged, names)
             records = [self._slots.records[s] for s in slot_ids]
             outputs = self._graphs.forward(
-                x, slot_ids, merged=merged is not None, scaled=records[0].scaled
+                x, slot_ids, merged=merged is not None, scaled=any(r.scaled for r in records)
             )
             classes = [record.classes for record in records]
         self._slots.served(len(x))

@@ -27,36 +27,27 @@ class Routing:
     """The slot routing of one pool: a context variable no other pool reads."""
 
     def __init__(self):
-        number = next(_ids)
-        self._var = contextvars.ContextVar(f"lora_slot_routing_{number}", default=None)
-        self._scaled = contextvars.ContextVar(f"lora_slot_scaled_{number}", default=False)
+        self._var = contextvars.ContextVar(f"lora_slot_routing_{next(_ids)}", default=None)
         # The slot whose full layers (heads, norms) serve while LoRA is merged.
         self.merged_slot = tf.Variable(0, trainable=False)
 
     @contextlib.contextmanager
-    def route(self, slot_ids, scaled: bool = False):
+    def route(self, slot_ids):
         """Routes this pool's layers called inside the block.
 
         Args:
             slot_ids: An int32 tensor (a scalar slot for the whole batch, or
                 ``[batch]`` slots), or :data:`BASE_ONLY`.
-            scaled: Whether a scalar slot's adapter may have output scales
-                (DoRA): a Python bool, fixed when a graph is traced.
         """
-        token, scaled_token = self._var.set(slot_ids), self._scaled.set(scaled)
+        token = self._var.set(slot_ids)
         try:
             yield
         finally:
             self._var.reset(token)
-            self._scaled.reset(scaled_token)
 
     def current(self):
         """The routing value in force, or ``None`` outside :meth:`route`."""
         return self._var.get()
-
-    def scaled(self) -> bool:
-        """Whether the graph being traced serves adapters with output scales."""
-        return self._scaled.get()
 
 
 def per_sample(values: tf.Tensor, like: tf.Tensor) -> tf.Tensor:

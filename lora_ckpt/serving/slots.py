@@ -349,7 +349,8 @@ class LoRASlots:
         )
 
     def uniform(self, x, slot):
-        """Output (bias included, activation not) when every sample uses ``slot``."""
+        """Output (bias included, activation not) when every sample uses ``slot``,
+        whose adapter has no output scale in any layer."""
         kernel_path = self._prefers_kernel(x, _static_batch(x))
         return self._flat(x, lambda rows: self._uniform(rows, slot, kernel_path))
 
@@ -365,21 +366,15 @@ class LoRASlots:
         return y
 
     def _uniform(self, x, slot, kernel_path: bool):
-        layer = self.layer
-        bias = self.bias_of(slot)
-        # Graphs for plain LoRA (the common case) skip the multiply by ones, an
-        # output-sized pass, and add the bias right after the base op; adapters
-        # with output scales (DoRA) have graphs of their own. A tf.cond per layer
-        # chose at run time before, and made tracing a pool seconds slower.
-        scaled = self.routing.scaled()
+        # No output scale: the pool sends batches for adapters with one (DoRA)
+        # through the mixed graph. Plain LoRA, the common case, so skips a
+        # multiply by ones (an output-sized pass) and the bias follows the base
+        # op, where grappler fuses them; a tf.cond per layer that chose at run
+        # time made tracing a pool seconds slower.
+        layer, bias = self.layer, self.bias_of(slot)
         if kernel_path:
             kernel = layer.kernel + tf.cast(self.delta(slot), x.dtype)
-            if scaled:  # folded into the kernel: kernel-sized, not output-sized
-                kernel *= tf.cast(self.g_of(slot), x.dtype)
             return self._with_bias(layer.base_op(x, kernel), bias)
-        if scaled:
-            outputs = layer.base_op(x, layer.kernel) + self.uniform_update(x, slot)
-            return self._with_bias(outputs * tf.cast(self.g_of(slot), x.dtype), bias)
         return self._with_bias(layer.base_op(x, layer.kernel), bias) + self.uniform_update(x, slot)
 
     def mixed(self, x, slot_ids):
