@@ -52,8 +52,10 @@ class SlotWriter:
             tf.TensorSpec([None], dtype),
         ]
         self._write = tf.function(self._write_slot, input_signature=spec, autograph=False)
-        # Called directly: a load then skips matching its inputs against the signature.
-        self._concrete = self._write.get_concrete_function()
+        # Traced at the first write (a pool that never loads never traces it) and
+        # then called directly: a load skips matching its inputs against the signature.
+        self._concrete = None
+        self._trace_lock = threading.Lock()
 
     def __call__(self, slot: int, contents: SlotContents) -> None:
         """Writes ``contents`` into ``slot`` of every layer (freeing what it held).
@@ -77,11 +79,18 @@ class SlotWriter:
         dtype = contents.full.dtype
         flat = np.concatenate([np.asarray(f, dtype) for f in floats])
         with self._grow_lock.reading():
-            self._concrete(
+            self._traced()(
                 tf.constant(slot, tf.int32),
                 tf.constant(np.concatenate(ints)),
                 tf.constant(flat, self._dtype),
             )
+
+    def _traced(self):
+        if self._concrete is None:
+            with self._trace_lock:
+                if self._concrete is None:
+                    self._concrete = self._write.get_concrete_function()
+        return self._concrete
 
     def _write_slot(self, slot, ints, flat):
         rows = tf.reshape(ints, [len(self._lora), 3 + self._max_rank])
