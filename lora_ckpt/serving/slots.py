@@ -156,7 +156,7 @@ class LoRASlots:
         own_bias = None if bias is None or self.bias_rows is None else np.asarray(bias, dtype)
         return a_pages, b_pages, g, own_bias
 
-    def plan(self, slot: int, contents: tuple | None) -> tuple[np.ndarray, list, list]:
+    def plan(self, slot: int, contents: tuple | None) -> tuple[np.ndarray, list, list, list]:
         """Takes the pages and rows ``slot`` needs for ``contents``, freeing those
         it held (plain Python: the caller serialises plans). The caller then
         grows the stacks that are short (:meth:`grow`) and runs :meth:`write`
@@ -167,9 +167,11 @@ class LoRASlots:
             contents: As :meth:`slot_values` returned, or ``None`` (a cleared slot).
 
         Returns:
-            The slot's ints ``[rank, g row, bias row, pages padded to max_rank]``,
-            its float parts ``[a_pages, b_pages, g rows, bias rows]``, and the
-            stacks to grow first as ``(variable, rows)``.
+            The slot's ints ``[rank, g row, bias row, pages padded to max_rank]``
+            (row 0: the default), its four float parts raveled (``a_pages``,
+            ``b_pages``, its ``g`` row, its bias row; empty where it has none),
+            the rows each part goes to (its pages; its ``g`` row, its bias row,
+            or none), and the stacks to grow first as ``(variable, rows)``.
         """
         a, b, g, bias = contents if contents is not None else self.slot_values(*[None] * 4)
         growths = []
@@ -181,9 +183,10 @@ class LoRASlots:
             ints.append(self._row(self.bias_alloc, self.bias_rows, slot, bias, growths))
         else:
             ints.append(0)
+        rows = [pages, ints[1:2] if g is not None else [], ints[2:3] if ints[2] else []]
         ints += pages + [0] * (self.max_rank - len(pages))
-        parts = [a, b] + [v for v in (g, bias) if v is not None]
-        return np.asarray(ints, np.int32), [np.ravel(p) for p in parts], growths
+        parts = [np.ravel(p) if p is not None else np.zeros([0], a.dtype) for p in (a, b, g, bias)]
+        return np.asarray(ints, np.int32), parts, rows, growths
 
     @staticmethod
     def _row(allocator, variable, slot: int, value, growths: list) -> int:
@@ -201,40 +204,29 @@ class LoRASlots:
         extra = tf.zeros([size - old.shape[0], *old.shape[1:]], old.dtype)
         variable.assign(tf.concat([old, extra], 0))
 
-    def flat_size(self, ints) -> tf.Tensor:
-        """The number of floats of a slot write, from its ints (in a graph)."""
-        rank, has_g, has_bias = ints[0], tf.minimum(ints[1], 1), tf.minimum(ints[2], 1)
-        return rank * (self.fan_in + self.out_dim) + (has_g + has_bias) * self.out_dim
-
-    def write(self, slot, ints, flat) -> None:
-        """Writes one slot (inside the pool's compiled slot write).
+    def write(self, slot, ints, parts, rows) -> None:
+        """Writes one slot (inside the pool's compiled slot write): a scatter
+        per variable, so the write graph stays small (it is traced per pool).
 
         Args:
-            slot: The slot (a scalar tensor).
-            ints: Its ints as :meth:`plan` returned them.
-            flat: Its floats, raveled and concatenated in :meth:`plan`'s order.
+            slot: The slot, shape ``[1]``.
+            ints: Its ints as :meth:`plan` returned them, shape ``[1, 3 + max_rank]``.
+            parts: Its four float parts, as :meth:`plan` returned them.
+            rows: The rows of each part, as :meth:`plan` returned them.
         """
-        rank, g_row, bias_row, pages = ints[0], ints[1], ints[2], ints[3:]
-        has_g, has_bias = tf.minimum(g_row, 1), tf.minimum(bias_row, 1)
-        sizes = tf.stack(
-            [rank * self.fan_in, rank * self.out_dim, has_g * self.out_dim, has_bias * self.out_dim]
-        )
-        a, b, g, bias = tf.split(flat, sizes, num=4)
-        ids = pages[:rank]
-        self.a_pages.scatter_update(
-            tf.IndexedSlices(tf.reshape(a, tf.stack([rank, *self.a_shape])), ids)
-        )
-        self.b_pages.scatter_update(tf.IndexedSlices(tf.reshape(b, [rank, self.out_dim]), ids))
-        self.page_table[slot].assign(pages)
-        self.ranks[slot].assign(rank)
-        row = tf.reshape(g_row, [1])[:has_g]
-        self.g_rows.scatter_update(tf.IndexedSlices(tf.reshape(g, [has_g, self.out_dim]), row))
-        self.g_index[slot].assign(g_row)
+        a, b, g, bias = parts
+        pages, g_row, bias_row = rows
+        self.a_pages.scatter_update(tf.IndexedSlices(tf.reshape(a, [-1, *self.a_shape]), pages))
+        self.b_pages.scatter_update(tf.IndexedSlices(tf.reshape(b, [-1, self.out_dim]), pages))
+        self.g_rows.scatter_update(tf.IndexedSlices(tf.reshape(g, [-1, self.out_dim]), g_row))
+        rank, g_index, bias_index, table = tf.split(ints, [1, 1, 1, self.max_rank], axis=1)
+        self.page_table.scatter_update(tf.IndexedSlices(table, slot))
+        self.ranks.scatter_update(tf.IndexedSlices(rank[0], slot))
+        self.g_index.scatter_update(tf.IndexedSlices(g_index[0], slot))
         if self.bias_rows is not None:
-            row = tf.reshape(bias_row, [1])[:has_bias]
-            shaped = tf.reshape(bias, [has_bias, self.out_dim])
-            self.bias_rows.scatter_update(tf.IndexedSlices(shaped, row))
-            self.bias_index[slot].assign(bias_row)
+            shaped = tf.reshape(bias, [-1, self.out_dim])
+            self.bias_rows.scatter_update(tf.IndexedSlices(shaped, bias_row))
+            self.bias_index.scatter_update(tf.IndexedSlices(bias_index[0], slot))
 
     def slot_bytes(self, slot: int) -> int:
         """Bytes ``slot``'s adapter takes in this layer's pages and rows."""
