@@ -6,10 +6,10 @@ by one traced function whose inputs are the slot, one flat float vector and
 a few int vectors (each LoRA layer's rank, row numbers and pages; where each
 part of the floats starts and which rows it goes to, computed here in
 Python): one graph for every adapter, whatever its ranks (an input per array
-would cost more than the writes), with one scatter per variable. Plans are serialised by a lock; writes run concurrently (each
-into pages no one else holds), but a stack that grows is copied, and a write
-meanwhile would be lost: growth holds a readers-writer lock alone, writes
-hold it shared.
+would cost more than the writes), with one scatter per variable. Plans are
+serialised by a lock; writes run concurrently (each into pages no one else
+holds), but a stack that grows is copied, and a write meanwhile would be
+lost: growth holds a readers-writer lock alone, writes hold it shared.
 """
 
 import dataclasses
