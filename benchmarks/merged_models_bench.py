@@ -36,9 +36,12 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pool_bench import TINY, interleaved_medians
+
 import lora_ckpt  # before tfimm: it makes TensorFlow use Keras 2
 
-TINY = dict(embed_dim=(8, 16), nb_blocks=(1, 1), input_size=(32, 32), nb_classes=5, init_scale=1.0)
 DISTINCT = 8
 
 
@@ -71,21 +74,6 @@ def prepare(model_name, config, rank, count, work) -> dict:
     for i in range(len(exported), count):
         shutil.copytree(exported[i % DISTINCT], os.path.join(work, f"merged{i}"))
     return {"base": base_file, "adapters": adapters}
-
-
-def _median_per_call(fns: dict, rounds: int) -> dict:
-    """Median seconds of each function, run in turn round after round (reversed
-    every other round), so every figure sees the same machine conditions."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    order = list(fns.items())
-    for i in range(rounds):
-        for name, fn in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def child(model_name, config, rank, count, work, rounds, budget) -> dict:
@@ -138,7 +126,7 @@ def child(model_name, config, rank, count, work, rounds, budget) -> dict:
         return merged[i][1](images=tf.constant(batch))["logits"].numpy()
 
     distinct = names[: min(8, loaded)]
-    timed = _median_per_call(
+    timed = interleaved_medians(
         {
             "pool_b1": lambda: pool.predict(x[:1], adapter=names[next_index("pool")]),
             "merged_b1": lambda: merged_call(next_index("merged"), x[:1]),

@@ -86,6 +86,19 @@ def _spread(r: dict) -> str:
     return f"{r['ratio']:.3f}x (rounds: median {r['round_median']:.3f}, {r['round_min']:.3f}-{r['round_max']:.3f})"
 
 
+def base_and_batch(name, config, directory, batch):
+    """The regular tfimm model, its weights saved as ``directory/base.h5``, and a
+    seeded random input batch of ``batch`` samples."""
+    import tfimm
+
+    regular = tfimm.create_model(name, **config)
+    base_file = os.path.join(directory, "base.h5")
+    regular.save_weights(base_file)
+    shape = regular.dummy_inputs.shape[1:]
+    x = np.random.default_rng(0).normal(size=(batch, *shape)).astype("float32")
+    return regular, base_file, x
+
+
 def lora_model(name, config, rank, base_file):
     model = lora_ckpt.create_model(name, lora_rank=rank, lora_train_classifier=False, **config)
     load_base_weights(model, base_file)
@@ -133,16 +146,7 @@ def grouped_numpy_baseline(pool, path, npz_path, repeat):
 def run(name, config, ranks, batch, repeat, capacity):
     results = {"model": name, "batch": batch, "capacity": capacity, "ranks": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        import tfimm
-
-        regular = tfimm.create_model(name, **config)
-        base_file = os.path.join(tmp, "base.h5")
-        regular.save_weights(base_file)
-        x = (
-            np.random.default_rng(0)
-            .normal(size=(batch, *regular.dummy_inputs.shape[1:]))
-            .astype("float32")
-        )
+        regular, base_file, x = base_and_batch(name, config, tmp, batch)
         base_forward = tf.function(lambda t: regular(t, training=False))
         # Batch 1 calls the base's traced graph directly, as the pool calls its own.
         base_single = base_forward.get_concrete_function(tf.TensorSpec(x[:1].shape, x.dtype))
@@ -269,14 +273,7 @@ def rank_mix(name, config, batch, repeat, small=4, large=64, ranks=(4, 8, 16, 32
     slot bytes each rank takes in the large pool against its own tensors."""
     results = {"model": name, "batch": batch, "small": small, "large": large, "by_rank": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        import tfimm
-
-        regular = tfimm.create_model(name, **config)
-        base_file = os.path.join(tmp, "base.h5")
-        regular.save_weights(base_file)
-        shape = regular.dummy_inputs.shape[1:]
-        del regular
-        x = np.random.default_rng(0).normal(size=(batch, *shape)).astype("float32")
+        _, base_file, x = base_and_batch(name, config, tmp, batch)
         adapters = make_adapters(name, config, small, base_file, tmp, count=8)
         others = {r: make_adapters(name, config, r, base_file, tmp, count=1)[0] for r in ranks}
         pools = {
@@ -328,14 +325,7 @@ def capacity_sweep(name, config, rank, capacities, batch, repeat):
     resident ones."""
     results = {"model": name, "rank": rank, "batch": batch, "capacities": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        import tfimm
-
-        regular = tfimm.create_model(name, **config)
-        base_file = os.path.join(tmp, "base.h5")
-        regular.save_weights(base_file)
-        shape = regular.dummy_inputs.shape[1:]
-        del regular
-        x = np.random.default_rng(0).normal(size=(batch, *shape)).astype("float32")
+        _, base_file, x = base_and_batch(name, config, tmp, batch)
         adapters = make_adapters(name, config, rank, base_file, tmp, count=8)
         mix = [f"a{i % 8}" for i in range(batch)]
         pools = {}
